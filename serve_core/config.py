@@ -1,0 +1,134 @@
+"""Validated configuration objects: :class:`BackendConfig`.
+
+``BackendConfig`` is keyword-only and validated on construction *and* on attribute
+assignment, because the original API edits a fetched config in place
+(``cfg.num_replicas = 2; serve.set_backend_config(tag, cfg)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+from .errors import ServeTypeError, ValidationError
+
+DEFAULT_MAX_QUEUE_SIZE = 10_000
+"""Queries a backend queue holds before ``remote()`` raises ``BackPressureError``."""
+
+# Fields that decide where a replica is placed: changing one replaces the replicas.
+PLACEMENT_FIELDS = ("num_cpus", "num_gpus", "resources", "memory", "object_store_memory", "executor")
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ServeTypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValidationError(f"{name} must be >= 1, got {value}")
+
+
+def _non_negative_number(name: str, value: Any, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ServeTypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValidationError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def _resources(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ServeTypeError(f"{name} must be a dict of resource name to amount")
+    for key, amount in value.items():
+        if not isinstance(key, str):
+            raise ServeTypeError(f"{name} keys must be strings, got {key!r}")
+        _non_negative_number(f"{name}[{key!r}]", amount, allow_none=False)
+
+
+def _executor_name(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ServeTypeError(f"{name} must be an executor name or None")
+
+
+def _boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ServeTypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+_VALIDATORS: dict[str, Callable[[str, Any], None]] = {
+    "num_replicas": _positive_int,
+    "max_batch_size": lambda n, v: _positive_int(n, v, allow_none=True),
+    "max_queue_size": _positive_int,
+    "drop_expired": _boolean,
+    "executor": _executor_name,
+    "num_cpus": _non_negative_number,
+    "num_gpus": _non_negative_number,
+    "memory": _non_negative_number,
+    "object_store_memory": _non_negative_number,
+    "resources": _resources,
+}
+
+
+@dataclasses.dataclass(kw_only=True, eq=True)
+class BackendConfig:
+    """How a backend runs.
+
+    Args:
+        num_replicas: replicas to run (>= 1).
+        max_batch_size: ``None`` for single calls, else the largest batch (>= 1);
+            requires an ``@accept_batch`` target.
+        max_queue_size: bound of the backend queue; a full queue rejects new
+            queries with ``BackPressureError``.
+        drop_expired: fail queries whose deadline passed with
+            ``DeadlineExceededError`` instead of running them (the original ran them).
+        executor: executor name for this backend; ``None`` uses the instance default.
+        num_cpus, num_gpus, memory, object_store_memory, resources: placement
+            hints for executors that place replicas (Ray).
+    """
+
+    num_replicas: int = 1
+    max_batch_size: int | None = None
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+    drop_expired: bool = False
+    executor: str | None = None
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    memory: float | None = None
+    object_store_memory: float | None = None
+    resources: dict[str, float] | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        validator = _VALIDATORS.get(name)
+        if validator is None:
+            raise ServeTypeError(f"BackendConfig has no field {name!r}")
+        validator(name, value)
+        if name == "resources" and value is not None:
+            value = dict(value)
+        object.__setattr__(self, name, value)
+
+    def copy(self, **changes: Any) -> BackendConfig:
+        """Return a detached copy, optionally with some fields changed."""
+        return BackendConfig(**{**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-safe form (used by stores and for comparison)."""
+        data = dataclasses.asdict(self)
+        if data["resources"] is not None:
+            data["resources"] = dict(data["resources"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BackendConfig:
+        """Rebuild from :meth:`to_dict` output; unknown keys are a ``TypeError``."""
+        unknown = set(data) - set(_VALIDATORS)
+        if unknown:
+            raise ServeTypeError(f"unknown BackendConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def placement(self) -> dict[str, Any]:
+        """The fields that decide where a replica runs."""
+        return {name: getattr(self, name) for name in PLACEMENT_FIELDS}

@@ -1,0 +1,103 @@
+"""The error hierarchy of serve_core.
+
+Every error a caller can see derives from :class:`ServeError` and carries the HTTP
+status the HTTP front answers with, so errors are mapped to responses in one place.
+Validation errors also subclass the built-in a caller would expect::
+
+    ServeError (500)                         alias: RayServeException
+    ├── ServeStateError (500, RuntimeError)  instance not running / already stopped
+    ├── ValidationError (400, ValueError)    bad argument value
+    │   ├── BatchAnnotationError             max_batch_size on a non-batch backend
+    │   └── ConflictError (409)              redefinition of a tag, name or route
+    ├── ServeTypeError (400, TypeError)      wrong kind of argument
+    ├── NotFoundError (404, KeyError)        unknown endpoint or backend
+    │   └── MethodNotFoundError              call method missing or private
+    ├── WebOnlyAccessError (500, AttributeError)  request used outside a web call
+    ├── BatchResultError (500)               batch backend returned the wrong shape
+    ├── ReplicaDiedError (500)               replica crashed while holding the call
+    ├── BackPressureError (503)              queue full, retry later
+    ├── DeadlineExceededError (504, TimeoutError)  SLO passed before the call ran
+    └── StoreError (500)                     KV store failure
+"""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    """Base class of every serve_core error."""
+
+    status_code: int = 500
+
+
+RayServeException = ServeError
+
+
+class ServeStateError(ServeError, RuntimeError):
+    """The instance is not in a state that allows the call (e.g. it was shut down)."""
+
+
+class ValidationError(ServeError, ValueError):
+    """An argument has an invalid value."""
+
+    status_code = 400
+
+
+class BatchAnnotationError(ValidationError):
+    """``max_batch_size`` was set on a backend not marked with ``@accept_batch``."""
+
+
+class ConflictError(ValidationError):
+    """A name, tag or route is already defined differently."""
+
+    status_code = 409
+
+
+class ServeTypeError(ServeError, TypeError):
+    """An argument has the wrong type (or positional arguments were given to ``remote``)."""
+
+    status_code = 400
+
+
+class NotFoundError(ServeError, KeyError):
+    """An endpoint or backend is not registered."""
+
+    status_code = 404
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MethodNotFoundError(NotFoundError):
+    """The requested call method does not exist or is not public."""
+
+
+class WebOnlyAccessError(ServeError, AttributeError):
+    """The placeholder request of a Python call was used as a web request."""
+
+
+class BatchResultError(ServeError):
+    """A batch backend returned something other than a list of the batch's length."""
+
+
+class ReplicaDiedError(ServeError):
+    """The replica running the call died before answering."""
+
+
+class BackPressureError(ServeError):
+    """A bounded queue is full; the caller should retry later."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(ServeError, TimeoutError):
+    """The query's deadline passed before it could run."""
+
+    status_code = 504
+
+
+class StoreError(ServeError):
+    """The KV store failed."""

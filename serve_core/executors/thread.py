@@ -1,0 +1,88 @@
+"""The thread executor: one worker thread per replica, in this process.
+
+The default executor. Good for I/O-bound backends and for code that releases the
+GIL (numpy); CPU-bound pure Python wants the process executor.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+from ..errors import ReplicaDiedError
+from ..invoke import Call, Invoker, Outcome
+from .base import ReplicaSpec
+
+_STOP = None  # sentinel on a replica's work queue
+
+
+class ThreadReplica:
+    """A backend object served by its own worker thread."""
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        self.replica_id = spec.replica_id
+        self._invoker = Invoker(spec.target, spec.init_args)
+        self._work: queue.SimpleQueue[tuple[Call, Future[list[Outcome]]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._loop, name=f"serve-replica-{spec.replica_id}", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return not self._stopping and self._thread.is_alive()
+
+    def submit(self, call: Call) -> Future[list[Outcome]]:
+        future: Future[list[Outcome]] = Future()
+        if self._stopping:
+            future.set_exception(ReplicaDiedError(f"replica {self.replica_id} was stopped"))
+        else:
+            self._work.put((call, future))
+        return future
+
+    def stop(self, drain_timeout: float | None = None) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self._work.put(_STOP)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(drain_timeout)
+
+    def _loop(self) -> None:
+        try:
+            while (item := self._work.get()) is not _STOP:
+                call, future = item
+                if future.set_running_or_notify_cancel():
+                    future.set_result(self._invoker.run(call))
+        finally:
+            self._invoker.close()
+            self._fail_leftovers()
+
+    def _fail_leftovers(self) -> None:
+        # A submit racing with stop() may land behind the sentinel: answer it.
+        while True:
+            try:
+                item = self._work.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(ReplicaDiedError(f"replica {self.replica_id} was stopped"))
+
+
+class ThreadExecutor:
+    """Starts a worker thread per replica."""
+
+    name = "thread"
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def start_replica(self, spec: ReplicaSpec) -> ThreadReplica:
+        return ThreadReplica(spec)
+
+    def shutdown(self) -> None:
+        pass

@@ -1,0 +1,114 @@
+"""``ServeHandle``: calling an endpoint from Python."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import ServeTypeError, ValidationError
+from .queues import ServeFuture
+from .slo import SLO
+
+if TYPE_CHECKING:
+    from .serve import Serve
+
+_UNSET: Any = object()
+
+
+class ServeHandle:
+    """A handle to an endpoint; ``remote(**kwargs)`` enqueues a call.
+
+    Handles are cheap, immutable values: :meth:`options` returns a new handle.
+    """
+
+    __slots__ = ("_serve", "endpoint_name", "method_name", "slo", "shard_key")
+
+    def __init__(
+        self,
+        serve: Serve,
+        endpoint_name: str,
+        *,
+        method_name: str = "__call__",
+        slo: SLO = SLO(),
+        shard_key: str | None = None,
+    ) -> None:
+        self._serve = serve
+        self.endpoint_name = endpoint_name
+        self.method_name = method_name
+        self.slo = slo
+        self.shard_key = shard_key
+
+    def remote(self, *args: Any, **kwargs: Any) -> ServeFuture:
+        """Call the endpoint with keyword arguments.
+
+        Returns:
+            A ``concurrent.futures.Future`` (also awaitable) of the backend's result.
+
+        Raises:
+            ServeTypeError: positional arguments were given.
+            BackPressureError: the backend's queue is full.
+        """
+        if args:
+            raise ServeTypeError(
+                "handle.remote() takes keyword arguments only, e.g. handle.remote(x=1)"
+            )
+        return self._serve._enqueue(
+            self.endpoint_name, kwargs, None, self.method_name, self.slo, self.shard_key
+        )
+
+    def options(
+        self,
+        method_name: str | None = None,
+        relative_slo_ms: float | None = None,
+        absolute_slo_ms: float | None = None,
+        shard_key: str | None = _UNSET,
+    ) -> ServeHandle:
+        """A new handle; options not given are inherited from this one.
+
+        Giving either SLO replaces this handle's SLO.
+        """
+        if method_name is not None and (not isinstance(method_name, str) or not method_name):
+            raise ValidationError(f"method_name must be a non-empty string, got {method_name!r}")
+        if shard_key is not _UNSET and shard_key is not None and not isinstance(shard_key, str):
+            raise ServeTypeError(f"shard_key must be a string, got {type(shard_key).__name__}")
+        if relative_slo_ms is None and absolute_slo_ms is None:
+            slo = self.slo
+        else:
+            slo = SLO.parse(relative_slo_ms, absolute_slo_ms)
+        return ServeHandle(
+            self._serve,
+            self.endpoint_name,
+            method_name=method_name if method_name is not None else self.method_name,
+            slo=slo,
+            shard_key=self.shard_key if shard_key is _UNSET else shard_key,
+        )
+
+    def get_traffic_policy(self) -> dict[str, float]:
+        """The endpoint's current ``{backend_tag: weight}``."""
+        return self._serve.get_traffic_policy(self.endpoint_name)
+
+    def scale(self, num_replicas: int, backend_tag: str | None = None) -> None:
+        """Set ``num_replicas`` of the endpoint's backend (the only one, or ``backend_tag``)."""
+        self._edit_config(backend_tag, num_replicas=num_replicas)
+
+    def set_max_batch_size(self, max_batch_size: int | None, backend_tag: str | None = None) -> None:
+        """Set ``max_batch_size`` of the endpoint's backend (the only one, or ``backend_tag``)."""
+        self._edit_config(backend_tag, max_batch_size=max_batch_size)
+
+    def _edit_config(self, backend_tag: str | None, **changes: Any) -> None:
+        traffic = self.get_traffic_policy()
+        if backend_tag is None:
+            if len(traffic) != 1:
+                raise ValidationError(
+                    f"endpoint {self.endpoint_name!r} has backends {sorted(traffic)}; name backend_tag"
+                )
+            (backend_tag,) = traffic
+        elif backend_tag not in traffic:
+            raise ValidationError(f"backend {backend_tag!r} gets no traffic from {self.endpoint_name!r}")
+        config = self._serve.get_backend_config(backend_tag)
+        self._serve.set_backend_config(backend_tag, config.copy(**changes))
+
+    def __repr__(self) -> str:
+        return (
+            f"ServeHandle(endpoint={self.endpoint_name!r}, method={self.method_name!r}, "
+            f"slo={self.slo}, shard_key={self.shard_key!r})"
+        )

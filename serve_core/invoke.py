@@ -1,0 +1,178 @@
+"""How a replica calls the user's backend: the calling conventions of the original.
+
+This runs *inside* a replica, whatever executor hosts it (a thread, a worker process,
+a Ray actor). :class:`Invoker` builds the backend once and runs :class:`Call` objects:
+
+* a web call passes one positional argument, the request; a Python call passes a
+  placeholder that raises on use, plus the handle's keyword arguments;
+* the positional argument is dropped when the target has no required positional
+  parameter;
+* in batch mode the positional argument is a list and every keyword becomes a list;
+  the backend must return a list of the same length;
+* only ``__call__`` and public methods can be called.
+
+Every failure, before or inside the user code, becomes an :class:`Outcome`; nothing
+escapes, so a replica is never lost to a bad call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+from typing import Any, Callable
+
+from .context import call_context
+from .errors import BatchResultError, MethodNotFoundError, ServeTypeError, WebOnlyAccessError
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Call:
+    """One unit of work for a replica: a single query or a batch of queries.
+
+    ``requests[i]`` is query i's web request (``None`` for Python calls) and
+    ``kwargs[i]`` its keyword arguments.
+    """
+
+    method: str
+    web: bool
+    batched: bool
+    requests: tuple[Any, ...]
+    kwargs: tuple[dict[str, Any], ...]
+
+    def __len__(self) -> int:
+        return len(self.kwargs)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """The answer to one query: a value, or the exception it raised."""
+
+    ok: bool
+    value: Any
+
+
+class PythonCallRequest:
+    """The positional argument of a Python (handle) call: any use raises."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        raise WebOnlyAccessError(
+            f"request.{name} was used in a call made from Python, which has no HTTP request; "
+            "check serve.context.web before using the request"
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__getattr__(name)
+
+    def __repr__(self) -> str:
+        return "<PythonCallRequest: not a web request>"
+
+
+_PLACEHOLDER = PythonCallRequest()
+
+
+def is_public_method(name: str) -> bool:
+    """Methods reachable by callers: ``__call__`` and names without a leading underscore."""
+    return name == "__call__" or (bool(name) and not name.startswith("_"))
+
+
+def accepts_batch(target: Any) -> bool:
+    """Whether a function, or a class's ``__call__``, is marked with ``@accept_batch``."""
+    func = target.__call__ if inspect.isclass(target) else target
+    return bool(getattr(func, "_serve_accept_batch", False))
+
+
+def wants_positional(func: Callable[..., Any]) -> bool:
+    """True when ``func`` has a required positional parameter (the request)."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        for p in params
+    )
+
+
+class Invoker:
+    """Holds one replica's backend object and runs calls on it."""
+
+    def __init__(self, target: Any, init_args: tuple[Any, ...] = ()) -> None:
+        if inspect.isclass(target):
+            self._obj: Any = target(*init_args)
+            self._is_class = True
+        else:
+            self._obj = target
+            self._is_class = False
+        self._methods: dict[str, tuple[Callable[..., Any], bool]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def run(self, call: Call) -> list[Outcome]:
+        """Run a call; one outcome per query, never raises."""
+        try:
+            func, positional = self._resolve(call.method)
+            if call.batched:
+                return self._run_batch(call, func, positional)
+            return [self._run_single(call, func, positional)]
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
+            return [Outcome(False, exc)] * len(call)
+
+    def close(self) -> None:
+        """Release the event loop used for async backends."""
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+    def _resolve(self, method: str) -> tuple[Callable[..., Any], bool]:
+        cached = self._methods.get(method)
+        if cached is not None:
+            return cached
+        if not is_public_method(method):
+            raise MethodNotFoundError(f"method {method!r} is not public and cannot be called")
+        if not self._is_class and method != "__call__":
+            raise MethodNotFoundError(f"function backends only have __call__, not {method!r}")
+        func = self._obj if not self._is_class and method == "__call__" else getattr(
+            self._obj, method, None
+        )
+        if func is None or not callable(func):
+            raise MethodNotFoundError(f"backend has no method {method!r}")
+        resolved = (func, wants_positional(func))
+        self._methods[method] = resolved
+        return resolved
+
+    def _run_single(self, call: Call, func: Callable[..., Any], positional: bool) -> Outcome:
+        request = call.requests[0] if call.web else _PLACEHOLDER
+        args = (request,) if positional else ()
+        try:
+            with call_context(call.web, None):
+                return Outcome(True, self._await(func(*args, **call.kwargs[0])))
+        except Exception as exc:  # noqa: BLE001
+            return Outcome(False, exc)
+
+    def _run_batch(self, call: Call, func: Callable[..., Any], positional: bool) -> list[Outcome]:
+        size = len(call)
+        requests = list(call.requests) if call.web else [_PLACEHOLDER] * size
+        keys = call.kwargs[0].keys()
+        if any(kw.keys() != keys for kw in call.kwargs):
+            raise ServeTypeError("queries in one batch must pass the same keyword names")
+        kwargs = {key: [kw[key] for kw in call.kwargs] for key in keys}
+        args = (requests,) if positional else ()
+        with call_context(call.web, size):
+            result = self._await(func(*args, **kwargs))
+        if not isinstance(result, list) or len(result) != size:
+            got = f"a list of {len(result)}" if isinstance(result, list) else type(result).__name__
+            raise BatchResultError(f"batch backend must return a list of {size} results, got {got}")
+        return [Outcome(True, value) for value in result]
+
+    def _await(self, result: Any) -> Any:
+        if not inspect.isawaitable(result):
+            return result
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(_as_coroutine(result))
+
+
+async def _as_coroutine(awaitable: Any) -> Any:
+    return await awaitable

@@ -1,0 +1,200 @@
+"""The registry: endpoints, backends and traffic, with their validation (no I/O).
+
+Every ``check_*`` method validates a change and returns what to apply (or ``None``
+when the change is an identical redefinition, a no-op); the ``add``/``set`` methods
+apply it. Keeping the two apart lets the owner persist a change before applying it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Iterable
+
+from .config import BackendConfig
+from .errors import (
+    BatchAnnotationError,
+    ConflictError,
+    NotFoundError,
+    ServeTypeError,
+    ValidationError,
+)
+from .invoke import accepts_batch
+from .split import validate_weights
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+RESERVED_ROUTE_PREFIX = "/-/"
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointInfo:
+    name: str
+    route: str | None
+    methods: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    tag: str
+    target: Any
+    init_args: tuple[Any, ...]
+    config: BackendConfig
+    accepts_batch: bool
+
+
+def _name(kind: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ServeTypeError(f"{kind} must be a string, got {type(value).__name__}")
+    if not value or value != value.strip():
+        raise ValidationError(f"{kind} must be non-empty without surrounding spaces, got {value!r}")
+    return value
+
+
+def normalise_methods(methods: Iterable[str]) -> tuple[str, ...]:
+    """Upper-case, de-duplicate and validate HTTP methods."""
+    if isinstance(methods, str):
+        methods = [methods]
+    result: list[str] = []
+    for method in methods:
+        if not isinstance(method, str):
+            raise ServeTypeError(f"HTTP methods must be strings, got {method!r}")
+        upper = method.upper()
+        if upper not in HTTP_METHODS:
+            raise ValidationError(f"unknown HTTP method {method!r}; use one of {sorted(HTTP_METHODS)}")
+        if upper not in result:
+            result.append(upper)
+    if not result:
+        raise ValidationError("an endpoint needs at least one HTTP method")
+    return tuple(result)
+
+
+def _validate_route(route: Any) -> str | None:
+    if route is None:
+        return None
+    if not isinstance(route, str):
+        raise ServeTypeError(f"route must be a string or None, got {type(route).__name__}")
+    if not route.startswith("/") or any(c.isspace() for c in route):
+        raise ValidationError(f"route must start with '/' and contain no spaces, got {route!r}")
+    if route.startswith(RESERVED_ROUTE_PREFIX) or route == "/-":
+        raise ValidationError(f"routes under {RESERVED_ROUTE_PREFIX!r} are reserved, got {route!r}")
+    return route
+
+
+def same_target(a: Any, b: Any) -> bool:
+    """Whether two backend targets are the same definition (also across re-imports)."""
+    if a is b:
+        return True
+    names = ("__module__", "__qualname__")
+    if any(getattr(a, n, None) != getattr(b, n, None) for n in names):
+        return False
+    if inspect.isfunction(a) and inspect.isfunction(b):
+        return bool(a.__code__.co_code == b.__code__.co_code)
+    return inspect.isclass(a) and inspect.isclass(b)
+
+
+class Registry:
+    """In-memory endpoints, backends and traffic."""
+
+    def __init__(self) -> None:
+        self.endpoints: dict[str, EndpointInfo] = {}
+        self.routes: dict[str, str] = {}
+        self.backends: dict[str, BackendInfo] = {}
+        self.traffic: dict[str, dict[str, float]] = {}
+
+    # endpoints -----------------------------------------------------------
+    def check_endpoint(self, name: Any, route: Any, methods: Iterable[str]) -> EndpointInfo | None:
+        info = EndpointInfo(_name("endpoint name", name), _validate_route(route), normalise_methods(methods))
+        existing = self.endpoints.get(info.name)
+        if existing == info:
+            return None
+        if existing is not None:
+            raise ConflictError(
+                f"endpoint {info.name!r} already exists with route {existing.route!r} and methods "
+                f"{list(existing.methods)}; choose another name"
+            )
+        if info.route is not None and info.route in self.routes:
+            raise ConflictError(
+                f"route {info.route!r} already serves endpoint {self.routes[info.route]!r}"
+            )
+        return info
+
+    def add_endpoint(self, info: EndpointInfo) -> None:
+        self.endpoints[info.name] = info
+        if info.route is not None:
+            self.routes[info.route] = info.name
+
+    def endpoint(self, name: str) -> EndpointInfo:
+        info = self.endpoints.get(name)
+        if info is None:
+            raise NotFoundError(f"endpoint {name!r} is not registered; create it with create_endpoint")
+        return info
+
+    # backends ------------------------------------------------------------
+    def check_backend(
+        self, target: Any, tag: Any, init_args: tuple[Any, ...], config: Any
+    ) -> BackendInfo | None:
+        _name("backend tag", tag)
+        if config is None:
+            config = BackendConfig()
+        if not isinstance(config, BackendConfig):
+            raise ServeTypeError(f"backend_config must be a BackendConfig, got {type(config).__name__}")
+        if not (inspect.isfunction(target) or inspect.isclass(target)):
+            raise ServeTypeError(f"a backend must be a function or a class, got {type(target).__name__}")
+        if inspect.isclass(target) and not callable(getattr(target, "__call__", None)):
+            raise ServeTypeError(f"backend class {target.__qualname__} must define __call__")
+        if inspect.isfunction(target) and init_args:
+            raise ServeTypeError("init arguments are only accepted for class backends")
+        info = BackendInfo(tag, target, tuple(init_args), config.copy(), accepts_batch(target))
+        self.check_batching(info, config)
+        existing = self.backends.get(tag)
+        if existing is None:
+            return info
+        if (
+            same_target(existing.target, target)
+            and existing.init_args == info.init_args
+            and existing.config == info.config
+        ):
+            return None
+        raise ConflictError(
+            f"backend {tag!r} already exists with a different definition; use a new tag (and "
+            "split traffic to it) or set_backend_config to change its config"
+        )
+
+    @staticmethod
+    def check_batching(info: BackendInfo, config: BackendConfig) -> None:
+        if config.max_batch_size is not None and not info.accepts_batch:
+            raise BatchAnnotationError(
+                f"backend {info.tag!r} sets max_batch_size but its function or __call__ does "
+                "not accept batching; mark it with @serve.accept_batch"
+            )
+
+    def backend(self, tag: str) -> BackendInfo:
+        info = self.backends.get(tag)
+        if info is None:
+            raise NotFoundError(f"backend {tag!r} is not registered; create it with create_backend")
+        return info
+
+    def add_backend(self, info: BackendInfo) -> None:
+        self.backends[info.tag] = info
+
+    def check_config(self, tag: str, config: Any) -> BackendInfo:
+        """Validate a new config; returns the updated backend info."""
+        info = self.backend(tag)
+        if not isinstance(config, BackendConfig):
+            raise ServeTypeError(f"backend_config must be a BackendConfig, got {type(config).__name__}")
+        self.check_batching(info, config)
+        return dataclasses.replace(info, config=config.copy())
+
+    # traffic -------------------------------------------------------------
+    def check_split(self, endpoint: str, weights: Any) -> dict[str, float]:
+        self.endpoint(endpoint)
+        return validate_weights(endpoint, weights, self.backends)
+
+    def set_traffic(self, endpoint: str, weights: dict[str, float]) -> None:
+        self.traffic[endpoint] = dict(weights)
+
+    def route_table(self) -> dict[str, list[Any]]:
+        """``{route: [endpoint, [methods]]}`` for endpoints with a route."""
+        return {
+            route: [name, list(self.endpoints[name].methods)] for route, name in self.routes.items()
+        }

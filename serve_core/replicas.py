@@ -1,0 +1,126 @@
+"""Replica management: starting, scaling, draining and replacing replicas.
+
+Owns the executors of one ``Serve`` instance (created lazily by name) and keeps the
+router's replica slots matching each backend's ``num_replicas``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from .config import BackendConfig
+from .executors.base import Executor, Replica, ReplicaSpec, create_executor
+from .registry import BackendInfo
+from .router import Router
+
+log = logging.getLogger("serve_core")
+
+
+class ReplicaManager:
+    """Starts and stops the replicas of every backend."""
+
+    def __init__(
+        self, default_executor: str | Executor, executor_options: dict[str, Any], drain_timeout_s: float
+    ) -> None:
+        self._executors: dict[str, Executor] = {}
+        self._options = executor_options
+        self._drain_timeout = drain_timeout_s
+        default = create_executor(default_executor, **executor_options)
+        self._executors[default.name] = default
+        self.default_executor = default.name
+        self._ids = itertools.count(1)
+        self._replacers: list[threading.Thread] = []
+        self._stopped = False
+
+    def executor_for(self, config: BackendConfig) -> Executor:
+        name = config.executor or self.default_executor
+        executor = self._executors.get(name)
+        if executor is None:
+            executor = self._executors[name] = create_executor(name, **self._options)
+        return executor
+
+    def start(self, info: BackendInfo, count: int) -> list[Replica]:
+        """Start ``count`` replicas; on a failure, stop those started and re-raise."""
+        executor = self.executor_for(info.config)
+        started: list[Replica] = []
+        try:
+            for _ in range(count):
+                spec = ReplicaSpec(
+                    info.tag, f"{info.tag}#{next(self._ids)}", info.target, info.init_args, info.config
+                )
+                started.append(executor.start_replica(spec))
+        except BaseException:
+            for replica in started:
+                replica.stop(0)
+            raise
+        return started
+
+    def scale(self, router: Router, info: BackendInfo, target: int) -> None:
+        """Bring the backend to ``target`` replicas; removed ones drain first."""
+        current = router.replica_count(info.tag)
+        if target > current:
+            for replica in self.start(info, target - current):
+                router.add_replica(info.tag, replica)
+        elif target < current:
+            self._drain_and_stop(router.retire_replicas(info.tag, current - target))
+
+    def replace_all(self, router: Router, info: BackendInfo) -> None:
+        """Replace replicas one by one: the new one is ready before an old one drains."""
+        for _ in range(router.replica_count(info.tag)):
+            (replica,) = self.start(info, 1)
+            router.add_replica(info.tag, replica)
+            self._drain_and_stop(router.retire_replicas(info.tag, 1, oldest=True))
+
+    def _drain_and_stop(self, slots: list[Any]) -> None:
+        for slot in slots:
+            try:
+                slot.drained.result(timeout=self._drain_timeout)
+            except FutureTimeout:
+                log.warning("replica %s did not drain in %.1f s; stopping it", slot.replica.replica_id, self._drain_timeout)
+            slot.replica.stop(self._drain_timeout)
+
+    def replace_dead(self, router: Router, info: BackendInfo, dead: Replica) -> None:
+        """Replace a replica that died, from a helper thread (never on the caller's)."""
+        if self._stopped:
+            return
+        thread = threading.Thread(
+            target=self._replace, args=(router, info, dead), name=f"serve-replace-{dead.replica_id}", daemon=True
+        )
+        self._replacers = [t for t in self._replacers if t.is_alive()] + [thread]
+        thread.start()
+
+    def _replace(self, router: Router, info: BackendInfo, dead: Replica) -> None:
+        try:
+            dead.stop(0)
+        except Exception:  # noqa: BLE001 - it is already dead; cleanup is best effort
+            log.debug("stopping dead replica %s failed", dead.replica_id, exc_info=True)
+        if self._stopped or router.replica_count(info.tag) >= info.config.num_replicas:
+            return
+        try:
+            (replica,) = self.start(info, 1)
+        except Exception:  # noqa: BLE001
+            log.exception("could not replace dead replica %s of %s", dead.replica_id, info.tag)
+            return
+        if self._stopped:
+            replica.stop(0)
+            return
+        log.warning("replaced dead replica %s of backend %s with %s", dead.replica_id, info.tag, replica.replica_id)
+        router.add_replica(info.tag, replica)
+
+    def stop_replacing(self) -> None:
+        """No more replacements; wait for those under way."""
+        self._stopped = True
+        for thread in self._replacers:
+            thread.join(self._drain_timeout)
+
+    def shutdown(self, replicas: list[Replica]) -> None:
+        """Stop every replica (each finishes accepted work first), then the executors."""
+        self.stop_replacing()
+        for replica in replicas:
+            replica.stop(self._drain_timeout)
+        for executor in self._executors.values():
+            executor.shutdown()

@@ -1,0 +1,400 @@
+"""The router: the request lifecycle from enqueue to resolved future.
+
+State (queues, replica slots, policies, metrics) is guarded by one lock, taken once per
+state change. Dispatch is event-driven: an enqueue, a completed call, a traffic or
+config change each run one dispatch step for the affected backend; there is no
+polling thread. Calls are submitted to replicas outside the lock.
+
+Every query's future is resolved exactly once: value, user error, replica death,
+expired deadline, overload, or shutdown.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import threading
+from concurrent.futures import Future
+from functools import partial
+from typing import Any, Callable, Iterable
+
+from .clock import Clock
+from .config import BackendConfig
+from .errors import (
+    BackPressureError,
+    DeadlineExceededError,
+    NotFoundError,
+    ReplicaDiedError,
+    ServeStateError,
+)
+from .executors.base import Replica
+from .invoke import Call, Outcome
+from .metrics import Counter, WindowedHistogram, percentile_keys
+from .policy import Policy, PolicySpec
+from .queues import BackendQueue, Query
+from .batching import form_batch
+from .split import Traffic
+
+Work = tuple["_BackendState", "_Slot", list[Query]]
+
+
+class _Slot:
+    """A replica and whether it is running a call."""
+
+    __slots__ = ("replica", "busy", "draining", "drained")
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.busy = False
+        self.draining = False
+        self.drained: Future[None] = Future()
+
+
+class _BackendState:
+    def __init__(self, tag: str, config: BackendConfig, gc_window_seconds: float) -> None:
+        self.tag = tag
+        self.config = config
+        self.queue = BackendQueue(config.max_queue_size)
+        self.slots: list[_Slot] = []
+        self.idle: collections.deque[_Slot] = collections.deque()
+        self.requests = Counter()
+        self.errors = Counter()
+        self.latency = WindowedHistogram(gc_window_seconds)
+
+
+class _EndpointState:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.policy: Policy | None = None
+        self.pending: collections.deque[Query] = collections.deque()
+        self.requests = Counter()
+
+
+class Router:
+    """Routes queries of endpoints to backend queues and replica slots."""
+
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        policy: PolicySpec,
+        policy_kwargs: dict[str, Any],
+        rng: random.Random,
+        gc_window_seconds: float,
+        max_pending_per_endpoint: int,
+        pending_timeout_s: float,
+        on_replica_died: Callable[[str, Replica], None],
+    ) -> None:
+        self._clock = clock
+        self._policy = policy
+        self._policy_kwargs = policy_kwargs
+        self._rng = rng
+        self._gc_window = gc_window_seconds
+        self._max_pending = max_pending_per_endpoint
+        self._pending_timeout = pending_timeout_s
+        self._on_replica_died = on_replica_died
+        self._lock = threading.Lock()
+        self._backends: dict[str, _BackendState] = {}
+        self._endpoints: dict[str, _EndpointState] = {}
+        self._timers: dict[str, threading.Timer] = {}
+        self._closed = False
+        self._local = threading.local()
+
+    # ---------------------------------------------------------------- setup
+    def add_backend(self, tag: str, config: BackendConfig) -> None:
+        with self._lock:
+            self._backends[tag] = _BackendState(tag, config, self._gc_window)
+
+    def set_config(self, tag: str, config: BackendConfig) -> None:
+        with self._lock:
+            state = self._backends[tag]
+            state.config = config
+            state.queue.max_size = config.max_queue_size
+            work, expired = self._dispatch(state)
+        self._run(work, expired)
+
+    def add_replica(self, tag: str, replica: Replica) -> None:
+        with self._lock:
+            state = self._backends[tag]
+            slot = _Slot(replica)
+            state.slots.append(slot)
+            state.idle.append(slot)
+            work, expired = self._dispatch(state)
+        self._run(work, expired)
+
+    def retire_replicas(self, tag: str, count: int, oldest: bool = False) -> list[_Slot]:
+        """Stop routing to ``count`` replicas (the newest unless ``oldest``).
+
+        Each returned slot's ``drained`` future resolves once its call in flight is done.
+        """
+        with self._lock:
+            state = self._backends[tag]
+            cut = slice(0, count) if oldest else slice(len(state.slots) - count, None)
+            retired = state.slots[cut]
+            del state.slots[cut]
+            for slot in retired:
+                slot.draining = True
+                if slot in state.idle:
+                    state.idle.remove(slot)
+                if not slot.busy:
+                    slot.drained.set_result(None)
+        return retired
+
+    def replica_count(self, tag: str) -> int:
+        with self._lock:
+            return len(self._backends[tag].slots)
+
+    def replicas(self, tag: str) -> list[Replica]:
+        with self._lock:
+            return [slot.replica for slot in self._backends[tag].slots]
+
+    def set_traffic(self, endpoint: str, weights: dict[str, float]) -> None:
+        """Install new weights; queries waiting for traffic are routed now."""
+        with self._lock:
+            ep = self._endpoint(endpoint)
+            ep.policy = self._policy.build(Traffic.of(weights), self._rng, self._policy_kwargs)
+            waiting = list(ep.pending)
+            ep.pending.clear()
+            rejected: list[Query] = []
+            touched: dict[str, _BackendState] = {}
+            for query in waiting:
+                try:
+                    touched[query.backend] = self._route(ep, query)
+                except BackPressureError:
+                    rejected.append(query)
+            work: list[Work] = []
+            expired: list[Query] = []
+            for state in touched.values():
+                more, old = self._dispatch(state)
+                work += more
+                expired += old
+        self._fail(rejected, BackPressureError(f"queues of endpoint {endpoint!r} are full"))
+        self._run(work, expired)
+
+    def traffic(self, endpoint: str) -> dict[str, float] | None:
+        with self._lock:
+            ep = self._endpoints.get(endpoint)
+            return None if ep is None or ep.policy is None else ep.policy.traffic.as_dict()
+
+    # -------------------------------------------------------------- requests
+    def submit(self, query: Query) -> None:
+        """Admit a query: route it, or hold it until its endpoint has traffic.
+
+        Raises:
+            BackPressureError: the chosen backend queue (or the pending queue) is full.
+            ServeStateError: the router was closed.
+        """
+        with self._lock:
+            if self._closed:
+                raise ServeStateError("serve instance is shut down")
+            ep = self._endpoint(query.endpoint)
+            ep.requests.inc()
+            if ep.policy is None:
+                self._hold(ep, query)
+                return
+            state = self._route(ep, query)
+            work, expired = self._dispatch(state)
+        self._run(work, expired)
+
+    def _endpoint(self, name: str) -> _EndpointState:
+        ep = self._endpoints.get(name)
+        if ep is None:
+            ep = self._endpoints[name] = _EndpointState(name)
+        return ep
+
+    def _route(self, ep: _EndpointState, query: Query) -> _BackendState:
+        assert ep.policy is not None  # callers check; internal invariant
+        tag = ep.policy.choose(query.shard_key, self._queue_len)
+        state = self._backends[tag]
+        query.backend = tag
+        state.queue.push(query)
+        return state
+
+    def _queue_len(self, tag: str) -> int:
+        return len(self._backends[tag].queue)
+
+    def _hold(self, ep: _EndpointState, query: Query) -> None:
+        if len(ep.pending) >= self._max_pending:
+            raise BackPressureError(
+                f"endpoint {ep.name!r} has no traffic yet and {self._max_pending} queries are "
+                "already waiting; link a backend or retry later"
+            )
+        ep.pending.append(query)
+        if ep.name not in self._timers:
+            self._arm_timer(ep.name, self._pending_timeout)
+
+    def _arm_timer(self, endpoint: str, delay: float) -> None:
+        timer = threading.Timer(max(delay, 0.0), self._expire_pending, (endpoint,))
+        timer.daemon = True
+        self._timers[endpoint] = timer
+        timer.start()
+
+    def _expire_pending(self, endpoint: str) -> None:
+        now = self._clock.monotonic()
+        with self._lock:
+            self._timers.pop(endpoint, None)
+            ep = self._endpoints[endpoint]
+            expired = []
+            while ep.pending and ep.pending[0].arrival + self._pending_timeout <= now:
+                expired.append(ep.pending.popleft())
+            if ep.pending and not self._closed:
+                self._arm_timer(endpoint, ep.pending[0].arrival + self._pending_timeout - now)
+        error = DeadlineExceededError(
+            f"endpoint {endpoint!r} got no traffic within {self._pending_timeout} s; "
+            "link or split it to a backend"
+        )
+        self._fail(expired, error)
+
+    # -------------------------------------------------------------- dispatch
+    def _dispatch(self, state: _BackendState) -> tuple[list[Work], list[Query]]:
+        """Pair idle slots with batches (under the lock)."""
+        work: list[Work] = []
+        expired: list[Query] = []
+        config = state.config
+        now = self._clock.monotonic()
+        while state.idle and state.queue:
+            batch = form_batch(state.queue, config.max_batch_size, now, config.drop_expired)
+            expired += batch.expired
+            queries = [q for q in batch.queries if q.future.set_running_or_notify_cancel()]
+            if queries:
+                slot = state.idle.popleft()
+                slot.busy = True
+                work.append((state, slot, queries))
+        return work, expired
+
+    def _run(self, work: list[Work], expired: list[Query]) -> None:
+        """Submit work outside the lock, iteratively (inline replicas complete re-entrantly)."""
+        if expired:
+            self._fail(expired, None)
+        if not work:
+            return
+        local = self._local
+        if getattr(local, "backlog", None) is not None:
+            local.backlog.extend(work)
+            return
+        local.backlog = collections.deque(work)
+        try:
+            while local.backlog:
+                self._submit(*local.backlog.popleft())
+        finally:
+            local.backlog = None
+
+    def _submit(self, state: _BackendState, slot: _Slot, queries: list[Query]) -> None:
+        head = queries[0]
+        call = Call(
+            method=head.method,
+            web=head.web,
+            batched=state.config.max_batch_size is not None,
+            requests=tuple(q.request for q in queries),
+            kwargs=tuple(q.kwargs for q in queries),
+        )
+        try:
+            future = slot.replica.submit(call)
+        except Exception as exc:  # noqa: BLE001 - a broken executor is a dead replica
+            future = Future()
+            future.set_exception(exc)
+        future.add_done_callback(partial(self._on_done, state, slot, queries))
+
+    def _on_done(
+        self, state: _BackendState, slot: _Slot, queries: list[Query], future: Future[list[Outcome]]
+    ) -> None:
+        died: BaseException | None = future.exception()
+        outcomes = future.result() if died is None else []
+        now = self._clock.monotonic()
+        with self._lock:
+            slot.busy = False
+            state.requests.inc(len(queries))
+            if died is None:
+                for query, outcome in zip(queries, outcomes):
+                    state.latency.record(now - query.arrival, now)
+                    if not outcome.ok:
+                        state.errors.inc()
+                self._release(state, slot)
+            else:
+                state.errors.inc(len(queries))
+                if slot in state.slots:
+                    state.slots.remove(slot)
+                if not slot.drained.done():
+                    slot.drained.set_result(None)
+            work, expired = self._dispatch(state) if not self._closed else ([], [])
+        if died is None:
+            for query, outcome in zip(queries, outcomes):
+                _resolve(query.future, outcome)
+        else:
+            self._fail(queries, _as_replica_death(slot.replica, died))
+            self._on_replica_died(state.tag, slot.replica)
+        self._run(work, expired)
+
+    @staticmethod
+    def _release(state: _BackendState, slot: _Slot) -> None:
+        if slot.draining:
+            if not slot.drained.done():
+                slot.drained.set_result(None)
+        else:
+            state.idle.append(slot)
+
+    def _fail(self, queries: Iterable[Query], error: BaseException | None) -> None:
+        """Fail queries; ``error=None`` means their deadline passed."""
+        for query in queries:
+            exc = error or DeadlineExceededError(
+                f"deadline of the query to backend {query.backend!r} passed before it ran"
+            )
+            future = query.future
+            if future.done():
+                continue  # cancelled by the caller
+            if future.running() or future.set_running_or_notify_cancel():
+                future.set_exception(exc)
+
+    # --------------------------------------------------------------- metrics
+    def stat(self, percentiles: list[float], windows: list[float]) -> dict[str, float]:
+        now = self._clock.monotonic()
+        out: dict[str, float] = {}
+        with self._lock:
+            for tag, state in self._backends.items():
+                out[f"{tag}_error_counter"] = state.errors.value
+                out[f"{tag}_request_counter"] = state.requests.value
+                out[f"backend_{tag}_queue_size"] = len(state.queue)
+                out[f"backend_{tag}_num_replicas"] = len(state.slots)
+                out.update(percentile_keys(f"{tag}_latency_s", state.latency, percentiles, windows, now))
+            for name, ep in self._endpoints.items():
+                out[f"endpoint_{name}_request_counter"] = ep.requests.value
+                out[f"endpoint_{name}_pending_size"] = len(ep.pending)
+        return out
+
+    # ------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Refuse new queries and fail every queued one (in-flight calls still finish)."""
+        with self._lock:
+            self._closed = True
+            leftovers: list[Query] = []
+            for ep in self._endpoints.values():
+                leftovers += ep.pending
+                ep.pending.clear()
+            for state in self._backends.values():
+                leftovers += state.queue.drain()
+            timers = list(self._timers.values())
+            self._timers.clear()
+        for timer in timers:
+            timer.cancel()
+            timer.join()
+        self._fail(leftovers, ServeStateError("serve instance shut down before the query ran"))
+
+    def check_endpoint_known(self, name: str) -> None:
+        with self._lock:
+            if name not in self._endpoints:
+                raise NotFoundError(f"endpoint {name!r} is not registered")
+
+
+def _resolve(future: Future[Any], outcome: Outcome) -> None:
+    if outcome.ok:
+        future.set_result(outcome.value)
+    else:
+        future.set_exception(outcome.value)
+
+
+def _as_replica_death(replica: Replica, error: BaseException) -> BaseException:
+    if isinstance(error, ReplicaDiedError):
+        return error
+    died = ReplicaDiedError(f"replica {replica.replica_id} failed: {error!r}")
+    died.__cause__ = error
+    return died

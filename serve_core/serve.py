@@ -1,0 +1,279 @@
+"""``Serve``: one serving instance — registry, router, replicas, lifecycle.
+
+A ``Serve`` is running once constructed and stopped by :meth:`Serve.shutdown` (or by
+leaving its ``with`` block). Several instances can live side by side in one process;
+the module-level API of ``serve_core`` forwards to a default one.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import threading
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+from .clock import Clock, SystemClock
+from .config import BackendConfig
+from .errors import NotFoundError, ServeStateError
+from .executors.base import Executor, Replica
+from .handle import ServeHandle
+from .metrics import check_stat_args
+from .policy import PolicySpec, RoutePolicy
+from .queues import Query, ServeFuture
+from .registry import Registry
+from .replicas import ReplicaManager
+from .router import Router
+from .slo import SLO
+
+log = logging.getLogger("serve_core")
+
+DEFAULT_MAX_PENDING_PER_ENDPOINT = 1_000
+DEFAULT_PENDING_TIMEOUT_S = 30.0
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+
+
+class State(enum.Enum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Serve:
+    """A serving instance. Takes the same keyword arguments as :func:`serve_core.init`.
+
+    Extra keyword-only arguments (not in the original API):
+        clock: time source (tests pass a fake clock).
+        rng: random source of the routing policies (tests pass a seeded one).
+        max_pending_per_endpoint: queries that may wait for an endpoint without traffic.
+        pending_timeout_s: how long such a query waits before ``DeadlineExceededError``.
+        drain_timeout_s: how long scale-down and shutdown wait for calls in flight.
+    """
+
+    def __init__(
+        self,
+        kv_store_connector: Callable[[str], Any] | None = None,
+        kv_store_path: str | None = None,
+        blocking: bool = False,
+        start_server: bool = True,
+        http_host: str = "127.0.0.1",
+        http_port: int = 8000,
+        ray_init_kwargs: dict[str, Any] | None = None,
+        gc_window_seconds: float = 3600,
+        queueing_policy: PolicySpec | str = RoutePolicy.Random,
+        policy_kwargs: dict[str, Any] | None = None,
+        executor: str | Executor = "thread",
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        max_pending_per_endpoint: int = DEFAULT_MAX_PENDING_PER_ENDPOINT,
+        pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S,
+        drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+    ) -> None:
+        self.init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        check_stat_args((), (), gc_window_seconds)
+        self.clock: Clock = clock or SystemClock()
+        self.gc_window_seconds = gc_window_seconds
+        self.start_server = start_server
+        self._registry = Registry()
+        self._admin = threading.RLock()  # serialises registry changes and scaling
+        self._router = Router(
+            clock=self.clock,
+            policy=RoutePolicy.resolve(queueing_policy),
+            policy_kwargs=dict(policy_kwargs or {}),
+            rng=rng or random.Random(),
+            gc_window_seconds=gc_window_seconds,
+            max_pending_per_endpoint=max_pending_per_endpoint,
+            pending_timeout_s=pending_timeout_s,
+            on_replica_died=self._on_replica_died,
+        )
+        self._replicas = ReplicaManager(
+            executor, {"ray_init_kwargs": ray_init_kwargs}, drain_timeout_s
+        )
+        self._state = State.RUNNING
+
+    # ------------------------------------------------------------ lifecycle
+    @property
+    def running(self) -> bool:
+        return self._state is State.RUNNING
+
+    def _check_running(self) -> None:
+        if self._state is not State.RUNNING:
+            raise ServeStateError("this serve instance was shut down; create a new one")
+
+    def shutdown(self) -> None:
+        """Fail queued queries, drain and stop replicas. Idempotent."""
+        with self._admin:
+            if self._state is State.STOPPED:
+                return
+            self._state = State.STOPPED
+        self._router.close()
+        self._replicas.stop_replacing()
+        replicas: list[Replica] = []
+        for tag in list(self._registry.backends):
+            replicas += self._router.replicas(tag)
+        self._replicas.shutdown(replicas)
+
+    def __enter__(self) -> Serve:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------ endpoints
+    def create_endpoint(
+        self, endpoint_name: str, route: str | None = None, methods: Iterable[str] = ("GET",)
+    ) -> None:
+        """Register an endpoint; ``route=None`` makes it reachable from Python only.
+
+        Raises:
+            ValidationError: bad name, route or method. ConflictError: name or route taken.
+        """
+        with self._admin:
+            self._check_running()
+            info = self._registry.check_endpoint(endpoint_name, route, methods)
+            if info is not None:
+                self._registry.add_endpoint(info)
+
+    # ------------------------------------------------------------- backends
+    def create_backend(
+        self,
+        func_or_class: Any,
+        backend_tag: str,
+        *actor_init_args: Any,
+        backend_config: BackendConfig | None = None,
+    ) -> None:
+        """Register a backend and start its replicas; returns when they are ready.
+
+        Raises:
+            ServeTypeError: not a function or class. BatchAnnotationError: batching on a
+            backend without ``@accept_batch``. ConflictError: tag defined differently.
+        """
+        with self._admin:
+            self._check_running()
+            info = self._registry.check_backend(func_or_class, backend_tag, actor_init_args, backend_config)
+            if info is None:
+                return
+            replicas = self._replicas.start(info, info.config.num_replicas)
+            self._router.add_backend(info.tag, info.config)
+            for replica in replicas:
+                self._router.add_replica(info.tag, replica)
+            self._registry.add_backend(info)
+
+    def get_backend_config(self, backend_tag: str) -> BackendConfig:
+        """A detached copy of the backend's config."""
+        return self._registry.backend(backend_tag).config.copy()
+
+    def set_backend_config(self, backend_tag: str, backend_config: BackendConfig) -> None:
+        """Apply a config live: replica count, batch size, queue bound, placement."""
+        with self._admin:
+            self._check_running()
+            old = self._registry.backend(backend_tag)
+            info = self._registry.check_config(backend_tag, backend_config)
+            self._registry.add_backend(info)
+            self._router.set_config(backend_tag, info.config)
+            if info.config.placement() != old.config.placement():
+                self._replicas.replace_all(self._router, info)
+            self._replicas.scale(self._router, info, info.config.num_replicas)
+
+    def _on_replica_died(self, tag: str, replica: Replica) -> None:
+        info = self._registry.backends.get(tag)
+        if info is not None and self.running:
+            self._replicas.replace_dead(self._router, info, replica)
+
+    # -------------------------------------------------------------- traffic
+    def link(self, endpoint_name: str, backend_tag: str) -> None:
+        """Send all of the endpoint's traffic to one backend."""
+        self.split(endpoint_name, {backend_tag: 1.0})
+
+    def split(self, endpoint_name: str, traffic_policy_dictionary: dict[str, float]) -> None:
+        """Split the endpoint's traffic by weight; invalid input changes nothing."""
+        with self._admin:
+            self._check_running()
+            weights = self._registry.check_split(endpoint_name, traffic_policy_dictionary)
+            self._registry.set_traffic(endpoint_name, weights)
+            self._router.set_traffic(endpoint_name, weights)
+
+    def get_traffic_policy(self, endpoint_name: str) -> dict[str, float]:
+        """The endpoint's ``{backend_tag: weight}``."""
+        self._registry.endpoint(endpoint_name)
+        traffic = self._registry.traffic.get(endpoint_name)
+        if traffic is None:
+            raise NotFoundError(f"endpoint {endpoint_name!r} has no traffic yet; link or split it")
+        return dict(traffic)
+
+    # -------------------------------------------------------------- calling
+    def get_handle(
+        self,
+        endpoint_name: str,
+        relative_slo_ms: float | None = None,
+        absolute_slo_ms: float | None = None,
+        missing_ok: bool = False,
+    ) -> ServeHandle:
+        """A handle to call the endpoint from Python.
+
+        With ``missing_ok=True`` the endpoint need not exist yet; calls wait (bounded
+        by ``max_pending_per_endpoint`` and ``pending_timeout_s``) until it has traffic.
+        """
+        self._check_running()
+        if not missing_ok:
+            self._registry.endpoint(endpoint_name)
+        return ServeHandle(self, endpoint_name, slo=SLO.parse(relative_slo_ms, absolute_slo_ms))
+
+    def _enqueue(
+        self,
+        endpoint: str,
+        kwargs: dict[str, Any],
+        request: Any,
+        method: str,
+        slo: SLO,
+        shard_key: str | None,
+    ) -> ServeFuture:
+        """Build a query and hand it to the router (used by handles and the HTTP front)."""
+        if self._state is not State.RUNNING:
+            raise ServeStateError("this serve instance was shut down")
+        future = ServeFuture()
+        arrival = self.clock.monotonic()
+        deadline = slo.deadline(self.clock)
+        self._router.submit(Query(endpoint, method, kwargs, request, deadline, shard_key, future, arrival))
+        return future
+
+    def route(self, url_route: str) -> Callable[[Any], ServeHandle]:
+        """Decorator: backend ``<name>:v0``, endpoint ``<name>`` at ``url_route``, linked."""
+
+        def decorator(func_or_class: Any) -> ServeHandle:
+            name = func_or_class.__name__
+            self.create_backend(func_or_class, f"{name}:v0")
+            self.create_endpoint(name, url_route)
+            self.link(name, f"{name}:v0")
+            return self.get_handle(name)
+
+        return decorator
+
+    # -------------------------------------------------------------- metrics
+    def stat(
+        self,
+        percentiles: Sequence[float] = (50, 90, 95),
+        agg_windows_seconds: Sequence[float] = (10, 60, 300, 600, 3600),
+    ) -> dict[str, float]:
+        """Flat metrics: ``<backend>_error_counter``, ``<backend>_latency_s_<p>th_perc_<w>_window``…
+
+        Raises:
+            ValidationError: a window longer than ``gc_window_seconds``, or bad numbers.
+        """
+        pcts, windows = check_stat_args(percentiles, agg_windows_seconds, self.gc_window_seconds)
+        return self._router.stat(pcts, windows)
+
+    def __repr__(self) -> str:
+        return f"<Serve {self._state.value} endpoints={len(self._registry.endpoints)} backends={len(self._registry.backends)}>"
+
+
+def warn_if_different(running: Serve, requested: dict[str, Any]) -> None:
+    """``init`` is idempotent: tell the caller when its arguments are ignored."""
+    differing = sorted(k for k, v in requested.items() if running.init_kwargs.get(k) != v)
+    if differing:
+        warnings.warn(
+            f"serve_core is already initialised; ignoring different arguments {differing} "
+            "(call shutdown() first to re-initialise)",
+            stacklevel=3,
+        )
