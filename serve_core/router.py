@@ -225,6 +225,7 @@ class Router:
 
     def _arm_timer(self, endpoint: str, delay: float) -> None:
         timer = threading.Timer(max(delay, 0.0), self._expire_pending, (endpoint,))
+        timer.name = f"serve-pending-{endpoint}"
         timer.daemon = True
         self._timers[endpoint] = timer
         timer.start()
