@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
+from collections.abc import Iterator
 
 _web: contextvars.ContextVar[bool] = contextvars.ContextVar("serve_web", default=False)
 _batch_size: contextvars.ContextVar[int | None] = contextvars.ContextVar(

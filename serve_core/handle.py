@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from .serve import Serve
 
 _UNSET: Any = object()
+_NO_SLO = SLO()
 
 
 class ServeHandle:
@@ -28,7 +29,7 @@ class ServeHandle:
         endpoint_name: str,
         *,
         method_name: str = "__call__",
-        slo: SLO = SLO(),
+        slo: SLO = _NO_SLO,
         shard_key: str | None = None,
     ) -> None:
         self._serve = serve

@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .context import call_context
 from .errors import BatchResultError, MethodNotFoundError, ServeTypeError, WebOnlyAccessError

@@ -13,7 +13,7 @@ import collections
 import math
 import random
 from array import array
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

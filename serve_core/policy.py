@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from .errors import NotFoundError, ServeTypeError, ValidationError
 from .split import Traffic, shard_draw

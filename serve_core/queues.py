@@ -11,15 +11,16 @@ import dataclasses
 import heapq
 import itertools
 import math
+from collections.abc import Hashable
 from concurrent.futures import Future
-from typing import Any, Hashable
+from typing import Any
 
 from .errors import BackPressureError
 
 NO_DEADLINE = math.inf
 
 
-class ServeFuture(Future):  # type: ignore[type-arg]
+class ServeFuture(Future):  # type: ignore[type-arg, unused-ignore]
     """A ``concurrent.futures.Future`` that can also be awaited from asyncio."""
 
     def __await__(self) -> Any:

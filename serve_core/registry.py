@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .config import BackendConfig
 from .errors import (
@@ -140,7 +141,7 @@ class Registry:
             raise ServeTypeError(f"backend_config must be a BackendConfig, got {type(config).__name__}")
         if not (inspect.isfunction(target) or inspect.isclass(target)):
             raise ServeTypeError(f"a backend must be a function or a class, got {type(target).__name__}")
-        if inspect.isclass(target) and not callable(getattr(target, "__call__", None)):
+        if inspect.isclass(target) and not any("__call__" in vars(k) for k in target.__mro__[:-1]):
             raise ServeTypeError(f"backend class {target.__qualname__} must define __call__")
         if inspect.isfunction(target) and init_args:
             raise ServeTypeError("init arguments are only accepted for class backends")

@@ -80,7 +80,7 @@ class ReplicaManager:
             try:
                 slot.drained.result(timeout=self._drain_timeout)
             except FutureTimeout:
-                log.warning("replica %s did not drain in %.1f s; stopping it", slot.replica.replica_id, self._drain_timeout)
+                log.warning("replica %s did not drain in time; stopping it", slot.replica.replica_id)
             slot.replica.stop(self._drain_timeout)
 
     def replace_dead(self, router: Router, info: BackendInfo, dead: Replica) -> None:
@@ -88,7 +88,10 @@ class ReplicaManager:
         if self._stopped:
             return
         thread = threading.Thread(
-            target=self._replace, args=(router, info, dead), name=f"serve-replace-{dead.replica_id}", daemon=True
+            target=self._replace,
+            args=(router, info, dead),
+            name=f"serve-replace-{dead.replica_id}",
+            daemon=True,
         )
         self._replacers = [t for t in self._replacers if t.is_alive()] + [thread]
         thread.start()
@@ -108,7 +111,7 @@ class ReplicaManager:
         if self._stopped:
             replica.stop(0)
             return
-        log.warning("replaced dead replica %s of backend %s with %s", dead.replica_id, info.tag, replica.replica_id)
+        log.warning("replaced dead replica %s of %s with %s", dead.replica_id, info.tag, replica.replica_id)
         router.add_replica(info.tag, replica)
 
     def stop_replacing(self) -> None:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import collections
 import random
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from functools import partial
-from typing import Any, Callable, Iterable
+from typing import Any
 
+from .batching import form_batch
 from .clock import Clock
 from .config import BackendConfig
 from .errors import (
@@ -32,7 +34,6 @@ from .invoke import Call, Outcome
 from .metrics import Counter, WindowedHistogram, percentile_keys
 from .policy import Policy, PolicySpec
 from .queues import BackendQueue, Query
-from .batching import form_batch
 from .split import Traffic
 
 Work = tuple["_BackendState", "_Slot", list[Query]]

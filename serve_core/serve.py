@@ -12,7 +12,8 @@ import logging
 import random
 import threading
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from .clock import Clock, SystemClock
 from .config import BackendConfig
@@ -265,7 +266,8 @@ class Serve:
         return self._router.stat(pcts, windows)
 
     def __repr__(self) -> str:
-        return f"<Serve {self._state.value} endpoints={len(self._registry.endpoints)} backends={len(self._registry.backends)}>"
+        registry = self._registry
+        return f"<Serve {self._state.value} endpoints={len(registry.endpoints)} backends={len(registry.backends)}>"
 
 
 def warn_if_different(running: Serve, requested: dict[str, Any]) -> None:

@@ -6,7 +6,8 @@ import bisect
 import dataclasses
 import hashlib
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .errors import NotFoundError, ServeTypeError, ValidationError
 

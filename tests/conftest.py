@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -89,3 +90,26 @@ def no_leaked_threads() -> Iterator[None]:
 
 # Threads owned by third-party libraries that outlive a test by design (Ray's client, etc.).
 _FOREIGN_THREADS: tuple[str, ...] = ()
+
+
+@pytest.fixture
+def make_gate(concurrent_executor: str) -> Iterator[Callable[[], Any]]:
+    """Events a backend can wait on, usable on the executor under test.
+
+    Threads share ``threading.Event``; replicas in other processes get a
+    multiprocessing manager's Event (its proxy pickles into spawned workers).
+    """
+    managers: list[Any] = []
+
+    def build() -> Any:
+        if concurrent_executor == "thread":
+            return threading.Event()
+        if not managers:
+            import multiprocessing
+
+            managers.append(multiprocessing.get_context("spawn").Manager())
+        return managers[0].Event()
+
+    yield build
+    for manager in managers:
+        manager.shutdown()

@@ -80,4 +80,4 @@ def create_executor(name_or_executor: str | Executor, **options: Any) -> Executo
         )
     module_name, _, class_name = path.partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(**options)  # type: ignore[no-any-return]
+    return cls(**options)  # type: ignore[no-any-return, unused-ignore]
