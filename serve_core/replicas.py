@@ -13,6 +13,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from .config import BackendConfig
+from .errors import ReplicaDiedError
 from .executors.base import Executor, Replica, ReplicaSpec, create_executor
 from .registry import BackendInfo
 from .router import Router
@@ -105,8 +106,11 @@ class ReplicaManager:
             return
         try:
             (replica,) = self.start(info, 1)
-        except Exception:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001
             log.exception("could not replace dead replica %s of %s", dead.replica_id, info.tag)
+            if router.replica_count(info.tag) == 0:
+                error = ReplicaDiedError(f"backend {info.tag!r} has no replica left: restarting one failed: {exc!r}")
+                router.fail_queued(info.tag, error)
             return
         if self._stopped:
             replica.stop(0)

@@ -141,6 +141,12 @@ class Router:
                     slot.drained.set_result(None)
         return retired
 
+    def fail_queued(self, tag: str, error: BaseException) -> None:
+        """Fail every query queued for a backend (it has no replica left to run them)."""
+        with self._lock:
+            leftovers = self._backends[tag].queue.drain()
+        self._fail(leftovers, error)
+
     def replica_count(self, tag: str) -> int:
         with self._lock:
             return len(self._backends[tag].slots)

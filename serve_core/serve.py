@@ -27,6 +27,7 @@ from .registry import Registry
 from .replicas import ReplicaManager
 from .router import Router
 from .slo import SLO
+from .split import Traffic
 
 log = logging.getLogger("serve_core")
 
@@ -73,6 +74,8 @@ class Serve:
     ) -> None:
         self.init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_stat_args((), (), gc_window_seconds)
+        policy = RoutePolicy.resolve(queueing_policy)
+        policy.build(Traffic.of({"-": 1.0}), random.Random(), dict(policy_kwargs or {}))  # validates kwargs
         self.clock: Clock = clock or SystemClock()
         self.gc_window_seconds = gc_window_seconds
         self.start_server = start_server
@@ -80,7 +83,7 @@ class Serve:
         self._admin = threading.RLock()  # serialises registry changes and scaling
         self._router = Router(
             clock=self.clock,
-            policy=RoutePolicy.resolve(queueing_policy),
+            policy=policy,
             policy_kwargs=dict(policy_kwargs or {}),
             rng=rng or random.Random(),
             gc_window_seconds=gc_window_seconds,
@@ -173,9 +176,16 @@ class Serve:
             info = self._registry.check_config(backend_tag, backend_config)
             self._registry.add_backend(info)
             self._router.set_config(backend_tag, info.config)
-            if info.config.placement() != old.config.placement():
-                self._replicas.replace_all(self._router, info)
-            self._replicas.scale(self._router, info, info.config.num_replicas)
+            try:
+                if info.config.placement() != old.config.placement():
+                    self._replicas.replace_all(self._router, info)
+                self._replicas.scale(self._router, info, info.config.num_replicas)
+            except BaseException:
+                # A replica failed to start: keep the old config; replicas already replaced stay.
+                self._registry.add_backend(old)
+                self._router.set_config(backend_tag, old.config)
+                self._replicas.scale(self._router, old, min(old.config.num_replicas, info.config.num_replicas))
+                raise
 
     def _on_replica_died(self, tag: str, replica: Replica) -> None:
         info = self._registry.backends.get(tag)

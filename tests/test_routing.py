@@ -296,3 +296,27 @@ def test_many_concurrent_callers_lose_nothing(csrv: Serve) -> None:
     done, not_done = wait(futures, WAIT)
     assert not not_done
     assert sorted(f.result() for f in done) == list(range(800))
+
+
+def test_failed_scale_up_keeps_the_old_config(make_serve) -> None:
+    srv = make_serve(executor="thread")
+
+    class FailsAfterFirst:
+        built = 0
+
+        def __init__(self) -> None:
+            type(self).built += 1
+            if type(self).built > 1:
+                raise RuntimeError("out of memory")
+
+        def __call__(self):
+            return "ok"
+
+    srv.create_endpoint("ep")
+    srv.create_backend(FailsAfterFirst, "b")
+    srv.link("ep", "b")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        srv.set_backend_config("b", BackendConfig(num_replicas=3))
+    assert srv.get_backend_config("b").num_replicas == 1
+    assert srv.stat()["backend_b_num_replicas"] == 1
+    assert srv.get_handle("ep").remote().result(WAIT) == "ok"

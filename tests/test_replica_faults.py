@@ -1,0 +1,108 @@
+"""Replica deaths through the executor contract, with a crashing executor built on threads."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import pytest
+
+from serve_core import BackendConfig, Serve
+from serve_core.errors import ReplicaDiedError
+from serve_core.executors.base import ReplicaSpec
+from serve_core.executors.thread import ThreadReplica
+from serve_core.invoke import Call, Outcome
+
+from .conftest import WAIT
+
+
+class CrashingReplica(ThreadReplica):
+    """Dies (future fails with ReplicaDiedError) when a query passes ``crash=True``."""
+
+    def __init__(self, spec: ReplicaSpec, executor: CrashingExecutor) -> None:
+        super().__init__(spec)
+        self.dead = False
+        self.executor = executor
+
+    @property
+    def alive(self) -> bool:
+        return not self.dead and super().alive
+
+    def submit(self, call: Call) -> Future[list[Outcome]]:
+        if any(kwargs.get("crash") for kwargs in call.kwargs):
+            self.dead = True
+            future: Future[list[Outcome]] = Future()
+            future.set_exception(ReplicaDiedError(f"replica {self.replica_id} exited with code -9 (SIGKILL)"))
+            return future
+        return super().submit(call)
+
+
+class CrashingExecutor:
+    name = "crashing"
+
+    def __init__(self) -> None:
+        self.started: list[CrashingReplica] = []
+        self.fail_starts = False
+        self.replaced = threading.Event()
+
+    def start_replica(self, spec: ReplicaSpec) -> CrashingReplica:
+        if self.fail_starts:
+            raise RuntimeError("no capacity")
+        replica = CrashingReplica(spec, self)
+        self.started.append(replica)
+        if len(self.started) > 1:
+            self.replaced.set()
+        return replica
+
+    def shutdown(self) -> None:
+        pass
+
+
+def deploy(srv: Serve) -> None:
+    srv.create_endpoint("ep")
+    srv.create_backend(lambda *, crash=False, i=0: i, "b", backend_config=BackendConfig(num_replicas=1))
+    srv.link("ep", "b")
+
+
+def test_dead_replica_fails_its_call_and_is_replaced(make_serve) -> None:
+    executor = CrashingExecutor()
+    srv = make_serve(executor=executor)
+    deploy(srv)
+    handle = srv.get_handle("ep")
+    with pytest.raises(ReplicaDiedError, match="SIGKILL"):
+        handle.remote(crash=True).result(WAIT)
+    assert executor.replaced.wait(WAIT)
+    assert handle.remote(i=5).result(WAIT) == 5
+    assert len(executor.started) == 2
+    assert srv.stat()["backend_b_num_replicas"] == 1
+    assert srv.stat()["b_error_counter"] == 1
+
+
+def test_queued_queries_continue_on_the_replacement(make_serve) -> None:
+    executor = CrashingExecutor()
+    srv = make_serve(executor=executor)
+    srv.create_endpoint("ep")
+    srv.create_backend(lambda *, crash=False, i=0: i, "b")
+    handle = srv.get_handle("ep")
+    crash = handle.remote(crash=True, i=0)
+    queued = [handle.remote(crash=False, i=n) for n in range(1, 6)]
+    srv.link("ep", "b")
+    with pytest.raises(ReplicaDiedError):
+        crash.result(WAIT)
+    assert [f.result(WAIT) for f in queued] == [1, 2, 3, 4, 5]
+
+
+def test_queued_queries_fail_when_no_replica_can_be_restarted(make_serve) -> None:
+    executor = CrashingExecutor()
+    srv = make_serve(executor=executor)
+    srv.create_endpoint("ep")
+    srv.create_backend(lambda *, crash=False, i=0: i, "b")
+    handle = srv.get_handle("ep")
+    crash = handle.remote(crash=True)
+    queued = handle.remote(crash=False)
+    executor.fail_starts = True
+    srv.link("ep", "b")
+    with pytest.raises(ReplicaDiedError):
+        crash.result(WAIT)
+    with pytest.raises(ReplicaDiedError, match="no replica left"):
+        queued.result(WAIT)
