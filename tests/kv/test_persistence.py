@@ -270,3 +270,18 @@ def test_a_conflicting_definition_says_how_to_replace_it(make_serve: MakeServe) 
     assert "set_backend_config" in str(caught.value)
     with pytest.raises(ConflictError):
         srv.create_backend(echo, "greet:v1")
+
+
+def test_the_core_does_not_import_sqlalchemy_without_a_sql_store() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, serve_core; serve_core.Serve(start_server=False).shutdown(); "
+        "print(sorted(m for m in ('sqlalchemy', 'serve_core.kv.sql') if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
