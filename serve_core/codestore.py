@@ -9,6 +9,12 @@
   signature covers the backend tag and the field, so a blob cannot be moved to another
   backend, and a blob whose signature does not verify is never unpickled.
 
+When the store has a signing key, the whole backend record (import path and JSON
+arguments included) is sealed with an HMAC as well, and a record that does not verify is
+refused: otherwise whoever can write the database could point a backend at any importable
+class and choose its constructor arguments. Stores without a key (PostgreSQL without
+``SERVE_CORE_SECRET``) keep only import paths and JSON, and rely on database permissions.
+
 Stores that do not outlive the process keep ``{"kind": "unstored"}`` placeholders instead
 of pickling anything.
 """
@@ -89,6 +95,10 @@ def _json_safe(value: list[Any]) -> bool:
         return False
 
 
+def _canonical(record: Record) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+
+
 class CodeStore:
     """Encodes and decodes backend targets and init arguments for one store.
 
@@ -130,6 +140,30 @@ class CodeStore:
             raise StoreError(f"backend {tag!r} cannot be stored: pickling its {field} failed: {exc}") from exc
         sig = self.signer.sign(f"{tag}/{field}", data)
         return {"kind": "pickle", "data": base64.b64encode(data).decode("ascii"), "sig": sig}
+
+    def seal(self, tag: str, record: Record) -> Record:
+        """``record`` plus a signature over its canonical JSON (unchanged without a key)."""
+        if not self.signer.can_sign:
+            return record
+        return {**record, "sig": self.signer.sign(f"{tag}/record", _canonical(record))}
+
+    def check(self, tag: str, record: Record) -> Record:
+        """Verify a sealed record (any record, when this store has a key).
+
+        Raises:
+            StoreError: the record is unsigned or its signature does not verify.
+        """
+        if not isinstance(record, dict):
+            raise StoreError(f"backend {tag!r}: the stored record is not an object")
+        body = {k: v for k, v in record.items() if k != "sig"}
+        signature = record.get("sig")
+        if self.signer.can_sign and not self.signer.verify(f"{tag}/record", _canonical(body), signature):
+            raise StoreError(
+                f"backend {tag!r}: the signature of its stored record does not verify (tampered, unsigned, "
+                "or signed with another key: SERVE_CORE_SECRET or the store's key file changed); it was "
+                "not loaded. Re-create the backend to store it again"
+            )
+        return body
 
     def decode_target(self, tag: str, record: Record) -> Any:
         """The backend's function or class.

@@ -3,7 +3,7 @@
 Keys of the registry namespace (values are JSON)::
 
     endpoint/<name>   {"route": "/x" | null, "methods": ["GET", ...]}
-    backend/<tag>     {"target": <code record>, "init_args": <code record>}
+    backend/<tag>     {"target": <code record>, "init_args": <code record>, "sig": <hmac>}
     config/<tag>      BackendConfig.to_dict()
     traffic/<name>    {"<backend tag>": weight, ...}
 
@@ -95,10 +95,10 @@ class RegistryStore:
         """
         if self._paused:
             return {}
-        code = {
+        code = self.code.seal(info.tag, {
             "target": self.code.encode_target(info.tag, info.target),
             "init_args": self.code.encode_args(info.tag, info.init_args),
-        }
+        })
         return {BACKEND + info.tag: code, CONFIG + info.tag: info.config.to_dict()}
 
     def save_backend(self, items: dict[str, Any]) -> None:
@@ -178,8 +178,9 @@ def _endpoint(serve: Serve, name: str, value: Any) -> None:
 def _backend(serve: Serve, code: CodeStore, tag: str, value: Any, config: Any) -> None:
     if not isinstance(config, dict):
         raise StoreError(f"no stored config for backend {tag!r}")
-    target = code.decode_target(tag, value["target"])
-    init_args = code.decode_args(tag, value["init_args"])
+    record = code.check(tag, value)
+    target = code.decode_target(tag, record["target"])
+    init_args = code.decode_args(tag, record["init_args"])
     serve.create_backend(target, tag, *init_args, backend_config=BackendConfig.from_dict(config))
 
 

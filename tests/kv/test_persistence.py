@@ -6,6 +6,7 @@ import base64
 import logging
 import os
 import pickle
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,8 @@ def test_code_that_cannot_be_signed_is_refused_clearly(
     assert sorted(store.as_dict()) == ["backend/echo:v1", "config/echo:v1"]
     with pytest.raises(NotFoundError):
         srv.get_backend_config("shout:v1")
+    assert "sig" not in store.get("backend/echo:v1")  # no key: import paths only, unsigned
+    assert make_serve(kv_store_connector=lambda ns: store).restored.backends == ["echo:v1"]
 
 
 def test_a_closure_is_signed_with_the_environment_secret(
@@ -230,18 +233,37 @@ def test_a_tampered_signature_is_refused_and_the_rest_comes_back(
 
 
 def test_a_backend_that_no_longer_imports_is_skipped(
-    make_serve: MakeServe, tmp_path: Path, monkeypatch: Any
+    make_serve: MakeServe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    (tmp_path / "vanishing_backend.py").write_text("def hello(request):\n    return 'hi'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import vanishing_backend  # type: ignore[import-not-found]
+
+    path = tmp_path / "r.db"
+    _sqlite_registry(make_serve, path, monkeypatch)
+    srv = make_serve(kv_store_path=str(path))
+    srv.create_backend(vanishing_backend.hello, "gone:v1")
+    srv.shutdown()
+    (tmp_path / "vanishing_backend.py").unlink()
+    monkeypatch.delitem(sys.modules, "vanishing_backend")
+
+    srv = make_serve(kv_store_path=str(path))
+    assert "cannot import 'vanishing_backend:hello'" in srv.restored.failed["backend/gone:v1"]
+    assert srv.restored.backends == ["greet:v1", "shout:v1", "tags:v1"]
+    assert srv.get_handle("tags").remote().result(WAIT) == ["a", "b"]
+
+
+def test_a_redirected_import_path_is_refused(make_serve: MakeServe, tmp_path: Path, monkeypatch: Any) -> None:
     path = tmp_path / "r.db"
     _sqlite_registry(make_serve, path, monkeypatch)
     store = SQLKVStore(str(path), "registry")
-    gone = {"kind": "import", "ref": "gone:Greeter"}
-    store.put("backend/greet:v1", {**store.get("backend/greet:v1"), "target": gone})
+    record = store.get("backend/tags:v1")
+    record["target"] = {"kind": "import", "ref": "tests.kv.backends:Greeter"}  # attacker's choice
+    store.put("backend/tags:v1", record)
     store.close()
     srv = make_serve(kv_store_path=str(path))
-    assert "cannot import 'gone:Greeter'" in srv.restored.failed["backend/greet:v1"]
-    assert srv.restored.backends == ["shout:v1", "tags:v1"]
-    assert srv.get_handle("api").remote(name="d").result(WAIT) == "d!"
+    assert "record does not verify" in srv.restored.failed["backend/tags:v1"]
+    assert srv.restored.backends == ["greet:v1", "shout:v1"]
 
 
 def test_a_sqlite_store_gets_a_private_key_file(
