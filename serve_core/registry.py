@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,6 +23,8 @@ from .errors import (
 )
 from .invoke import accepts_batch
 from .split import validate_weights
+
+log = logging.getLogger("serve_core")
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 RESERVED_ROUTE_PREFIX = "/-/"
@@ -150,15 +153,20 @@ class Registry:
         existing = self.backends.get(tag)
         if existing is None:
             return info
-        if (
-            same_target(existing.target, target)
-            and existing.init_args == info.init_args
-            and existing.config == info.config
-        ):
+        if same_target(existing.target, target) and existing.init_args == info.init_args:
+            # Identical code: a no-op that keeps the live config, so a deployment script can
+            # run again after a restart (or after an operator scaled the backend).
+            if existing.config != info.config:
+                log.warning(
+                    "backend %r already exists with identical code; keeping its live config "
+                    "(use set_backend_config to change it)",
+                    tag,
+                )
             return None
         raise ConflictError(
-            f"backend {tag!r} already exists with a different definition; use a new tag (and "
-            "split traffic to it) or set_backend_config to change its config"
+            f"backend {tag!r} already exists with different code or init arguments; to replace "
+            f"it, create the new definition under a new tag (e.g. {tag + ':v2'!r}) and move traffic "
+            "with split(); to change only its config use set_backend_config()"
         )
 
     @staticmethod

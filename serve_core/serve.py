@@ -21,6 +21,7 @@ from .errors import NotFoundError, ServeStateError
 from .executors.base import Executor, Replica
 from .handle import ServeHandle
 from .metrics import check_stat_args
+from .persistence import RestoreReport, open_registry_store, restore
 from .policy import PolicySpec, RoutePolicy
 from .queues import Query, ServeFuture
 from .registry import Registry
@@ -50,6 +51,10 @@ class Serve:
         max_pending_per_endpoint: queries that may wait for an endpoint without traffic.
         pending_timeout_s: how long such a query waits before ``DeadlineExceededError``.
         drain_timeout_s: how long scale-down and shutdown wait for calls in flight.
+
+    The registry is kept in the store named by ``kv_store_connector`` / ``kv_store_path``
+    (memory when neither is given) and restored from it here; ``restored`` is the
+    :class:`~serve_core.persistence.RestoreReport` of what came back (see docs/kv.md).
     """
 
     def __init__(
@@ -79,6 +84,7 @@ class Serve:
         self.clock: Clock = clock or SystemClock()
         self.gc_window_seconds = gc_window_seconds
         self.start_server = start_server
+        self._store = open_registry_store(kv_store_path, kv_store_connector)
         self._registry = Registry()
         self._admin = threading.RLock()  # serialises registry changes and scaling
         self._router = Router(
@@ -95,11 +101,19 @@ class Serve:
             executor, {"ray_init_kwargs": ray_init_kwargs}, drain_timeout_s
         )
         self._state = State.RUNNING
+        self.restored: RestoreReport = self._restore()
 
     # ------------------------------------------------------------ lifecycle
     @property
     def running(self) -> bool:
         return self._state is State.RUNNING
+
+    def _restore(self) -> RestoreReport:
+        try:
+            return restore(self, self._store)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def _check_running(self) -> None:
         if self._state is not State.RUNNING:
@@ -117,6 +131,7 @@ class Serve:
         for tag in list(self._registry.backends):
             replicas += self._router.replicas(tag)
         self._replicas.shutdown(replicas)
+        self._store.close()
 
     def __enter__(self) -> Serve:
         return self
@@ -137,6 +152,7 @@ class Serve:
             self._check_running()
             info = self._registry.check_endpoint(endpoint_name, route, methods)
             if info is not None:
+                self._store.save_endpoint(info)  # written first: a failed write changes nothing
                 self._registry.add_endpoint(info)
 
     # ------------------------------------------------------------- backends
@@ -158,7 +174,14 @@ class Serve:
             info = self._registry.check_backend(func_or_class, backend_tag, actor_init_args, backend_config)
             if info is None:
                 return
+            record = self._store.encode_backend(info)  # fails before any replica starts
             replicas = self._replicas.start(info, info.config.num_replicas)
+            try:  # written once the replicas are up, before the backend is visible
+                self._store.save_backend(record)
+            except BaseException:
+                for replica in replicas:
+                    replica.stop(0)
+                raise
             self._router.add_backend(info.tag, info.config)
             for replica in replicas:
                 self._router.add_replica(info.tag, replica)
@@ -174,6 +197,7 @@ class Serve:
             self._check_running()
             old = self._registry.backend(backend_tag)
             info = self._registry.check_config(backend_tag, backend_config)
+            self._store.save_config(backend_tag, info.config)
             self._registry.add_backend(info)
             self._router.set_config(backend_tag, info.config)
             try:
@@ -182,6 +206,7 @@ class Serve:
                 self._replicas.scale(self._router, info, info.config.num_replicas)
             except BaseException:
                 # A replica failed to start: keep the old config; replicas already replaced stay.
+                self._store.save_config(backend_tag, old.config)
                 self._registry.add_backend(old)
                 self._router.set_config(backend_tag, old.config)
                 self._replicas.scale(self._router, old, min(old.config.num_replicas, info.config.num_replicas))
@@ -202,6 +227,7 @@ class Serve:
         with self._admin:
             self._check_running()
             weights = self._registry.check_split(endpoint_name, traffic_policy_dictionary)
+            self._store.save_traffic(endpoint_name, weights)
             self._registry.set_traffic(endpoint_name, weights)
             self._router.set_traffic(endpoint_name, weights)
 

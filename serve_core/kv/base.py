@@ -1,0 +1,105 @@
+"""The KV store contract: a namespaced store of JSON values.
+
+A store is bound to one *namespace* (the original called ``connector(namespace)`` to get
+one): two stores over the same database with different namespaces never see each
+other's keys. Keys are non-empty strings of at most :data:`MAX_KEY_LENGTH` characters;
+values are JSON-safe (``None``, bools, numbers, strings, lists and dicts with string
+keys), stored as JSON text and returned as fresh objects, so a caller never shares
+state with the store. Every store validates keys and values the same way *before*
+touching its storage, which is what makes :meth:`KVStore.update` all-or-nothing even
+for bad input.
+
+Implementations: :class:`~serve_core.kv.memory.MemoryKVStore` and
+:class:`~serve_core.kv.sql.SQLKVStore` (SQLite, PostgreSQL). Any object with these
+methods can be returned by a ``kv_store_connector``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from ..errors import ServeTypeError, ValidationError
+
+MAX_NAMESPACE_LENGTH = 100
+MAX_KEY_LENGTH = 255
+
+
+@runtime_checkable
+class KVStore(Protocol):
+    """A namespaced key-value store of JSON values."""
+
+    namespace: str
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key``, or ``default`` when it is missing."""
+
+    def put(self, key: str, value: Any) -> None:
+        """Insert or replace ``key``."""
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every key of the namespace with its value."""
+
+    def update(self, items: Mapping[str, Any], delete: Iterable[str] = ()) -> None:
+        """Put ``items`` and delete ``delete`` in one atomic step (all or nothing)."""
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""
+
+
+def check_namespace(namespace: Any) -> str:
+    """Validate a namespace name.
+
+    Raises:
+        ServeTypeError: not a string. ValidationError: empty or too long.
+    """
+    if not isinstance(namespace, str):
+        raise ServeTypeError(f"a KV namespace must be a string, got {type(namespace).__name__}")
+    if not namespace or len(namespace) > MAX_NAMESPACE_LENGTH:
+        raise ValidationError(
+            f"a KV namespace must have 1 to {MAX_NAMESPACE_LENGTH} characters, got {namespace!r}"
+        )
+    return namespace
+
+
+def check_key(key: Any) -> str:
+    """Validate a key.
+
+    Raises:
+        ServeTypeError: not a string. ValidationError: empty or too long.
+    """
+    if not isinstance(key, str):
+        raise ServeTypeError(f"a KV key must be a string, got {type(key).__name__}")
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise ValidationError(
+            f"a KV key must have 1 to {MAX_KEY_LENGTH} characters, got {len(key)}: {key[:40]!r}"
+        )
+    return key
+
+
+def encode_value(key: str, value: Any) -> str:
+    """The JSON text of ``value``.
+
+    Raises:
+        ServeTypeError: the value is not JSON-safe (NaN and infinities included).
+    """
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ServeTypeError(f"the value of KV key {key!r} is not JSON-safe: {exc}") from exc
+
+
+def decode_value(text: str) -> Any:
+    """The value stored as ``text`` by :func:`encode_value`."""
+    return json.loads(text)
+
+
+def encode_items(items: Mapping[str, Any], delete: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """Validate and encode an :meth:`KVStore.update` before any of it is applied."""
+    encoded = {check_key(key): encode_value(key, value) for key, value in items.items()}
+    deletes = [check_key(key) for key in delete if key not in encoded]
+    return encoded, deletes

@@ -1,0 +1,218 @@
+"""The SQLAlchemy Core KV store: one table keyed by (namespace, key), SQLite or PostgreSQL.
+
+Shaped after APScheduler's SQLAlchemy job store: it accepts a URL or an ``Engine``,
+creates its table on first use (never in the constructor), runs every operation in one
+``engine.begin()`` transaction, maps driver errors to :class:`~serve_core.errors.StoreError`
+naming the URL (password hidden) and disposes the engine it created on :meth:`close`.
+No SQL text is built from strings: statements come from the ``Table`` object.
+
+SQLite engines created here run in WAL mode with a busy timeout, so several processes can
+share one file (readers never block the writer; a writer waits for another instead of
+failing). A plain ``postgresql://`` URL uses psycopg 3 (the ``postgres`` extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Column, Engine, MetaData, String, Table, Text, create_engine, event, select
+from sqlalchemy import delete as sql_delete
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from ..errors import StoreError
+from .base import MAX_KEY_LENGTH, MAX_NAMESPACE_LENGTH, check_key, check_namespace, decode_value, encode_items
+
+DEFAULT_TABLE = "serve_core_kv"
+SQLITE_BUSY_TIMEOUT_MS = 10_000  # a writer waits this long for another process's transaction
+
+
+def _table(name: str) -> Table:
+    return Table(
+        name,
+        MetaData(),
+        # 100: namespaces are short fixed names chosen by code ("registry", test names).
+        Column("namespace", String(MAX_NAMESPACE_LENGTH), primary_key=True),
+        # 255: a kind prefix plus an endpoint name or backend tag; (100 + 255) characters keep
+        # the primary key within every database's index limit (MySQL: 3072 bytes in utf8mb4).
+        Column("key", String(MAX_KEY_LENGTH), primary_key=True),
+        # Unbounded: JSON text; a backend stored as a signed pickle can be large.
+        Column("value", Text, nullable=False),
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS:d}")  # an int constant, not input
+    finally:
+        cursor.close()
+
+
+def to_url(url_or_path: str | URL) -> URL:
+    """A SQLAlchemy URL from a URL or a file path (a path becomes a SQLite file URL).
+
+    Raises:
+        StoreError: the URL cannot be parsed.
+    """
+    if isinstance(url_or_path, URL):
+        url = url_or_path
+    elif "://" in str(url_or_path):
+        try:
+            url = make_url(str(url_or_path))
+        except SQLAlchemyError as exc:
+            raise StoreError(f"not a valid SQLAlchemy URL for the KV store: {exc}") from exc
+    else:
+        url = URL.create("sqlite", database=str(Path(url_or_path).expanduser().resolve()))
+    if url.drivername == "postgresql":  # the driver we ship with (extra "postgres")
+        url = url.set(drivername="postgresql+psycopg")
+    return url
+
+
+class SQLKVStore:
+    """A :class:`~serve_core.kv.base.KVStore` in a SQL database.
+
+    Args:
+        url_or_engine: a SQLAlchemy URL (``sqlite:///path``, ``postgresql+psycopg://…``),
+            a SQLite file path, or an ``Engine`` (then owned by the caller: :meth:`close`
+            leaves it alone, and its SQLite pragmas are the caller's business).
+        namespace: the namespace this store reads and writes.
+        table_name: the table shared by every namespace.
+
+    Raises:
+        StoreError: the URL is invalid or names an unknown driver.
+    """
+
+    def __init__(
+        self, url_or_engine: str | URL | Engine, namespace: str, table_name: str = DEFAULT_TABLE
+    ) -> None:
+        self.namespace = check_namespace(namespace)
+        self._owns_engine = not isinstance(url_or_engine, Engine)
+        if isinstance(url_or_engine, Engine):
+            self.engine = url_or_engine
+        else:
+            self.engine = self._create_engine(to_url(url_or_engine))
+        self.url = self.engine.url.render_as_string(hide_password=True)
+        self.table = _table(table_name)
+        self._opened = False
+        self._open_lock = threading.Lock()
+
+    def _create_engine(self, url: URL) -> Engine:
+        try:
+            if url.get_backend_name() == "sqlite":
+                engine = create_engine(url)
+                event.listen(engine, "connect", _sqlite_pragmas)
+                return engine
+            return create_engine(url, pool_pre_ping=True)
+        except SQLAlchemyError as exc:
+            shown = url.render_as_string(hide_password=True)
+            raise StoreError(f"KV store {shown}: cannot create an engine: {exc}") from exc
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The database file of a SQLite store, ``None`` for other databases."""
+        database = self.engine.url.database
+        if self.engine.url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+            return None
+        return Path(database)
+
+    # ------------------------------------------------------------ lifecycle
+    def open(self) -> SQLKVStore:
+        """Create the table if it is missing (done on first use anyway). Idempotent.
+
+        Raises:
+            StoreError: the database cannot be reached or the table not created.
+        """
+        with self._open_lock:
+            if self._opened:
+                return self
+            try:
+                self._create_table()
+            except SQLAlchemyError as exc:
+                raise self._error("cannot create the KV table", exc) from exc
+            self._opened = True
+        return self
+
+    def _create_table(self) -> None:
+        try:
+            with self.engine.begin() as conn:
+                self.table.create(conn, checkfirst=True)
+        except SQLAlchemyError:
+            # Another process may have created it between the check and the CREATE.
+            with self.engine.begin() as conn:
+                self.table.create(conn, checkfirst=True)
+
+    def close(self) -> None:
+        """Dispose the engine's connections (only if this store created the engine)."""
+        if self._owns_engine:
+            self.engine.dispose()
+
+    # ----------------------------------------------------------- operations
+    def get(self, key: str, default: Any = None) -> Any:
+        query = select(self.table.c.value).where(*self._where(check_key(key)))
+        with self._begin("read", key) as conn:
+            text = conn.execute(query).scalar_one_or_none()
+        return default if text is None else decode_value(text)
+
+    def put(self, key: str, value: Any) -> None:
+        self.update({key: value})
+
+    def delete(self, key: str) -> None:
+        self.update({}, delete=[key])
+
+    def as_dict(self) -> dict[str, Any]:
+        query = select(self.table.c.key, self.table.c.value).where(self.table.c.namespace == self.namespace)
+        with self._begin("read", "*") as conn:
+            rows = conn.execute(query).all()
+        return {key: decode_value(text) for key, text in rows}
+
+    def update(self, items: Mapping[str, Any], delete: Iterable[str] = ()) -> None:
+        encoded, deletes = encode_items(items, delete)
+        if not encoded and not deletes:
+            return
+        with self._begin("write", ", ".join([*encoded, *deletes])) as conn:
+            for key in deletes:
+                conn.execute(sql_delete(self.table).where(*self._where(key)))
+            for key, text in encoded.items():
+                self._upsert(conn, key, text)
+
+    # -------------------------------------------------------------- helpers
+    def _where(self, key: str) -> tuple[Any, ...]:
+        return (self.table.c.namespace == self.namespace, self.table.c.key == key)
+
+    def _upsert(self, conn: Connection, key: str, text: str) -> None:
+        row = {"namespace": self.namespace, "key": key, "value": text}
+        dialect = conn.dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+            stmt = insert(self.table).values(**row)
+            conflict = ["namespace", "key"]
+            conn.execute(stmt.on_conflict_do_update(index_elements=conflict, set_={"value": text}))
+            return
+        conn.execute(sql_delete(self.table).where(*self._where(key)))  # portable fallback
+        conn.execute(self.table.insert().values(**row))
+
+    @contextlib.contextmanager
+    def _begin(self, action: str, keys: str) -> Iterator[Connection]:
+        """One transaction; driver errors become :class:`StoreError`."""
+        if not self._opened:
+            self.open()
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise self._error(f"cannot {action} {keys[:200]!r}", exc) from exc
+
+    def _error(self, what: str, exc: Exception) -> StoreError:
+        reason = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+        detail = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+        return StoreError(f"KV store {self.url} (namespace {self.namespace!r}): {what}: {detail}")
+
+    def __repr__(self) -> str:
+        return f"<SQLKVStore {self.url} table={self.table.name!r} namespace={self.namespace!r}>"
