@@ -249,16 +249,31 @@ class Router:
     # -------------------------------------------------------------- dispatch
     def _dispatch(self, state: _BackendState) -> tuple[list[Work], list[Query]]:
         """Pair idle slots with batches (under the lock)."""
+        idle, queue = state.idle, state.queue
+        if not (idle and queue):
+            return [], []
         work: list[Work] = []
         expired: list[Query] = []
         config = state.config
         now = self._clock.monotonic()
-        while state.idle and state.queue:
-            batch = form_batch(state.queue, config.max_batch_size, now, config.drop_expired)
+        if config.max_batch_size is None:
+            # Single calls: form_batch with a limit of 1, inlined (the hot path).
+            drop_expired = config.drop_expired
+            while idle and queue:
+                query = queue.pop()
+                if drop_expired and query.deadline < now:
+                    expired.append(query)
+                elif query.future.set_running_or_notify_cancel():
+                    slot = idle.popleft()
+                    slot.busy = True
+                    work.append((state, slot, [query]))
+            return work, expired
+        while idle and queue:
+            batch = form_batch(queue, config.max_batch_size, now, config.drop_expired)
             expired += batch.expired
             queries = [q for q in batch.queries if q.future.set_running_or_notify_cancel()]
             if queries:
-                slot = state.idle.popleft()
+                slot = idle.popleft()
                 slot.busy = True
                 work.append((state, slot, queries))
         return work, expired
@@ -282,12 +297,18 @@ class Router:
 
     def _submit(self, state: _BackendState, slot: _Slot, queries: list[Query]) -> None:
         head = queries[0]
+        if len(queries) == 1:
+            requests: tuple[Any, ...] = (head.request,)
+            kwargs: tuple[dict[str, Any], ...] = (head.kwargs,)
+        else:
+            requests = tuple(q.request for q in queries)
+            kwargs = tuple(q.kwargs for q in queries)
         call = Call(
             method=head.method,
-            web=head.web,
+            web=head.request is not None,
             batched=state.config.max_batch_size is not None,
-            requests=tuple(q.request for q in queries),
-            kwargs=tuple(q.kwargs for q in queries),
+            requests=requests,
+            kwargs=kwargs,
         )
         try:
             future = slot.replica.submit(call)
@@ -299,8 +320,11 @@ class Router:
     def _on_done(
         self, state: _BackendState, slot: _Slot, queries: list[Query], future: Future[list[Outcome]]
     ) -> None:
-        died: BaseException | None = future.exception()
-        outcomes = future.result() if died is None else []
+        died: BaseException | None = None
+        try:
+            outcomes = future.result()
+        except BaseException as exc:  # noqa: BLE001 - any failure of the future is a dead replica
+            died, outcomes = exc, []
         now = self._clock.monotonic()
         with self._lock:
             slot.busy = False
