@@ -8,12 +8,16 @@ the same machine load. Two ratios are printed:
 * ``cpu``: CPU time of the whole process (all threads) per call, which preemption by
   other processes does not inflate: the steadier measure of the work the serve layer
   adds, on a busy machine.
+
+It also counts the function calls of one inline request (a work measure that no load
+can skew).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +58,23 @@ def measure(
         "wall": statistics.median(wall_ratios),
         "cpu": statistics.median(cpu_ratios) if cpu_ratios else float("nan"),
     }
+
+
+def calls_per_request(call: Callable[[], None], loops: int = 200) -> tuple[float, float]:
+    """Python-level and C-level function calls per ``call()`` in this thread: a load-proof work count."""
+    counts = {"call": 0, "c_call": 0}
+
+    def profile(frame: object, event: str, arg: object) -> None:
+        if event in counts:
+            counts[event] += 1
+
+    sys.setprofile(profile)
+    try:
+        for _ in range(loops):
+            call()
+    finally:
+        sys.setprofile(None)
+    return counts["call"] / loops, counts["c_call"] / loops
 
 
 def _unit(seconds: float) -> str:
@@ -110,6 +131,8 @@ def main() -> None:
                 f"{name:<56} {_unit(m['subject'])} {_unit(m['baseline'])} "
                 f"{m['wall']:8.2f}x {m['cpu']:8.2f}x{note}"
             )
+        python_calls, c_calls = calls_per_request(partial(cases.handle_round_trip, inline_handle))
+        print(f"function calls per inline request: {python_calls:.0f} Python, {c_calls:.0f} C")
 
 
 if __name__ == "__main__":
