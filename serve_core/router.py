@@ -98,7 +98,6 @@ class Router:
         self._endpoints: dict[str, _EndpointState] = {}
         self._timers: dict[str, threading.Timer] = {}
         self._closed = False
-        self._local = threading.local()
 
     # ---------------------------------------------------------------- setup
     def add_backend(self, tag: str, config: BackendConfig) -> None:
@@ -279,23 +278,22 @@ class Router:
         return work, expired
 
     def _run(self, work: list[Work], expired: list[Query]) -> None:
-        """Submit work outside the lock, iteratively (inline replicas complete re-entrantly)."""
+        """Submit work outside the lock.
+
+        A call that is already complete when ``submit`` returns (inline replicas, a
+        broken executor) is finished here and the work it frees joins this loop, so
+        a chain of such calls iterates instead of recursing.
+        """
         if expired:
             self._fail(expired, None)
-        if not work:
-            return
-        local = self._local
-        if getattr(local, "backlog", None) is not None:
-            local.backlog.extend(work)
-            return
-        local.backlog = collections.deque(work)
-        try:
-            while local.backlog:
-                self._submit(*local.backlog.popleft())
-        finally:
-            local.backlog = None
+        while work:
+            freed: list[Work] = []
+            for state, slot, queries in work:
+                freed += self._submit(state, slot, queries)
+            work = freed
 
-    def _submit(self, state: _BackendState, slot: _Slot, queries: list[Query]) -> None:
+    def _submit(self, state: _BackendState, slot: _Slot, queries: list[Query]) -> list[Work]:
+        """Hand a call to its replica; returns the work freed if it completed at once."""
         head = queries[0]
         if len(queries) == 1:
             requests: tuple[Any, ...] = (head.request,)
@@ -315,11 +313,20 @@ class Router:
         except Exception as exc:  # noqa: BLE001 - a broken executor is a dead replica
             future = Future()
             future.set_exception(exc)
+        if future.done():
+            return self._complete(state, slot, queries, future)
         future.add_done_callback(partial(self._on_done, state, slot, queries))
+        return []
 
     def _on_done(
         self, state: _BackendState, slot: _Slot, queries: list[Query], future: Future[list[Outcome]]
     ) -> None:
+        self._run(self._complete(state, slot, queries, future), [])
+
+    def _complete(
+        self, state: _BackendState, slot: _Slot, queries: list[Query], future: Future[list[Outcome]]
+    ) -> list[Work]:
+        """Record a finished call and answer its queries; returns the work this frees."""
         died: BaseException | None = None
         try:
             outcomes = future.result()
@@ -348,7 +355,9 @@ class Router:
         else:
             self._fail(queries, _as_replica_death(slot.replica, died))
             self._on_replica_died(state.tag, slot.replica)
-        self._run(work, expired)
+        if expired:
+            self._fail(expired, None)
+        return work
 
     @staticmethod
     def _release(state: _BackendState, slot: _Slot) -> None:
