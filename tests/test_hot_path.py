@@ -16,6 +16,7 @@ from serve_core import (
     Serve,
     ServeHandle,
     accept_batch,
+    context,
 )
 from serve_core.clock import FakeClock
 from serve_core.executors.base import ReplicaSpec
@@ -101,7 +102,8 @@ def test_expired_single_calls_are_dropped(
 ) -> None:
     clock = FakeClock()
     gate = Gate()
-    handle = _deploy(make_serve(executor=executor, clock=clock), gate.backend(), BackendConfig(drop_expired=True))
+    srv = make_serve(executor=executor, clock=clock)
+    handle = _deploy(srv, gate.backend(), BackendConfig(drop_expired=True))
     first = blocked_call(handle)
     assert gate.entered.wait(WAIT)
     late = handle.options(relative_slo_ms=10).remote(x="late")
@@ -192,3 +194,9 @@ def test_submit_that_raises_is_a_dead_replica(make_serve: Callable[..., Serve]) 
     handle = _deploy(make_serve(executor=_BrokenExecutor()), lambda request: "never")
     with pytest.raises(ReplicaDiedError, match="lost its worker"):
         handle.remote().result(WAIT)
+
+
+def test_context_is_set_during_the_call_only(srv: Serve) -> None:
+    _deploy(srv, lambda request: (context.web, context.batch_size))
+    assert srv.get_handle("e").remote().result(WAIT) == (False, None)
+    assert (context.web, context.batch_size) == (False, None)
