@@ -19,7 +19,7 @@ from .errors import BackPressureError
 NO_DEADLINE = math.inf
 
 
-class ServeFuture(Future):  # type: ignore[type-arg]
+class ServeFuture(Future):
     """A ``concurrent.futures.Future`` that can also be awaited from asyncio."""
 
     def __await__(self) -> Any:
