@@ -11,8 +11,9 @@ import dataclasses
 import heapq
 import itertools
 import math
+from collections.abc import Hashable
 from concurrent.futures import Future
-from typing import Any, Hashable
+from typing import Any
 
 from .errors import BackPressureError
 

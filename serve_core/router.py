@@ -14,10 +14,12 @@ from __future__ import annotations
 import collections
 import random
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from functools import partial
-from typing import Any, Callable, Iterable
+from typing import Any
 
+from .batching import form_batch
 from .clock import Clock
 from .config import BackendConfig
 from .errors import (
@@ -32,7 +34,6 @@ from .invoke import Call, Outcome
 from .metrics import Counter, WindowedHistogram, percentile_keys
 from .policy import Policy, PolicySpec
 from .queues import BackendQueue, Query
-from .batching import form_batch
 from .split import Traffic
 
 Work = tuple["_BackendState", "_Slot", list[Query]]
@@ -337,7 +338,7 @@ class Router:
             slot.busy = False
             state.requests.inc(len(queries))
             if died is None:
-                for query, outcome in zip(queries, outcomes):
+                for query, outcome in zip(queries, outcomes, strict=False):
                     state.latency.record(now - query.arrival, now)
                     if not outcome.ok:
                         state.errors.inc()
@@ -350,7 +351,7 @@ class Router:
                     slot.drained.set_result(None)
             work, expired = self._dispatch(state) if not self._closed else ([], [])
         if died is None:
-            for query, outcome in zip(queries, outcomes):
+            for query, outcome in zip(queries, outcomes, strict=False):
                 _resolve(query.future, outcome)
         else:
             self._fail(queries, _as_replica_death(slot.replica, died))
