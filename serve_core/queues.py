@@ -20,7 +20,7 @@ from .errors import BackPressureError
 NO_DEADLINE = math.inf
 
 
-class ServeFuture(Future):  # type: ignore[type-arg, unused-ignore]
+class ServeFuture(Future):
     """A ``concurrent.futures.Future`` that can also be awaited from asyncio."""
 
     def __await__(self) -> Any:

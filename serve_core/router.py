@@ -99,7 +99,6 @@ class Router:
         self._endpoints: dict[str, _EndpointState] = {}
         self._timers: dict[str, threading.Timer] = {}
         self._closed = False
-        self._local = threading.local()
 
     # ---------------------------------------------------------------- setup
     def add_backend(self, tag: str, config: BackendConfig) -> None:
@@ -256,64 +255,96 @@ class Router:
     # -------------------------------------------------------------- dispatch
     def _dispatch(self, state: _BackendState) -> tuple[list[Work], list[Query]]:
         """Pair idle slots with batches (under the lock)."""
+        idle, queue = state.idle, state.queue
+        if not (idle and queue):
+            return [], []
         work: list[Work] = []
         expired: list[Query] = []
         config = state.config
         now = self._clock.monotonic()
-        while state.idle and state.queue:
-            batch = form_batch(state.queue, config.max_batch_size, now, config.drop_expired)
+        if config.max_batch_size is None:
+            # Single calls: form_batch with a limit of 1, inlined (the hot path).
+            drop_expired = config.drop_expired
+            while idle and queue:
+                query = queue.pop()
+                if drop_expired and query.deadline < now:
+                    expired.append(query)
+                elif query.future.set_running_or_notify_cancel():
+                    slot = idle.popleft()
+                    slot.busy = True
+                    work.append((state, slot, [query]))
+            return work, expired
+        while idle and queue:
+            batch = form_batch(queue, config.max_batch_size, now, config.drop_expired)
             expired += batch.expired
             queries = [q for q in batch.queries if q.future.set_running_or_notify_cancel()]
             if queries:
-                slot = state.idle.popleft()
+                slot = idle.popleft()
                 slot.busy = True
                 work.append((state, slot, queries))
         return work, expired
 
     def _run(self, work: list[Work], expired: list[Query]) -> None:
-        """Submit work outside the lock, iteratively (inline replicas complete re-entrantly)."""
+        """Submit work outside the lock.
+
+        A call that is already complete when ``submit`` returns (inline replicas, a
+        broken executor) is finished here and the work it frees joins this loop, so
+        a chain of such calls iterates instead of recursing.
+        """
         if expired:
             self._fail(expired, None)
-        if not work:
-            return
-        local = self._local
-        if getattr(local, "backlog", None) is not None:
-            local.backlog.extend(work)
-            return
-        local.backlog = collections.deque(work)
-        try:
-            while local.backlog:
-                self._submit(*local.backlog.popleft())
-        finally:
-            local.backlog = None
+        while work:
+            freed: list[Work] = []
+            for state, slot, queries in work:
+                freed += self._submit(state, slot, queries)
+            work = freed
 
-    def _submit(self, state: _BackendState, slot: _Slot, queries: list[Query]) -> None:
+    def _submit(self, state: _BackendState, slot: _Slot, queries: list[Query]) -> list[Work]:
+        """Hand a call to its replica; returns the work freed if it completed at once."""
         head = queries[0]
+        if len(queries) == 1:
+            requests: tuple[Any, ...] = (head.request,)
+            kwargs: tuple[dict[str, Any], ...] = (head.kwargs,)
+        else:
+            requests = tuple(q.request for q in queries)
+            kwargs = tuple(q.kwargs for q in queries)
         call = Call(
             method=head.method,
-            web=head.web,
+            web=head.request is not None,
             batched=state.config.max_batch_size is not None,
-            requests=tuple(q.request for q in queries),
-            kwargs=tuple(q.kwargs for q in queries),
+            requests=requests,
+            kwargs=kwargs,
         )
         try:
             future = slot.replica.submit(call)
         except Exception as exc:  # noqa: BLE001 - a broken executor is a dead replica
             future = Future()
             future.set_exception(exc)
+        if future.done():
+            return self._complete(state, slot, queries, future)
         future.add_done_callback(partial(self._on_done, state, slot, queries))
+        return []
 
     def _on_done(
         self, state: _BackendState, slot: _Slot, queries: list[Query], future: Future[list[Outcome]]
     ) -> None:
-        died: BaseException | None = future.exception()
-        outcomes = future.result() if died is None else []
+        self._run(self._complete(state, slot, queries, future), [])
+
+    def _complete(
+        self, state: _BackendState, slot: _Slot, queries: list[Query], future: Future[list[Outcome]]
+    ) -> list[Work]:
+        """Record a finished call and answer its queries; returns the work this frees."""
+        died: BaseException | None = None
+        try:
+            outcomes = future.result()
+        except BaseException as exc:  # noqa: BLE001 - any failure of the future is a dead replica
+            died, outcomes = exc, []
         now = self._clock.monotonic()
         with self._lock:
             slot.busy = False
             state.requests.inc(len(queries))
             if died is None:
-                for query, outcome in zip(queries, outcomes):
+                for query, outcome in zip(queries, outcomes, strict=False):
                     state.latency.record(now - query.arrival, now)
                     if not outcome.ok:
                         state.errors.inc()
@@ -326,12 +357,14 @@ class Router:
                     slot.drained.set_result(None)
             work, expired = self._dispatch(state) if not self._closed else ([], [])
         if died is None:
-            for query, outcome in zip(queries, outcomes):
+            for query, outcome in zip(queries, outcomes, strict=False):
                 _resolve(query.future, outcome)
         else:
             self._fail(queries, _as_replica_death(slot.replica, died))
             self._on_replica_died(state.tag, slot.replica)
-        self._run(work, expired)
+        if expired:
+            self._fail(expired, None)
+        return work
 
     @staticmethod
     def _release(state: _BackendState, slot: _Slot) -> None:
