@@ -27,6 +27,7 @@ from .errors import (
     DeadlineExceededError,
     NotFoundError,
     ReplicaDiedError,
+    ServeError,
     ServeStateError,
 )
 from .executors.base import Replica
@@ -339,6 +340,11 @@ class Router:
             outcomes = future.result()
         except BaseException as exc:  # noqa: BLE001 - any failure of the future is a dead replica
             died, outcomes = exc, []
+        if died is None and len(outcomes) != len(queries):  # an executor bug must not strand callers
+            error = ServeError(
+                f"replica {slot.replica.replica_id} answered {len(outcomes)} of {len(queries)} queries"
+            )
+            outcomes = [Outcome(False, error)] * len(queries)
         now = self._clock.monotonic()
         with self._lock:
             slot.busy = False

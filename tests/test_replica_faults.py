@@ -8,7 +8,7 @@ from concurrent.futures import Future
 import pytest
 
 from serve_core import BackendConfig, Serve
-from serve_core.errors import ReplicaDiedError
+from serve_core.errors import ReplicaDiedError, ServeError
 from serve_core.executors.base import ReplicaSpec
 from serve_core.executors.thread import ThreadReplica
 from serve_core.invoke import Call, Outcome
@@ -106,3 +106,26 @@ def test_queued_queries_fail_when_no_replica_can_be_restarted(make_serve) -> Non
         crash.result(WAIT)
     with pytest.raises(ReplicaDiedError, match="no replica left"):
         queued.result(WAIT)
+
+
+class ShortAnsweringExecutor(CrashingExecutor):
+    """An executor bug: its replicas answer one query fewer than they were given."""
+
+    def start_replica(self, spec: ReplicaSpec) -> CrashingReplica:
+        replica = super().start_replica(spec)
+        submit = replica.submit
+
+        def short_submit(call: Call) -> Future[list[Outcome]]:
+            answered: Future[list[Outcome]] = Future()
+            submit(call).add_done_callback(lambda f: answered.set_result(f.result()[:-1]))
+            return answered
+
+        replica.submit = short_submit  # type: ignore[method-assign]
+        return replica
+
+
+def test_missing_outcomes_fail_the_call_instead_of_stranding_it(make_serve) -> None:
+    srv = make_serve(executor=ShortAnsweringExecutor())
+    deploy(srv)
+    with pytest.raises(ServeError, match="answered 0 of 1"):
+        srv.get_handle("ep").remote(i=1).result(WAIT)
