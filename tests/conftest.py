@@ -13,7 +13,7 @@ from serve_core import Serve
 
 # Executors every behaviour test runs against. Executors that need an optional
 # component add themselves here guarded by ``require`` (see below).
-CONFORMANCE_EXECUTORS = ["inline", "thread"]
+CONFORMANCE_EXECUTORS = ["inline", "thread", "process"]
 
 # Executors that run calls concurrently with the caller (not inline).
 CONCURRENT_EXECUTORS = [name for name in CONFORMANCE_EXECUTORS if name != "inline"]
