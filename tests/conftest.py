@@ -11,6 +11,8 @@ import pytest
 import serve_core as serve
 from serve_core import Serve
 
+from .procs import descendants, wait_until
+
 # Executors every behaviour test runs against. Executors that need an optional
 # component add themselves here guarded by ``require`` (see below).
 CONFORMANCE_EXECUTORS = ["inline", "thread", "process"]
@@ -89,3 +91,14 @@ def no_leaked_threads() -> Iterator[None]:
 
 # Threads owned by third-party libraries that outlive a test by design (Ray's client, etc.).
 _FOREIGN_THREADS: tuple[str, ...] = ()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes() -> Iterator[None]:
+    """Every process a test starts (replica workers) must be gone once its instances are shut down."""
+    before = descendants()
+    yield
+    serve.shutdown()
+    wait_until(lambda: not descendants() - before, WAIT)
+    leaked = descendants() - before
+    assert not leaked, f"processes leaked: {sorted(leaked)}"

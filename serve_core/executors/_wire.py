@@ -116,7 +116,7 @@ def dumps(obj: Any) -> bytes:
     try:
         return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
     except Exception:  # noqa: BLE001 - retry with the pickler that handles more
-        return cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
+        return cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
 
 
 def wrap_error(exc: BaseException) -> Any:

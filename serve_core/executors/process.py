@@ -126,20 +126,15 @@ class ProcessReplica:
         """Send ``call`` to the worker; the future resolves when the worker answers."""
         future: Future[list[Outcome]] = Future()
         future.set_running_or_notify_cancel()
-        try:
-            data = dumps(to_wire(call))
-        except Exception as exc:  # noqa: BLE001 - a bad argument fails its queries, not the replica
-            error = ServeTypeError(
-                f"the call to replica {self.replica_id} cannot be sent to its worker process "
-                f"({type(exc).__name__}: {exc}); pass picklable arguments"
-            )
-            error.__cause__ = exc
-            future.set_result([Outcome(False, error)] * len(call))
+        data = self._encode(call)
+        if not isinstance(data, bytes):
+            future.set_result(data)  # a bad argument fails its queries, not the replica
             return future
         with self._send_lock:
             with self._lock:
                 if self._state is not _State.RUNNING:
-                    future.set_exception(ReplicaDiedError(f"replica {self.replica_id} is {self._state.value}"))
+                    gone = ReplicaDiedError(f"replica {self.replica_id} is {self._state.value}")
+                    future.set_exception(gone)
                     return future
                 self._inflight.append((future, len(call)))
             try:
@@ -147,6 +142,17 @@ class ProcessReplica:
             except OSError:
                 pass  # the worker is gone; the reader sees the end of the pipe and fails the call
         return future
+
+    def _encode(self, call: Call) -> bytes | list[Outcome]:
+        try:
+            return dumps(to_wire(call))
+        except Exception as exc:  # noqa: BLE001
+            error = ServeTypeError(
+                f"the call to replica {self.replica_id} cannot be sent to its worker process "
+                f"({type(exc).__name__}: {exc}); pass picklable arguments"
+            )
+            error.__cause__ = exc
+            return [Outcome(False, error)] * len(call)
 
     def _read_loop(self) -> None:
         while True:
@@ -238,7 +244,7 @@ class ProcessExecutor:
         self._context = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             # Workers fork from a server that already imported serve_core (once per process).
-            self._context.set_forkserver_preload([_worker.__name__])  # type: ignore[attr-defined]
+            self._context.set_forkserver_preload([_worker.__name__])
         self._replicas: weakref.WeakSet[ProcessReplica] = weakref.WeakSet()
 
     def start_replica(self, spec: ReplicaSpec) -> ProcessReplica:
@@ -260,7 +266,7 @@ class ProcessExecutor:
 
 def _pickle_backend(spec: ReplicaSpec) -> bytes:
     try:
-        return cloudpickle.dumps((spec.target, spec.init_args), pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
+        return cloudpickle.dumps((spec.target, spec.init_args), pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # noqa: BLE001
         raise ServeTypeError(
             f"backend {spec.backend_tag!r} cannot be sent to a worker process: {type(exc).__name__}: "
