@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import threading
 from multiprocessing.connection import Connection
 
@@ -25,6 +26,8 @@ PARENT_GONE_EXIT_CODE = 70
 
 def worker_main(conn: Connection, parent_alive: Connection, boot: WorkerBoot) -> None:
     """Entry point of a worker process (run by ``multiprocessing``)."""
+    # Ctrl-C reaches the whole process group; the parent decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _watch_parent(parent_alive)
     invoker = _build(conn, boot)
     if invoker is None:

@@ -211,11 +211,13 @@ class ProcessReplica:
                     pass  # already gone
         if threading.current_thread() is self._reader:
             return  # cannot wait for ourselves; the reader finishes after this callback
-        self._reader.join(drain_timeout)
-        if self._reader.is_alive():
-            log.warning("replica %s did not stop in %s s; killing it", self.replica_id, drain_timeout)
-            self._process.kill()
-            self._reader.join()
+        if self._state is not _State.DEAD:  # a dead worker's reader is only reaping it
+            self._reader.join(drain_timeout)
+            if self._reader.is_alive():
+                if drain_timeout:
+                    log.warning("replica %s did not stop in %s s; killing it", self.replica_id, drain_timeout)
+                self._process.kill()
+        self._reader.join()
         self._release_worker()
 
     def __repr__(self) -> str:

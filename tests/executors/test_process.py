@@ -356,3 +356,28 @@ def test_workers_do_not_import_the_tests(psrv: Serve) -> None:
         return sorted(name for name in sys.modules if name.startswith(("pytest", "tests", "_pytest")))
 
     assert _serve_backend(psrv, imported).remote().result(WAIT) == []
+
+
+def test_replica_dying_while_idle_is_replaced(psrv: Serve) -> None:
+    def pid() -> int:
+        return os.getpid()
+
+    handle = _serve_backend(psrv, pid)
+    first = handle.remote().result(WAIT)
+    os.kill(first, signal.SIGKILL)
+    assert wait_until(lambda: not is_running(first), WAIT)
+    # The router learns of the death from the next call, which fails; later calls run on a new worker.
+    answers = [handle.remote() for _ in range(3)]
+    outcomes = [f.exception(WAIT) or f.result(WAIT) for f in answers]
+    assert all(isinstance(o, ReplicaDiedError) or (o != first and isinstance(o, int)) for o in outcomes)
+    assert handle.remote().result(WAIT) not in (first, None)
+
+
+def test_shutdown_drains_the_call_in_flight(psrv: Serve) -> None:
+    def slow(flask_request: Any, n: int = 0) -> int:
+        return sum(range(n))
+
+    handle = _serve_backend(psrv, slow)
+    in_flight = handle.remote(n=3_000_000)
+    psrv.shutdown()
+    assert in_flight.result(WAIT) == sum(range(3_000_000))
