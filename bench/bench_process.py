@@ -3,7 +3,9 @@
 1. Round trip of a no-op call through a handle on the process executor, against a
    bare single-worker ``concurrent.futures.ProcessPoolExecutor`` round trip.
 2. Throughput of a CPU-bound pure-Python backend with 1 and 2 replicas, on the
-   process executor and on the thread executor (the GIL serialises the latter).
+   process executor and on the thread executor (the GIL serialises the latter), next
+   to a bare ``ProcessPoolExecutor`` with 1 and 2 workers: the speedup the machine
+   itself gives at that moment (other load on a shared machine lowers all of them).
 
 Run ``PYTHONPATH=. python bench/bench_process.py`` (or ``python -m pytest
 bench/test_bench_process.py -s``). Targets: 2 process replicas >= 1.6x the
@@ -96,6 +98,24 @@ def cpu_throughput(executor: str) -> dict[int, float]:
     return best
 
 
+def bare_pool_throughput() -> dict[int, float]:
+    """The machine's own 2-vs-1 baseline: ``ProcessPoolExecutor`` with 1 and 2 workers."""
+    best = {1: 0.0, 2: 0.0}
+    with (
+        concurrent.futures.ProcessPoolExecutor(max_workers=1) as one,
+        concurrent.futures.ProcessPoolExecutor(max_workers=2) as two,
+    ):
+        pools = {1: one, 2: two}
+        for workers, pool in pools.items():
+            list(pool.map(_burn, [None] * workers * 2))
+        for _ in range(REPEATS):
+            for workers, pool in pools.items():
+                start = time.perf_counter()
+                list(pool.map(_burn, [None] * CPU_CALLS))
+                best[workers] = max(best[workers], CPU_CALLS / (time.perf_counter() - start))
+    return best
+
+
 def run() -> dict[str, float]:
     """Measure everything; returns raw numbers and the ratios."""
     out: dict[str, float] = {
@@ -105,10 +125,15 @@ def run() -> dict[str, float]:
     for executor in ("process", "thread"):
         for replicas, calls_per_s in cpu_throughput(executor).items():
             out[f"{executor}_{replicas}_replicas_calls_per_s"] = calls_per_s
+    for workers, calls_per_s in bare_pool_throughput().items():
+        out[f"bare_pool_{workers}_workers_calls_per_s"] = calls_per_s
     out["round_trip_ratio_handle_vs_bare_pool"] = out["handle_round_trip_us"] / out["bare_pool_round_trip_us"]
     for executor in ("process", "thread"):
         one, two = (out[f"{executor}_{n}_replicas_calls_per_s"] for n in (1, 2))
         out[f"{executor}_speedup_2_vs_1_replicas"] = two / one
+    out["bare_pool_speedup_2_vs_1_workers"] = (
+        out["bare_pool_2_workers_calls_per_s"] / out["bare_pool_1_workers_calls_per_s"]
+    )
     return out
 
 
