@@ -165,6 +165,9 @@ class ProcessReplica:
 
     def _deliver(self, data: bytes) -> None:
         with self._lock:
+            if not self._inflight:  # cannot happen with our worker; never kill the reader over it
+                log.error("replica %s sent an answer nobody asked for", self.replica_id)
+                return
             future, size = self._inflight.popleft()
         try:
             message = pickle.loads(data)
