@@ -40,10 +40,16 @@ def descendants(root: int | None = None) -> set[int]:
     while frontier:
         frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
         found |= frontier
-    return {pid for pid in found if not _is_infrastructure(pid)}
+    return {pid for pid in found if not _is_helper(pid, parents)}
 
 
-def _is_infrastructure(pid: int) -> bool:
+def _is_helper(pid: int, parents: dict[int, int]) -> bool:
+    # Children forked by the forkserver (our workers) inherit its command line: only
+    # the helper itself, whose parent is not such a helper, is excluded.
+    return _runs_helper(pid) and not _runs_helper(parents.get(pid, 0))
+
+
+def _runs_helper(pid: int) -> bool:
     cmdline = _read(f"/proc/{pid}/cmdline")
     return any(name in cmdline for name in _INFRASTRUCTURE)
 
