@@ -381,3 +381,22 @@ def test_shutdown_drains_the_call_in_flight(psrv: Serve) -> None:
     in_flight = handle.remote(n=3_000_000)
     psrv.shutdown()
     assert in_flight.result(WAIT) == sum(range(3_000_000))
+
+
+def test_one_unpicklable_result_in_a_batch_fails_only_its_query() -> None:
+    @accept_batch
+    def backend(requests: Any, bad: list[bool]) -> list[Any]:
+        return [threading.Lock() if b else i for i, b in enumerate(bad)]
+
+    executor = ProcessExecutor()
+    replica = executor.start_replica(ReplicaSpec("batch", "batch#1", backend, (), BackendConfig()))
+    try:
+        kwargs = ({"bad": False}, {"bad": True}, {"bad": False})
+        call = Call("__call__", False, True, (None, None, None), kwargs)
+        outcomes = replica.submit(call).result(WAIT)
+    finally:
+        replica.stop(WAIT)
+        executor.shutdown()
+    assert [o.ok for o in outcomes] == [True, False, True]
+    assert [outcomes[0].value, outcomes[2].value] == [0, 2]
+    assert isinstance(outcomes[1].value, ServeError) and "lock" in str(outcomes[1].value)
