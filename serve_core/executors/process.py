@@ -91,7 +91,12 @@ class ProcessReplica:
 
     # ------------------------------------------------------------- start-up
     def _await_ready(self) -> int:
-        message = self._first_message()
+        try:
+            message = self._first_message()
+        except BaseException:  # e.g. KeyboardInterrupt while the constructor runs
+            self._process.kill()
+            self._abort()
+            raise
         if isinstance(message, Ready):
             return message.pid
         self._abort()
