@@ -34,7 +34,6 @@ _PLAIN_TYPES = (str, bytes, int, float, bool, tuple, type(None))
 class WorkerBoot:
     """How a worker builds its backend: the cloudpickled ``(target, init_args)``."""
 
-    replica_id: str
     payload: bytes
 
 

@@ -61,7 +61,7 @@ class ProcessReplica:
 
     def __init__(self, spec: ReplicaSpec, context: BaseContext) -> None:
         self.replica_id = spec.replica_id
-        boot = WorkerBoot(spec.replica_id, _pickle_backend(spec))
+        boot = WorkerBoot(_pickle_backend(spec))
         self._conn, child_conn = context.Pipe()
         alive_r, alive_w = context.Pipe(duplex=False)
         self._process: Any = context.Process(  # type: ignore[attr-defined]
