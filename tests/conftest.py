@@ -12,9 +12,11 @@ import pytest
 import serve_core as serve
 from serve_core import Serve
 
+from .procs import descendants, wait_until
+
 # Executors every behaviour test runs against. Executors that need an optional
 # component add themselves here guarded by ``require`` (see below).
-CONFORMANCE_EXECUTORS = ["inline", "thread"]
+CONFORMANCE_EXECUTORS = ["inline", "thread", "process"]
 
 # Executors that run calls concurrently with the caller (not inline).
 CONCURRENT_EXECUTORS = [name for name in CONFORMANCE_EXECUTORS if name != "inline"]
@@ -113,3 +115,13 @@ def make_gate(concurrent_executor: str) -> Iterator[Callable[[], Any]]:
     yield build
     for manager in managers:
         manager.shutdown()
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes() -> Iterator[None]:
+    """Every process a test starts (replica workers) must be gone once its instances are shut down."""
+    before = descendants()
+    yield
+    serve.shutdown()
+    wait_until(lambda: not descendants() - before, WAIT)
+    leaked = descendants() - before
+    assert not leaked, f"processes leaked: {sorted(leaked)}"

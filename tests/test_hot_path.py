@@ -25,6 +25,12 @@ from serve_core.invoke import Call, Outcome
 from .conftest import WAIT
 
 
+@pytest.fixture(params=["inline", "thread"])
+def executor(request: pytest.FixtureRequest) -> str:
+    """In-process executors only: these backends share threading primitives and handles with the test."""
+    return str(request.param)
+
+
 class Gate:
     """A backend whose first call blocks until released, so later queries queue up."""
 

@@ -1,0 +1,298 @@
+"""The process executor: one long-lived worker process per replica, on this machine.
+
+For CPU-bound pure-Python backends, which the GIL serialises on the thread executor.
+Each replica is a worker process started with ``forkserver`` (or ``spawn``; never a
+plain ``fork`` of a threaded parent). The worker unpickles the backend (function, or
+class and init args, shipped with cloudpickle), builds it once, and runs calls sent
+over a pipe (see :mod:`._worker`). In the parent, one reader thread per replica reads
+the answers and resolves the futures: no thread per request.
+
+Faults: a worker that dies (signal, ``os._exit``, segfault) fails the calls it held
+with :class:`~serve_core.errors.ReplicaDiedError` naming the exit code or signal; the
+router then asks for a replacement. A constructor that raises makes
+:meth:`ProcessExecutor.start_replica` raise that error and leaves no process behind.
+A worker exits by itself when its parent dies, even by ``SIGKILL``.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import multiprocessing
+import pickle
+import signal
+import threading
+import weakref
+from concurrent.futures import Future
+from multiprocessing.connection import wait
+from multiprocessing.context import BaseContext
+from multiprocessing.util import Finalize
+from typing import Any
+
+import cloudpickle
+
+from ..errors import ReplicaDiedError, ServeError, ServeTypeError, ValidationError
+from ..invoke import Call, Outcome
+from . import _worker
+from ._wire import Failure, Ready, Stop, WorkerBoot, dumps, to_wire
+from .base import ReplicaSpec
+
+log = logging.getLogger("serve_core")
+
+START_METHODS = ("forkserver", "spawn")
+EXIT_GRACE_S = 5.0  # a worker that closed its pipe gets this long to exit before SIGKILL
+
+_SIGNAL_HINTS = {
+    signal.SIGKILL: "killed from outside, often by the kernel's out-of-memory killer",
+    signal.SIGSEGV: "a segmentation fault, usually a crash in native code",
+    signal.SIGTERM: "terminated from outside",
+}
+
+
+class _State(enum.Enum):
+    RUNNING = "running"
+    STOPPING = "stopping"
+    DEAD = "dead"
+
+
+class ProcessReplica:
+    """A backend served by its own worker process."""
+
+    def __init__(self, spec: ReplicaSpec, context: BaseContext) -> None:
+        self.replica_id = spec.replica_id
+        boot = WorkerBoot(_pickle_backend(spec))
+        self._conn, child_conn = context.Pipe()
+        alive_r, alive_w = context.Pipe(duplex=False)
+        self._process: Any = context.Process(  # type: ignore[attr-defined]
+            target=_worker.worker_main,
+            args=(child_conn, alive_r, boot),
+            name=f"serve-replica-{spec.replica_id}",
+        )
+        self._process.start()
+        child_conn.close()
+        alive_r.close()
+        # Closing alive_w tells the worker to exit; at interpreter exit this runs
+        # before multiprocessing joins its children, so nothing waits on a worker.
+        self._release_worker = Finalize(self, alive_w.close, exitpriority=10)
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()  # keeps sends in the order of _inflight
+        self._inflight: collections.deque[tuple[Future[list[Outcome]], int]] = collections.deque()
+        self._state = _State.RUNNING
+        self.pid: int = self._await_ready()
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"serve-replica-{spec.replica_id}-reader", daemon=True
+        )
+        self._reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._state is _State.RUNNING
+
+    # ------------------------------------------------------------- start-up
+    def _await_ready(self) -> int:
+        try:
+            message = self._first_message()
+        except BaseException:  # e.g. KeyboardInterrupt while the constructor runs
+            self._process.kill()
+            self._abort()
+            raise
+        if isinstance(message, Ready):
+            return message.pid
+        self._abort()
+        if isinstance(message, Failure):
+            raise message.error
+        raise ReplicaDiedError(
+            _describe_exit(self.replica_id, self._process.pid, self._process.exitcode)
+            + " before its backend was built (a script that starts serve_core must guard its "
+            "entry point with `if __name__ == '__main__':`, as any multiprocessing program)"
+        )
+
+    def _first_message(self) -> Any:
+        wait([self._conn, self._process.sentinel])
+        try:
+            return pickle.loads(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            return None  # died before answering
+        except Exception as exc:  # noqa: BLE001 - the constructor's error did not unpickle here
+            return Failure(ServeError(f"replica {self.replica_id} failed to start: {exc!r}"))
+
+    def _abort(self) -> None:
+        self._state = _State.DEAD
+        self._process.join(EXIT_GRACE_S)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._release_worker()
+        self._conn.close()
+
+    # ---------------------------------------------------------------- calls
+    def submit(self, call: Call) -> Future[list[Outcome]]:
+        """Send ``call`` to the worker; the future resolves when the worker answers."""
+        future: Future[list[Outcome]] = Future()
+        future.set_running_or_notify_cancel()
+        data = self._encode(call)
+        if not isinstance(data, bytes):
+            future.set_result(data)  # a bad argument fails its queries, not the replica
+            return future
+        with self._send_lock:
+            with self._lock:
+                if self._state is not _State.RUNNING:
+                    gone = ReplicaDiedError(f"replica {self.replica_id} is {self._state.value}")
+                    future.set_exception(gone)
+                    return future
+                self._inflight.append((future, len(call)))
+            try:
+                self._conn.send_bytes(data)
+            except OSError:
+                pass  # the worker is gone; the reader sees the end of the pipe and fails the call
+        return future
+
+    def _encode(self, call: Call) -> bytes | list[Outcome]:
+        try:
+            return dumps(to_wire(call))
+        except Exception as exc:  # noqa: BLE001
+            error = ServeTypeError(
+                f"the call to replica {self.replica_id} cannot be sent to its worker process "
+                f"({type(exc).__name__}: {exc}); pass picklable arguments"
+            )
+            error.__cause__ = exc
+            return [Outcome(False, error)] * len(call)
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                data = self._conn.recv_bytes()
+            except (EOFError, OSError):
+                break
+            self._deliver(data)
+        self._on_worker_exit()
+
+    def _deliver(self, data: bytes) -> None:
+        with self._lock:
+            if not self._inflight:  # cannot happen with our worker; never kill the reader over it
+                log.error("replica %s sent an answer nobody asked for", self.replica_id)
+                return
+            future, size = self._inflight.popleft()
+        try:
+            message = pickle.loads(data)
+        except Exception as exc:  # noqa: BLE001 - e.g. a result class unknown in this process
+            error = ServeError(f"the answer of replica {self.replica_id} cannot be unpickled here: {exc!r}")
+            message = Failure(error)
+        if isinstance(message, Failure):
+            message = [Outcome(False, message.error)] * size
+        future.set_result(message)
+
+    def _on_worker_exit(self) -> None:
+        self._process.join(EXIT_GRACE_S)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        with self._lock:
+            expected = self._state is _State.STOPPING
+            self._state = _State.DEAD
+            lost = list(self._inflight)
+            self._inflight.clear()
+        self._conn.close()
+        if not lost:
+            return
+        message = _describe_exit(self.replica_id, self._process.pid, self._process.exitcode)
+        if expected:
+            message += " (it was being stopped and did not drain in time)"
+        else:
+            log.warning("%s", message)
+        for future, _ in lost:
+            future.set_exception(ReplicaDiedError(message))
+
+    # ------------------------------------------------------------- shutdown
+    def stop(self, drain_timeout: float | None = None) -> None:
+        """Let the worker finish the calls it holds, then exit; kill it after ``drain_timeout``."""
+        with self._send_lock:
+            with self._lock:
+                running = self._state is _State.RUNNING
+                if running:
+                    self._state = _State.STOPPING
+            if running:
+                try:
+                    self._conn.send_bytes(dumps(Stop()))
+                except OSError:
+                    pass  # already gone
+        if threading.current_thread() is self._reader:
+            return  # cannot wait for ourselves; the reader finishes after this callback
+        if self._state is not _State.DEAD:  # a dead worker's reader is only reaping it
+            self._reader.join(drain_timeout)
+            if self._reader.is_alive():
+                if drain_timeout:
+                    log.warning("replica %s did not stop in %s s; killing it", self.replica_id, drain_timeout)
+                self._process.kill()
+        self._reader.join()
+        self._release_worker()
+
+    def __repr__(self) -> str:
+        return f"<ProcessReplica {self.replica_id} pid={self.pid} {self._state.value}>"
+
+
+class ProcessExecutor:
+    """Starts one worker process per replica.
+
+    Args:
+        start_method: ``"forkserver"`` (default where available: fast starts, the
+            server preloads serve_core) or ``"spawn"``.
+    """
+
+    name = "process"
+
+    def __init__(self, start_method: str | None = None, **_: Any) -> None:
+        available = multiprocessing.get_all_start_methods()
+        if start_method is None:
+            start_method = "forkserver" if "forkserver" in available else "spawn"
+        if start_method not in START_METHODS or start_method not in available:
+            raise ValidationError(
+                f"start_method must be one of {[m for m in START_METHODS if m in available]}, "
+                f"got {start_method!r}"
+            )
+        self._context = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            # Workers fork from a server that already imported serve_core (once per process).
+            self._context.set_forkserver_preload([_worker.__name__])
+        self._replicas: weakref.WeakSet[ProcessReplica] = weakref.WeakSet()
+
+    def start_replica(self, spec: ReplicaSpec) -> ProcessReplica:
+        """Start a worker process and build the backend in it.
+
+        Raises:
+            ServeTypeError: the backend cannot be pickled.
+            Exception: the error the backend's constructor raised (its type is kept).
+        """
+        replica = ProcessReplica(spec, self._context)
+        self._replicas.add(replica)
+        return replica
+
+    def shutdown(self) -> None:
+        """Stop replicas nobody stopped (normally none are left)."""
+        for replica in list(self._replicas):
+            replica.stop(0)
+
+
+def _pickle_backend(spec: ReplicaSpec) -> bytes:
+    try:
+        return cloudpickle.dumps((spec.target, spec.init_args), pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001
+        raise ServeTypeError(
+            f"backend {spec.backend_tag!r} cannot be sent to a worker process: {type(exc).__name__}: "
+            f"{exc}; the process executor needs a backend and init args that cloudpickle can pickle"
+        ) from exc
+
+
+def _describe_exit(replica_id: str, pid: int | None, exitcode: int | None) -> str:
+    head = f"the worker process (pid {pid}) of replica {replica_id}"
+    if exitcode is None:
+        return f"{head} closed its pipe without exiting"
+    if exitcode >= 0:
+        return f"{head} exited unexpectedly with code {exitcode}"
+    try:
+        sig = signal.Signals(-exitcode)
+    except ValueError:
+        return f"{head} was terminated by signal {-exitcode}"
+    hint = _SIGNAL_HINTS.get(sig, "a signal from outside or a crash")
+    return f"{head} was terminated by {sig.name} ({-exitcode}); likely cause: {hint}"
