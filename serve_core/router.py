@@ -25,7 +25,6 @@ from .config import BackendConfig
 from .errors import (
     BackPressureError,
     DeadlineExceededError,
-    NotFoundError,
     ReplicaDiedError,
     ServeError,
     ServeStateError,
@@ -36,6 +35,7 @@ from .metrics import Counter, WindowedHistogram, percentile_keys
 from .policy import Policy, PolicySpec
 from .queues import BackendQueue, Query
 from .split import Traffic
+from .waiting import WaitingRoom
 
 Work = tuple["_BackendState", "_Slot", list[Query]]
 
@@ -68,7 +68,6 @@ class _EndpointState:
     def __init__(self, name: str) -> None:
         self.name = name
         self.policy: Policy | None = None
-        self.pending: collections.deque[Query] = collections.deque()
         self.requests = Counter()
 
 
@@ -92,13 +91,13 @@ class Router:
         self._policy_kwargs = policy_kwargs
         self._rng = rng
         self._gc_window = gc_window_seconds
-        self._max_pending = max_pending_per_endpoint
-        self._pending_timeout = pending_timeout_s
         self._on_replica_died = on_replica_died
         self._lock = threading.Lock()
         self._backends: dict[str, _BackendState] = {}
         self._endpoints: dict[str, _EndpointState] = {}
-        self._timers: dict[str, threading.Timer] = {}
+        self._waiting = WaitingRoom(
+            self._lock, clock, max_pending_per_endpoint, pending_timeout_s, self._fail
+        )
         self._closed = False
 
     # ---------------------------------------------------------------- setup
@@ -160,15 +159,15 @@ class Router:
         with self._lock:
             ep = self._endpoint(endpoint)
             ep.policy = self._policy.build(Traffic.of(weights), self._rng, self._policy_kwargs)
-            waiting = list(ep.pending)
-            ep.pending.clear()
             rejected: list[Query] = []
             touched: dict[str, _BackendState] = {}
-            for query in waiting:
+            for query in self._waiting.release(endpoint):
                 try:
-                    touched[query.backend] = self._route(ep, query)
+                    state = self._route(ep, query)
                 except BackPressureError:
                     rejected.append(query)
+                else:
+                    touched[state.tag] = state
             work: list[Work] = []
             expired: list[Query] = []
             for state in touched.values():
@@ -177,11 +176,6 @@ class Router:
                 expired += old
         self._fail(rejected, BackPressureError(f"queues of endpoint {endpoint!r} are full"))
         self._run(work, expired)
-
-    def traffic(self, endpoint: str) -> dict[str, float] | None:
-        with self._lock:
-            ep = self._endpoints.get(endpoint)
-            return None if ep is None or ep.policy is None else ep.policy.traffic.as_dict()
 
     # -------------------------------------------------------------- requests
     def submit(self, query: Query) -> None:
@@ -197,7 +191,7 @@ class Router:
             ep = self._endpoint(query.endpoint)
             ep.requests.inc()
             if ep.policy is None:
-                self._hold(ep, query)
+                self._waiting.hold(ep.name, query)
                 return
             state = self._route(ep, query)
             work, expired = self._dispatch(state)
@@ -219,39 +213,6 @@ class Router:
 
     def _queue_len(self, tag: str) -> int:
         return len(self._backends[tag].queue)
-
-    def _hold(self, ep: _EndpointState, query: Query) -> None:
-        if len(ep.pending) >= self._max_pending:
-            raise BackPressureError(
-                f"endpoint {ep.name!r} has no traffic yet and {self._max_pending} queries are "
-                "already waiting; link a backend or retry later"
-            )
-        ep.pending.append(query)
-        if ep.name not in self._timers:
-            self._arm_timer(ep.name, self._pending_timeout)
-
-    def _arm_timer(self, endpoint: str, delay: float) -> None:
-        timer = threading.Timer(max(delay, 0.0), self._expire_pending, (endpoint,))
-        timer.name = f"serve-pending-{endpoint}"
-        timer.daemon = True
-        self._timers[endpoint] = timer
-        timer.start()
-
-    def _expire_pending(self, endpoint: str) -> None:
-        now = self._clock.monotonic()
-        with self._lock:
-            self._timers.pop(endpoint, None)
-            ep = self._endpoints[endpoint]
-            expired = []
-            while ep.pending and ep.pending[0].arrival + self._pending_timeout <= now:
-                expired.append(ep.pending.popleft())
-            if ep.pending and not self._closed:
-                self._arm_timer(endpoint, ep.pending[0].arrival + self._pending_timeout - now)
-        error = DeadlineExceededError(
-            f"endpoint {endpoint!r} got no traffic within {self._pending_timeout} s; "
-            "link or split it to a backend"
-        )
-        self._fail(expired, error)
 
     # -------------------------------------------------------------- dispatch
     def _dispatch(self, state: _BackendState) -> tuple[list[Work], list[Query]]:
@@ -405,7 +366,7 @@ class Router:
                 out.update(percentile_keys(f"{tag}_latency_s", state.latency, percentiles, windows, now))
             for name, ep in self._endpoints.items():
                 out[f"endpoint_{name}_request_counter"] = ep.requests.value
-                out[f"endpoint_{name}_pending_size"] = len(ep.pending)
+                out[f"endpoint_{name}_pending_size"] = self._waiting.size(name)
         return out
 
     # ------------------------------------------------------------- lifecycle
@@ -414,22 +375,10 @@ class Router:
         with self._lock:
             self._closed = True
             leftovers: list[Query] = []
-            for ep in self._endpoints.values():
-                leftovers += ep.pending
-                ep.pending.clear()
             for state in self._backends.values():
                 leftovers += state.queue.drain()
-            timers = list(self._timers.values())
-            self._timers.clear()
-        for timer in timers:
-            timer.cancel()
-            timer.join()
+        leftovers += self._waiting.close()
         self._fail(leftovers, ServeStateError("serve instance shut down before the query ran"))
-
-    def check_endpoint_known(self, name: str) -> None:
-        with self._lock:
-            if name not in self._endpoints:
-                raise NotFoundError(f"endpoint {name!r} is not registered")
 
 
 def _resolve(future: Future[Any], outcome: Outcome) -> None:
