@@ -1,0 +1,102 @@
+"""Encoding backend results as responses, and mapping errors to responses (the one place).
+
+Results (as in the original, plus ``Response`` pass-through):
+
+==========================  ===========================  ==============================
+returned value              body                         Content-Type
+==========================  ===========================  ==============================
+``None``                    empty                        ``text/plain``
+``bytes``                   raw                          ``text/plain``
+``str``                     UTF-8                        ``text/plain; charset=utf-8``
+Werkzeug/Flask ``Response`` unchanged                    its own
+anything else               JSON (numpy → lists/numbers) ``application/json``
+==========================  ===========================  ==============================
+
+Errors: a :class:`~serve_core.errors.ServeError` answers with its ``status_code`` and its
+message as plain text (``Allow`` on 405, ``Retry-After`` on 503). Anything else — the
+backend raised, or an internal failure — is a 500 with a short message and an error id
+that is logged with the traceback; the traceback is in the body only in debug mode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import traceback
+import uuid
+from typing import Any
+
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response
+
+from ..errors import BackPressureError, MethodNotAllowedError, ServeError, ServeStateError
+
+log = logging.getLogger("serve_core.http")
+
+TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and numpy scalars
+        return value.tolist()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, BaseException):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    raise TypeError(f"a result of type {type(value).__name__} cannot be encoded as JSON")
+
+
+def json_body(value: Any) -> bytes:
+    """``value`` as compact UTF-8 JSON (numpy arrays as lists, numpy scalars as numbers)."""
+    return json.dumps(value, default=_json_default, ensure_ascii=False).encode("utf-8")
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    return Response(json_body(value), status, content_type=JSON)
+
+
+def text_response(text: str, status: int = 200) -> Response:
+    return Response(text.encode("utf-8"), status, content_type=TEXT)
+
+
+def encode_result(value: Any) -> Response:
+    """The response for a backend's return value (see the module docstring)."""
+    if isinstance(value, Response):
+        return value
+    if value is None:
+        return Response(b"", content_type="text/plain")
+    if isinstance(value, bytes):
+        return Response(value, content_type="text/plain")
+    if isinstance(value, str):
+        return Response(value.encode("utf-8"), content_type=TEXT)
+    return Response(json_body(value), content_type=JSON)
+
+
+def error_response(exc: BaseException, *, debug: bool, where: str) -> Response:
+    """The response for an exception raised while serving ``where`` (e.g. ``"GET /echo"``)."""
+    if isinstance(exc, ServeStateError):
+        return text_response(f"service unavailable: {exc}\n", 503)
+    if isinstance(exc, ServeError) and exc.status_code != 500:
+        response = text_response(f"{exc}\n", exc.status_code)
+        if isinstance(exc, MethodNotAllowedError):
+            response.headers["Allow"] = ", ".join(exc.allowed)
+        if isinstance(exc, BackPressureError):
+            response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        return response
+    if isinstance(exc, HTTPException) and exc.code is not None and exc.code < 500:
+        return text_response(f"{exc.description}\n", exc.code)
+    return internal_error(exc, debug=debug, where=where)
+
+
+def internal_error(exc: BaseException, *, debug: bool, where: str) -> Response:
+    """A 500 with an error id; the traceback goes to the log (and the body in debug mode)."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("%s failed (error id %s)", where, error_id, exc_info=exc)
+    body = f"Internal Server Error (error id {error_id}); the server log has the details\n"
+    if debug:
+        body += "".join(traceback.format_exception(exc))
+    return text_response(body, 500)
