@@ -13,8 +13,8 @@ import io
 import sys
 from typing import Any
 
-from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Request
+from werkzeug.wsgi import get_input_stream
 
 from ..errors import MethodNotFoundError, PayloadTooLargeError, ValidationError
 from ..invoke import is_public_method
@@ -24,6 +24,7 @@ CALL_METHOD_KEY = "HTTP_X_SERVE_CALL_METHOD"  # the X-SERVE-CALL-METHOD header i
 SLO_PARAMS = ("relative_slo_ms", "absolute_slo_ms")
 _NO_SLO = SLO()
 _PLAIN = (str, bytes, int, float, bool, tuple)
+_CHUNK = 64 * 1024
 
 
 class ServeRequest(Request):
@@ -43,19 +44,31 @@ def _rebuild(environ: dict[str, Any], body: bytes) -> ServeRequest:
 
 
 def buffer_body(request: Request, limit: int) -> None:
-    """Read the whole body into the request (``.data``, ``.get_json()``, ``.form`` use it).
+    """Read the whole body into memory, so the request no longer depends on the server.
+
+    The body replaces ``wsgi.input`` (``.data``, ``.get_json()``, ``.form`` read it later).
 
     Raises:
-        PayloadTooLargeError: the declared or actual length is larger than ``limit``.
+        PayloadTooLargeError: the declared or actual length (chunked bodies) passes ``limit``.
     """
+    environ = request.environ
     length = request.content_length
+    if length is None and not environ.get("wsgi.input_terminated"):
+        return  # no body to read (Werkzeug gives such requests an empty stream)
     if length is not None and length > limit:
         raise PayloadTooLargeError(f"request body of {length} bytes is larger than the limit of {limit}")
-    request.max_content_length = limit
-    try:
-        request.get_data()
-    except RequestEntityTooLarge:
-        raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes") from None
+    stream = get_input_stream(environ, max_content_length=None)
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := stream.read(min(_CHUNK, limit + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
+    body = b"".join(chunks)
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    request.get_data()
 
 
 def parse_slo(request: Request) -> SLO:

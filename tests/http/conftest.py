@@ -3,7 +3,8 @@ parametrized over the in-process test client and a real socket."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 

@@ -29,6 +29,13 @@ class Reply:
         return self.headers.get("content-type", "")
 
 
+def base_url(srv: Serve) -> str:
+    """``http://host:port`` of the instance's standalone server."""
+    address = srv.http_address()
+    assert address is not None, "the instance has no HTTP server"
+    return f"http://{address[0]}:{address[1]}"
+
+
 class InProcess:
     """Werkzeug's test client over ``srv.wsgi_app()``."""
 
@@ -49,9 +56,7 @@ class OverSocket:
     kind = "socket"
 
     def __init__(self, srv: Serve) -> None:
-        address = srv.http_address()
-        assert address is not None
-        self.base = "http://%s:%d" % address
+        self.base = base_url(srv)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Reply:
         if "query_string" in kwargs:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ from serve_core import BackendConfig, Serve
 MakeApp = Callable[..., tuple[Serve, Any]]
 
 
-def _deploy(srv: Serve, func: Any, route: str = "/f", methods: tuple[str, ...] = ("GET",), **cfg: Any) -> None:
+def _deploy(
+    srv: Serve, func: Any, route: str = "/f", methods: tuple[str, ...] = ("GET",), **cfg: Any
+) -> None:
     name = route.strip("/").replace("/", "_") or "root"
     srv.create_endpoint(name, route, methods=methods)
     srv.create_backend(func, f"{name}:v1", backend_config=BackendConfig(**cfg) if cfg else None)
@@ -154,7 +157,7 @@ def test_response_encoding(make_app: MakeApp) -> None:
         ("/array", np.arange(3), "application/json", b"[0, 1, 2]"),
         ("/scalar", {"v": np.float32(1.5), "n": np.int64(3)}, "application/json", b'{"v": 1.5, "n": 3}'),
     ]
-    for route, value, content_type, body in cases:
+    for route, value, _, _ in cases:
         _deploy(srv, lambda request, value=value: value, route=route)
     for route, _, content_type, body in cases:
         reply = client.request("GET", route)
