@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from .conftest import WAIT
+from .conftest import WAIT, require
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -111,3 +112,40 @@ def test_query_of_unreachable_server_fails(tmp_path: Path) -> None:
     proc = _cli("routes", "--url", f"http://127.0.0.1:{port}", cwd=tmp_path)
     out, err = proc.communicate(timeout=WAIT)
     assert proc.returncode == 1 and "cannot query" in err
+
+
+def test_run_with_granian(app_file: Path, tmp_path: Path) -> None:
+    require(importlib.util.find_spec("granian") is not None, "granian is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = _cli("run", str(app_file), "--port", str(port), "--server", "granian", cwd=tmp_path)
+    try:
+        url = _wait_for_url(proc)
+        assert url == f"http://127.0.0.1:{port}"
+        answers = {requests.get(f"{url}/echo", timeout=WAIT).text for _ in range(40)}
+        assert answers == {"v1", "v2"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_readme_example_serves(tmp_path: Path) -> None:
+    proc = _cli("run", str(REPO / "examples" / "echo.py"), "--port", "0", cwd=tmp_path)
+    try:
+        url = _wait_for_url(proc)
+        answers = {requests.get(f"{url}/echo", timeout=WAIT).text for _ in range(40)}
+        assert answers == {f"{url}/echo", "something new"}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]

@@ -20,13 +20,14 @@ from werkzeug.wrappers import Response
 
 from ..errors import MethodNotAllowedError, NotFoundError
 from .request import ServeRequest, buffer_body, call_method, parse_slo
-from .responses import encode_result, error_response, json_response, text_response
+from .responses import PlainResponse, encode_result, error_response, json_response, text_response
 from .routing import RouteMap
 
 if TYPE_CHECKING:
     from ..serve import Serve
 
 StartResponse = Callable[..., Any]
+AnyResponse = Response | PlainResponse
 _BUILTIN_ALLOW = "GET, HEAD, OPTIONS"
 
 
@@ -44,7 +45,7 @@ class ServeApp:
         self.max_body_bytes = max_body_bytes
         self.debug = debug
         self._map = RouteMap(-1, {})
-        self._builtins: dict[str, Callable[[ServeRequest], Response]] = {
+        self._builtins: dict[str, Callable[[ServeRequest], AnyResponse]] = {
             "/-/routes": lambda request: json_response(self.url_map.as_json()),
             "/-/healthz": self._healthz,
             "/-/stat": lambda request: json_response(self.serve.stat()),
@@ -60,7 +61,7 @@ class ServeApp:
             self._map = RouteMap.from_table(version, dict(registry.routes), dict(registry.endpoints))
         return self._map
 
-    def dispatch_request(self, request: ServeRequest) -> Response:
+    def dispatch_request(self, request: ServeRequest) -> AnyResponse:
         """Route the request, call the backend and encode its result.
 
         Raises:
@@ -71,7 +72,7 @@ class ServeApp:
             return self._builtin(request, path)
         entry = self.url_map.match(path, request.method)
         if request.method == "OPTIONS" and "OPTIONS" not in entry.methods:
-            return Response(b"", 200, {"Allow": entry.allow_header}, content_type="text/plain")
+            return PlainResponse(b"", "text/plain", 200, (("Allow", entry.allow_header),))
         slo = parse_slo(request)
         method = call_method(request)
         buffer_body(request, self.max_body_bytes)
@@ -91,12 +92,12 @@ class ServeApp:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         return self.wsgi_app(environ, start_response)
 
-    def _builtin(self, request: ServeRequest, path: str) -> Response:
+    def _builtin(self, request: ServeRequest, path: str) -> AnyResponse:
         handler = self._builtins.get(path)
         if handler is None:
             raise NotFoundError(f"no built-in route {path!r}; GET /-/routes lists the routes")
         if request.method == "OPTIONS":
-            return Response(b"", 200, {"Allow": _BUILTIN_ALLOW}, content_type="text/plain")
+            return PlainResponse(b"", "text/plain", 200, (("Allow", _BUILTIN_ALLOW),))
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowedError(
                 f"method {request.method} is not allowed at {path!r}; allowed: {_BUILTIN_ALLOW}",
@@ -104,7 +105,7 @@ class ServeApp:
             )
         return handler(request)
 
-    def _healthz(self, request: ServeRequest) -> Response:
+    def _healthz(self, request: ServeRequest) -> PlainResponse:
         if self.serve.running:
             return text_response("ok\n")
         return text_response("stopped\n", 503)

@@ -16,19 +16,27 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import logging
 import os
 from typing import Any
+
+from .server import is_loopback
+
+log = logging.getLogger("serve_core.http")
 
 ENV_APP = "SERVE_CORE_APP"
 ENV_EXECUTOR = "SERVE_CORE_EXECUTOR"
 ENV_KV_STORE = "SERVE_CORE_KV_STORE"
 ENV_DEBUG = "SERVE_CORE_DEBUG"
+ENV_URL = "SERVE_CORE_URL"  # for the banner printed by the worker
+# Threads running WSGI calls; each waits for its call's result, so this bounds concurrency.
+GRANIAN_THREADS = 32
 
 
 def app_from_env() -> Any:
     """WSGI app factory: init serve, execute ``$SERVE_CORE_APP``, return ``serve.wsgi_app()``."""
     import serve_core as serve
-    from serve_core.cli import load_app
+    from serve_core.cli import describe, load_app
 
     instance = serve.init(
         start_server=False,
@@ -40,6 +48,7 @@ def app_from_env() -> Any:
     app_file = os.environ.get(ENV_APP)
     if app_file:
         load_app(app_file)
+        print(describe(instance, os.environ.get(ENV_URL, "")), flush=True)
     return instance.wsgi_app()
 
 
@@ -55,7 +64,9 @@ def run_granian(args: argparse.Namespace) -> int:
     os.environ[ENV_EXECUTOR] = args.executor
     os.environ[ENV_KV_STORE] = args.kv_store or ""
     os.environ[ENV_DEBUG] = "1" if args.debug else "0"
-    print(f"serve-core: serving {args.app} with Granian on http://{args.host}:{args.port}", flush=True)
+    os.environ[ENV_URL] = f"http://{args.host}:{args.port}"
+    if not is_loopback(args.host):
+        log.warning("serving HTTP on non-loopback address %s without authentication", args.host)
     Granian(
         "serve_core.http.granian:app_from_env",
         address=args.host,
@@ -63,6 +74,7 @@ def run_granian(args: argparse.Namespace) -> int:
         interface=Interfaces.WSGI,
         factory=True,
         workers=1,
+        blocking_threads=GRANIAN_THREADS,
         log_access=False,
     ).serve()
     return 0

@@ -52,9 +52,9 @@ def buffer_body(request: Request, limit: int) -> None:
         PayloadTooLargeError: the declared or actual length (chunked bodies) passes ``limit``.
     """
     environ = request.environ
+    if not environ.get("CONTENT_LENGTH") and "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", ""):
+        return  # no body (HTTP/1.1: neither Content-Length nor chunked); nothing to read
     length = request.content_length
-    if length is None and not environ.get("wsgi.input_terminated"):
-        return  # no body to read (Werkzeug gives such requests an empty stream)
     if length is not None and length > limit:
         raise PayloadTooLargeError(f"request body of {length} bytes is larger than the limit of {limit}")
     stream = get_input_stream(environ, max_content_length=None)

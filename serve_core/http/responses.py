@@ -20,14 +20,17 @@ that is logged with the traceback; the traceback is in the body only in debug mo
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import traceback
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wrappers import Response
 
 from ..errors import BackPressureError, MethodNotAllowedError, ServeError, ServeStateError
@@ -55,44 +58,76 @@ def json_body(value: Any) -> bytes:
     return json.dumps(value, default=_json_default, ensure_ascii=False).encode("utf-8")
 
 
-def json_response(value: Any, status: int = 200) -> Response:
-    return Response(json_body(value), status, content_type=JSON)
+class PlainResponse:
+    """A minimal WSGI response (status, headers, one body) for encoded results and errors.
+
+    Werkzeug's ``Response`` is general (streaming, conditional requests, header
+    rewriting); results and errors need none of it, and this path runs once per request.
+    Like Werkzeug's, it sends the headers but no body for ``HEAD``.
+    """
+
+    __slots__ = ("status_code", "headers", "body")
+
+    def __init__(
+        self, body: bytes, content_type: str, status: int = 200, extra: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self.status_code = status
+        self.body = body
+        self.headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), *extra]
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response(_status_line(self.status_code), self.headers)
+        if environ.get("REQUEST_METHOD") == "HEAD":
+            return []
+        return [self.body]
+
+    def __repr__(self) -> str:
+        return f"<PlainResponse {self.status_code} {self.headers[0][1]} {len(self.body)} bytes>"
 
 
-def text_response(text: str, status: int = 200) -> Response:
-    return Response(text.encode("utf-8"), status, content_type=TEXT)
+@functools.lru_cache(maxsize=64)
+def _status_line(code: int) -> str:
+    return f"{code} {HTTP_STATUS_CODES.get(code, 'Unknown')}"
 
 
-def encode_result(value: Any) -> Response:
+def json_response(value: Any, status: int = 200) -> PlainResponse:
+    return PlainResponse(json_body(value), JSON, status)
+
+
+def text_response(text: str, status: int = 200, extra: tuple[tuple[str, str], ...] = ()) -> PlainResponse:
+    return PlainResponse(text.encode("utf-8"), TEXT, status, extra)
+
+
+def encode_result(value: Any) -> Response | PlainResponse:
     """The response for a backend's return value (see the module docstring)."""
+    if isinstance(value, bytes):
+        return PlainResponse(value, "text/plain")
+    if isinstance(value, str):
+        return PlainResponse(value.encode("utf-8"), TEXT)
+    if value is None:
+        return PlainResponse(b"", "text/plain")
     if isinstance(value, Response):
         return value
-    if value is None:
-        return Response(b"", content_type="text/plain")
-    if isinstance(value, bytes):
-        return Response(value, content_type="text/plain")
-    if isinstance(value, str):
-        return Response(value.encode("utf-8"), content_type=TEXT)
-    return Response(json_body(value), content_type=JSON)
+    return PlainResponse(json_body(value), JSON)
 
 
-def error_response(exc: BaseException, *, debug: bool, where: str) -> Response:
+def error_response(exc: BaseException, *, debug: bool, where: str) -> PlainResponse:
     """The response for an exception raised while serving ``where`` (e.g. ``"GET /echo"``)."""
     if isinstance(exc, ServeStateError):
         return text_response(f"service unavailable: {exc}\n", 503)
     if isinstance(exc, ServeError) and exc.status_code != 500:
-        response = text_response(f"{exc}\n", exc.status_code)
+        extra: tuple[tuple[str, str], ...] = ()
         if isinstance(exc, MethodNotAllowedError):
-            response.headers["Allow"] = ", ".join(exc.allowed)
-        if isinstance(exc, BackPressureError):
-            response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-        return response
+            extra = (("Allow", ", ".join(exc.allowed)),)
+        elif isinstance(exc, BackPressureError):
+            extra = (("Retry-After", str(max(1, math.ceil(exc.retry_after_s)))),)
+        return text_response(f"{exc}\n", exc.status_code, extra)
     if isinstance(exc, HTTPException) and exc.code is not None and exc.code < 500:
         return text_response(f"{exc.description}\n", exc.code)
     return internal_error(exc, debug=debug, where=where)
 
 
-def internal_error(exc: BaseException, *, debug: bool, where: str) -> Response:
+def internal_error(exc: BaseException, *, debug: bool, where: str) -> PlainResponse:
     """A 500 with an error id; the traceback goes to the log (and the body in debug mode)."""
     error_id = uuid.uuid4().hex[:12]
     log.error("%s failed (error id %s)", where, error_id, exc_info=exc)
