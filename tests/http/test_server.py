@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -115,3 +119,16 @@ def test_request_pickles_with_its_body() -> None:
     copy = pickle.loads(pickle.dumps(request))
     assert isinstance(copy, Request)
     assert (copy.args["a"], copy.get_json(), copy.headers["X-H"], copy.method) == ("1", {"k": 1}, "v", "POST")
+
+
+def test_core_does_not_import_werkzeug() -> None:
+    code = (
+        "import sys, serve_core as serve\n"
+        "s = serve.Serve(start_server=False)\n"
+        "assert 'werkzeug' not in sys.modules, 'importing the core pulled in werkzeug'\n"
+        "s.wsgi_app()\n"
+        "assert 'werkzeug' in sys.modules\n"
+        "s.shutdown()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=WAIT)
