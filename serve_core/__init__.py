@@ -20,6 +20,7 @@ from .api import (
     get_backend_config,
     get_handle,
     get_traffic_policy,
+    http_address,
     init,
     link,
     route,
@@ -27,6 +28,7 @@ from .api import (
     shutdown,
     split,
     stat,
+    wsgi_app,
 )
 from .config import BackendConfig
 from .context import context
@@ -82,6 +84,7 @@ __all__ = [
     "get_backend_config",
     "get_handle",
     "get_traffic_policy",
+    "http_address",
     "init",
     "link",
     "route",
@@ -89,4 +92,5 @@ __all__ = [
     "shutdown",
     "split",
     "stat",
+    "wsgi_app",
 ]

@@ -76,6 +76,8 @@ get_backend_config = _forward(Serve.get_backend_config)
 set_backend_config = _forward(Serve.set_backend_config)
 get_traffic_policy = _forward(Serve.get_traffic_policy)
 stat = _forward(Serve.stat)
+wsgi_app = _forward(Serve.wsgi_app)
+http_address = _forward(Serve.http_address)
 
 
 class route:

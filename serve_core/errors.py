@@ -12,6 +12,8 @@ Validation errors also subclass the built-in a caller would expect::
     ├── ServeTypeError (400, TypeError)      wrong kind of argument
     ├── NotFoundError (404, KeyError)        unknown endpoint or backend
     │   └── MethodNotFoundError              call method missing or private
+    ├── MethodNotAllowedError (405)          HTTP method not served by the route
+    ├── PayloadTooLargeError (413)           HTTP body past the configured limit
     ├── WebOnlyAccessError (500, AttributeError)  request used outside a web call
     ├── BatchResultError (500)               batch backend returned the wrong shape
     ├── ReplicaDiedError (500)               replica crashed while holding the call
@@ -69,6 +71,22 @@ class NotFoundError(ServeError, KeyError):
 
 class MethodNotFoundError(NotFoundError):
     """The requested call method does not exist or is not public."""
+
+
+class MethodNotAllowedError(ServeError):
+    """The route exists but does not serve this HTTP method; ``allowed`` lists those it does."""
+
+    status_code = 405
+
+    def __init__(self, message: str, allowed: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+
+class PayloadTooLargeError(ServeError):
+    """The HTTP request body is larger than the instance accepts."""
+
+    status_code = 413
 
 
 class WebOnlyAccessError(ServeError, AttributeError):

@@ -104,6 +104,7 @@ class Registry:
         self.routes: dict[str, str] = {}
         self.backends: dict[str, BackendInfo] = {}
         self.traffic: dict[str, dict[str, float]] = {}
+        self.routes_version = 0  # bumped when routes change, so the HTTP front rebuilds its map
 
     # endpoints -----------------------------------------------------------
     def check_endpoint(self, name: Any, route: Any, methods: Iterable[str]) -> EndpointInfo | None:
@@ -126,6 +127,7 @@ class Registry:
         self.endpoints[info.name] = info
         if info.route is not None:
             self.routes[info.route] = info.name
+            self.routes_version += 1
 
     def endpoint(self, name: str) -> EndpointInfo:
         info = self.endpoints.get(name)

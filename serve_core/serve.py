@@ -13,7 +13,7 @@ import random
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .clock import Clock, SystemClock
 from .config import BackendConfig
@@ -30,11 +30,17 @@ from .router import Router
 from .slo import SLO
 from .split import Traffic
 
+if TYPE_CHECKING:
+    from .http.app import ServeApp
+    from .http.server import HTTPServer
+
 log = logging.getLogger("serve_core")
 
 DEFAULT_MAX_PENDING_PER_ENDPOINT = 1_000
 DEFAULT_PENDING_TIMEOUT_S = 30.0
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024  # largest HTTP request body (413 past it)
+HTTP_READY_TIMEOUT_S = 10.0
 
 
 class State(enum.Enum):
@@ -51,6 +57,8 @@ class Serve:
         max_pending_per_endpoint: queries that may wait for an endpoint without traffic.
         pending_timeout_s: how long such a query waits before ``DeadlineExceededError``.
         drain_timeout_s: how long scale-down and shutdown wait for calls in flight.
+        max_body_bytes: largest HTTP request body accepted (413 past it).
+        debug: put tracebacks in HTTP 500 bodies (for development only).
 
     The registry is kept in the store named by ``kv_store_connector`` / ``kv_store_path``
     (memory when neither is given) and restored from it here; ``restored`` is the
@@ -76,6 +84,8 @@ class Serve:
         max_pending_per_endpoint: int = DEFAULT_MAX_PENDING_PER_ENDPOINT,
         pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S,
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        debug: bool = False,
     ) -> None:
         self.init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_stat_args((), (), gc_window_seconds)
@@ -100,8 +110,13 @@ class Serve:
         self._replicas = ReplicaManager(
             executor, {"ray_init_kwargs": ray_init_kwargs}, drain_timeout_s
         )
+        self.max_body_bytes, self.debug = max_body_bytes, debug
+        self._app: Any = None
+        self._http: HTTPServer | None = None
         self._state = State.RUNNING
         self.restored: RestoreReport = self._restore()
+        if start_server:
+            self._start_http(http_host, http_port, blocking)
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -125,12 +140,16 @@ class Serve:
             if self._state is State.STOPPED:
                 return
             self._state = State.STOPPED
+        if self._http is not None:
+            self._http.stop_accepting()
         self._router.close()
         self._replicas.stop_replacing()
         replicas: list[Replica] = []
         for tag in list(self._registry.backends):
             replicas += self._router.replicas(tag)
         self._replicas.shutdown(replicas)
+        if self._http is not None:
+            self._http.close()
         self._store.close()
 
     def __enter__(self) -> Serve:
@@ -286,6 +305,30 @@ class Serve:
             return self.get_handle(name)
 
         return decorator
+
+    # ----------------------------------------------------------------- http
+    def wsgi_app(self) -> ServeApp:
+        """This instance's WSGI application; mount it in any WSGI server or app."""
+        if self._app is None:
+            from .http.app import ServeApp  # lazy: the core does not import Werkzeug
+
+            self._app = ServeApp(self, max_body_bytes=self.max_body_bytes, debug=self.debug)
+        return self._app
+
+    def http_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the standalone HTTP server, or None when it is not running."""
+        return self._http.address if self._http is not None and self.running else None
+
+    def _start_http(self, host: str, port: int, blocking: bool) -> None:
+        from .http.server import HTTPServer
+
+        try:
+            self._http = HTTPServer(self.wsgi_app(), host, port)
+            if blocking:
+                self._http.wait_ready(HTTP_READY_TIMEOUT_S)
+        except BaseException:
+            self.shutdown()
+            raise
 
     # -------------------------------------------------------------- metrics
     def stat(

@@ -18,7 +18,8 @@ EXPORTED = {
     "ReplicaDiedError", "RoutePolicy", "Serve", "ServeError", "ServeHandle", "ServeStateError",
     "ServeTypeError", "StoreError", "ValidationError", "WebOnlyAccessError", "__version__",
     "accept_batch", "context", "create_backend", "create_endpoint", "get_backend_config", "get_handle",
-    "get_traffic_policy", "init", "link", "route", "set_backend_config", "shutdown", "split", "stat",
+    "get_traffic_policy", "http_address", "init", "link", "route", "set_backend_config", "shutdown", "split",
+    "stat", "wsgi_app",
 }
 
 

@@ -1,0 +1,235 @@
+"""HTTP load benchmark: our no-op endpoint vs a bare WSGI hello world on the same server.
+
+Usage::
+
+    python bench/http_load.py                    # both servers, concurrency 1/8/32
+    python bench/http_load.py --servers werkzeug --duration 3
+
+Each server runs in its own process (started by this script) on 127.0.0.1; the load comes
+from ``wrk`` in another process (``apt-get install wrk``), or, without it, from a small
+keep-alive client in this script's worker processes. Reports requests/s, p50/p99 latency
+and errors (summed over rounds), and the ratio ours/bare measured in the same run: both
+servers run side by side and are measured alternately, the median of ``--rounds`` kept.
+Not a test: speed is not asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import http.client
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+SERVER_CODE = {
+    # Both apps on Werkzeug's threaded server with serve_core's handler (no per-request log).
+    "werkzeug": """
+import signal, sys, threading
+sys.path[:0] = [{repo!r}, {bench!r}]
+from serve_core.http.server import HTTPServer
+if {app!r} == "bare":
+    from hello_wsgi import app
+    server = HTTPServer(app, "127.0.0.1", {port})
+else:
+    import runpy, serve_core as serve
+    serve.init(start_server=False, executor="thread", debug=False)
+    runpy.run_path({noop!r})
+    server = HTTPServer(serve.wsgi_app(), "127.0.0.1", {port})
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: stop.set())
+print("ready", flush=True)
+stop.wait()
+server.close()
+""",
+    "granian": """
+import os, sys
+sys.path[:0] = [{repo!r}, {bench!r}]
+from granian import Granian
+from granian.constants import Interfaces
+if {app!r} == "bare":
+    target, factory = "hello_wsgi:app", False
+else:
+    os.environ["SERVE_CORE_APP"] = {noop!r}
+    target, factory = "serve_core.http.granian:app_from_env", True
+print("ready", flush=True)
+Granian(target, address="127.0.0.1", port={port}, interface=Interfaces.WSGI, factory=factory,
+        workers=1, blocking_threads={threads}, log_enabled=False).serve()
+""",
+}
+PATHS = {"bare": "/", "serve": "/noop"}
+
+
+@dataclasses.dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_answering(port: int, path: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", path)
+            if conn.getresponse().status == 200:
+                conn.close()
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server on port {port} did not answer {path}")
+
+
+def start_server(server: str, app: str, port: int, threads: int) -> subprocess.Popen[bytes]:
+    code = SERVER_CODE[server].format(
+        repo=str(REPO), bench=str(BENCH), app=app, port=port, noop=str(BENCH / "noop_app.py"), threads=threads
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(BENCH)]))
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL)
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if match is None:
+        raise ValueError(f"unexpected wrk latency {text!r}")
+    number, unit = match.groups()
+    return float(number) * _UNITS[unit]
+
+
+def run_wrk(url: str, concurrency: int, duration: float) -> Result:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    errors = sum(
+        int(n) for n in re.findall(r"(?:Non-2xx or 3xx responses|connect|read|write|timeout) ?:? (\d+)", out)
+    )
+    return Result(rps, p50, p99, errors)
+
+
+def _client(port: int, path: str, duration: float, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    latencies: list[float] = []
+    errors = 0
+    end = time.monotonic() + duration
+    while (start := time.monotonic()) < end:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        errors += response.status != 200
+        latencies.append(time.monotonic() - start)
+    queue.put((latencies, errors))
+
+
+def run_python_client(port: int, path: str, concurrency: int, duration: float) -> Result:
+    """Fallback load generator: ``concurrency`` keep-alive connections in worker processes."""
+    queue: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
+    procs = [
+        multiprocessing.Process(target=_client, args=(port, path, duration, queue))
+        for _ in range(concurrency)
+    ]
+    for proc in procs:
+        proc.start()
+    results = [queue.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    latencies = sorted(x for lat, _ in results for x in lat)
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3  # noqa: E731
+    return Result(len(latencies) / duration, pick(0.5), pick(0.99), sum(e for _, e in results))
+
+
+def _load(port: int, path: str, concurrency: int, duration: float) -> Result:
+    if shutil.which("wrk"):
+        return run_wrk(f"http://127.0.0.1:{port}{path}", concurrency, duration)
+    return run_python_client(port, path, concurrency, duration)
+
+
+def measure(
+    server: str, concurrencies: list[int], duration: float, threads: int, rounds: int
+) -> dict[str, dict[int, Result]]:
+    """Both apps on ``server`` (both processes up), measured alternately; median of rounds."""
+    ports = {app: free_port() for app in PATHS}
+    procs = {app: start_server(server, app, ports[app], threads) for app in PATHS}
+    try:
+        for app in PATHS:
+            wait_answering(ports[app], PATHS[app])
+        out: dict[str, dict[int, Result]] = {app: {} for app in PATHS}
+        for concurrency in concurrencies:
+            samples: dict[str, list[Result]] = {app: [] for app in PATHS}
+            for _ in range(rounds):  # alternate, so background load hits both alike
+                for app in PATHS:
+                    samples[app].append(_load(ports[app], PATHS[app], concurrency, duration))
+            for app in PATHS:
+                ranked = sorted(samples[app], key=lambda r: r.rps)
+                median = ranked[len(ranked) // 2]
+                median.errors = sum(r.errors for r in ranked)
+                out[app][concurrency] = median
+        return out
+    finally:
+        for proc in procs.values():
+            stop_server(proc)
+
+
+def report(server: str, bare: dict[int, Result], ours: dict[int, Result]) -> None:
+    print(f"\n{server}: concurrency | bare req/s p50 p99 err | serve no-op req/s p50 p99 err | ratio")
+    for c in bare:
+        b, o = bare[c], ours[c]
+        print(
+            f"  c={c:<3} | {b.rps:9.0f} {b.p50_ms:6.2f}ms {b.p99_ms:6.2f}ms {b.errors:3d} "
+            f"| {o.rps:9.0f} {o.p50_ms:6.2f}ms {o.p99_ms:6.2f}ms {o.errors:3d} | {o.rps / b.rps:5.1%}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--servers", nargs="+", default=["werkzeug", "granian"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median reported)")
+    parser.add_argument("--granian-threads", type=int, default=32, help="Granian blocking threads")
+    args = parser.parse_args()
+    print(
+        f"load generator: {'wrk' if shutil.which('wrk') else 'python keep-alive client'}; "
+        f"{os.cpu_count()} CPUs; {args.duration} s per point"
+    )
+    for server in args.servers:
+        results = measure(server, args.concurrency, args.duration, args.granian_threads, args.rounds)
+        report(server, results["bare"], results["serve"])
+
+
+if __name__ == "__main__":
+    main()

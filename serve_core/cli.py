@@ -1,0 +1,110 @@
+"""The ``serve-core`` command.
+
+``serve-core run APP.py`` initialises serve, executes the deployment file (which uses the
+module-level API: ``create_endpoint``, ``create_backend``, ``link``…), prints the routes and
+the address, and serves until SIGINT/SIGTERM, then drains and shuts down (exit code 0).
+``serve-core routes --url URL`` and ``serve-core stat --url URL`` query a running server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import signal
+import sys
+import threading
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+DEFAULT_KV_STORE = "serve_core.db"  # a SQLite file in the working directory
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="serve-core", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="serve a deployment file over HTTP")
+    run.add_argument("app", help="Python file creating endpoints and backends with the module API")
+    run.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    run.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default: %(default)s)")
+    run.add_argument("--executor", default="thread", help="replica executor (default: %(default)s)")
+    run.add_argument("--kv-store", default=DEFAULT_KV_STORE, help="SQLite path or SQLAlchemy URL")
+    run.add_argument("--blocking", action="store_true", help="wait until the server answers before loading")
+    run.add_argument("--server", choices=("werkzeug", "granian"), default="werkzeug", help="HTTP server")
+    run.add_argument("--debug", action="store_true", help="tracebacks in HTTP 500 bodies (development only)")
+    for name, help_text in (("routes", "print a running server's routes"), ("stat", "print its metrics")):
+        query = commands.add_parser(name, help=help_text)
+        query.add_argument("--url", default="http://127.0.0.1:8000", help="server URL (default: %(default)s)")
+    return parser
+
+
+def load_app(path: str) -> None:
+    """Execute the user's deployment file (its errors propagate with their traceback)."""
+    runpy.run_path(path, run_name="__serve_core_app__")
+
+
+def describe(serve: Any, url: str) -> str:
+    """The startup banner: the address and the route table."""
+    lines = [f"serve-core: serving on {url}  (stop with Ctrl-C)"]
+    for route, (endpoint, methods) in sorted(serve.wsgi_app().url_map.as_json().items()):
+        lines.append(f"  {','.join(methods):<12} {url}{route}  -> {endpoint}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.server == "granian":
+        from .http.granian import run_granian
+
+        return run_granian(args)
+    import serve_core as serve
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    instance = serve.init(
+        http_host=args.host,
+        http_port=args.port,
+        executor=args.executor,
+        kv_store_path=args.kv_store,
+        blocking=args.blocking,
+        debug=args.debug,
+    )
+    try:
+        load_app(args.app)
+    except BaseException:  # noqa: BLE001 - report any failure of the user's file
+        traceback.print_exc()
+        print(f"serve-core: error in {args.app}; shutting down", file=sys.stderr)
+        serve.shutdown()
+        return 1
+    host, port = instance.http_address() or (args.host, args.port)
+    print(describe(instance, f"http://{host}:{port}"), flush=True)
+    stop.wait()
+    print("serve-core: stopping (draining calls in flight)", flush=True)
+    serve.shutdown()
+    return 0
+
+
+def _query(url: str, path: str) -> int:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + path, timeout=10) as response:
+            data = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"serve-core: cannot query {url}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2, sort_keys=True))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``serve-core`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    return _query(args.url, "/-/routes" if args.command == "routes" else "/-/stat")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""The HTTP front: a Werkzeug WSGI application over a :class:`~serve_core.Serve` instance.
+
+* :mod:`.app` — :class:`ServeApp`, the WSGI application (mount it anywhere);
+* :mod:`.routing` — the exact-path route map rebuilt from the registry;
+* :mod:`.request` — turning a WSGI request into a query (body, SLO, call method);
+* :mod:`.responses` — encoding results and mapping errors to responses, in one place;
+* :mod:`.server` — the standalone threaded Werkzeug server;
+* :mod:`.granian` — running the app under Granian (optional extra).
+
+The core never imports this package at module level; ``Serve.wsgi_app()`` and the
+standalone server import it lazily.
+"""
+
+from __future__ import annotations
+
+from .app import ServeApp
+
+__all__ = ["ServeApp"]

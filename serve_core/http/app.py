@@ -1,0 +1,114 @@
+"""``ServeApp``: the WSGI application of a serve instance.
+
+It has Werkzeug's shape — a ``url_map`` (rebuilt when the registry's routes change), a
+``dispatch_request`` turning a request into a response, a ``wsgi_app`` doing the WSGI
+plumbing and a ``__call__`` that only delegates, so middleware can wrap ``wsgi_app`` —
+and can be mounted anywhere, e.g. under a prefix with Werkzeug's ``DispatcherMiddleware``::
+
+    app = DispatcherMiddleware(flask_app, {"/serve": serve.wsgi_app()})
+
+Built-in routes under the reserved ``/-/`` prefix: ``/-/routes`` (``{route: [endpoint,
+[methods]]}``), ``/-/healthz`` (200 while the instance runs) and ``/-/stat`` (``stat()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from werkzeug.wrappers import Response
+
+from ..errors import MethodNotAllowedError, NotFoundError
+from .request import ServeRequest, buffer_body, call_method, parse_slo
+from .responses import PlainResponse, encode_result, error_response, json_response, text_response
+from .routing import RouteMap
+
+if TYPE_CHECKING:
+    from ..serve import Serve
+
+StartResponse = Callable[..., Any]
+AnyResponse = Response | PlainResponse
+_BUILTIN_ALLOW = "GET, HEAD, OPTIONS"
+
+
+class ServeApp:
+    """The WSGI application serving one :class:`~serve_core.Serve` instance's routes.
+
+    Args:
+        serve: the instance whose endpoints are served.
+        max_body_bytes: largest accepted request body (413 past it).
+        debug: put tracebacks of failed calls in 500 bodies (never do this in production).
+    """
+
+    def __init__(self, serve: Serve, *, max_body_bytes: int, debug: bool = False) -> None:
+        self.serve = serve
+        self.max_body_bytes = max_body_bytes
+        self.debug = debug
+        self._map = RouteMap(-1, {})
+        self._builtins: dict[str, Callable[[ServeRequest], AnyResponse]] = {
+            "/-/routes": lambda request: json_response(self.url_map.as_json()),
+            "/-/healthz": self._healthz,
+            "/-/stat": lambda request: json_response(self.serve.stat()),
+        }
+
+    @property
+    def url_map(self) -> RouteMap:
+        """The current route map; rebuilt when the instance's routes have changed."""
+        registry = self.serve._registry
+        version = registry.routes_version
+        if version != self._map.version:
+            # Read the version first: a change racing with the copy triggers another rebuild.
+            self._map = RouteMap.from_table(version, dict(registry.routes), dict(registry.endpoints))
+        return self._map
+
+    def dispatch_request(self, request: ServeRequest) -> AnyResponse:
+        """Route the request, call the backend and encode its result.
+
+        Raises:
+            ServeError: any failure; :meth:`wsgi_app` turns it into a response.
+        """
+        path = request.path
+        if path.startswith("/-/"):
+            return self._builtin(request, path)
+        entry = self.url_map.match(path, request.method)
+        if request.method == "OPTIONS" and "OPTIONS" not in entry.methods:
+            return PlainResponse(b"", "text/plain", 200, (("Allow", entry.allow_header),))
+        slo = parse_slo(request)
+        method = call_method(request)
+        buffer_body(request, self.max_body_bytes)
+        future = self.serve._enqueue(entry.endpoint, {}, request, method, slo, None)
+        return encode_result(future.result())
+
+    def wsgi_app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        """The WSGI entry point (wrap this one with middleware)."""
+        request = ServeRequest(environ)
+        try:
+            response = self.dispatch_request(request)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a response
+            where = f"{request.method} {request.path}"
+            response = error_response(exc, debug=self.debug, where=where)
+        return response(environ, start_response)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        return self.wsgi_app(environ, start_response)
+
+    def _builtin(self, request: ServeRequest, path: str) -> AnyResponse:
+        handler = self._builtins.get(path)
+        if handler is None:
+            raise NotFoundError(f"no built-in route {path!r}; GET /-/routes lists the routes")
+        if request.method == "OPTIONS":
+            return PlainResponse(b"", "text/plain", 200, (("Allow", _BUILTIN_ALLOW),))
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowedError(
+                f"method {request.method} is not allowed at {path!r}; allowed: {_BUILTIN_ALLOW}",
+                ("GET", "HEAD", "OPTIONS"),
+            )
+        return handler(request)
+
+    def _healthz(self, request: ServeRequest) -> PlainResponse:
+        if self.serve.running:
+            return text_response("ok\n")
+        return text_response("stopped\n", 503)
+
+    def __repr__(self) -> str:
+        return f"<ServeApp {self.serve!r} routes={len(self.url_map)}>"

@@ -1,0 +1,80 @@
+"""Running the HTTP front under Granian (``pip install serve-core[granian]``).
+
+Granian is a Rust HTTP server; its worker process imports the app itself, so under
+``serve-core run --server granian`` the worker (not the command's process) initialises
+serve and executes the deployment file, through :func:`app_from_env`. The same factory
+serves any Granian or gunicorn setup::
+
+    SERVE_CORE_APP=examples/echo.py granian --interface wsgi --factory \\
+        serve_core.http.granian:app_from_env
+
+One worker process hosts one serve instance (replicas, queues, metrics); more workers
+would be independent instances, which is rarely what you want.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+from typing import Any
+
+from .server import is_loopback
+
+log = logging.getLogger("serve_core.http")
+
+ENV_APP = "SERVE_CORE_APP"
+ENV_EXECUTOR = "SERVE_CORE_EXECUTOR"
+ENV_KV_STORE = "SERVE_CORE_KV_STORE"
+ENV_DEBUG = "SERVE_CORE_DEBUG"
+ENV_URL = "SERVE_CORE_URL"  # for the banner printed by the worker
+# Threads running WSGI calls; each waits for its call's result, so this bounds concurrency.
+GRANIAN_THREADS = 32
+
+
+def app_from_env() -> Any:
+    """WSGI app factory: init serve, execute ``$SERVE_CORE_APP``, return ``serve.wsgi_app()``."""
+    import serve_core as serve
+    from serve_core.cli import describe, load_app
+
+    instance = serve.init(
+        start_server=False,
+        executor=os.environ.get(ENV_EXECUTOR, "thread"),
+        kv_store_path=os.environ.get(ENV_KV_STORE) or None,
+        debug=os.environ.get(ENV_DEBUG) == "1",
+    )
+    atexit.register(serve.shutdown)  # replica threads are daemons; this drains them
+    app_file = os.environ.get(ENV_APP)
+    if app_file:
+        load_app(app_file)
+        print(describe(instance, os.environ.get(ENV_URL, "")), flush=True)
+    return instance.wsgi_app()
+
+
+def run_granian(args: argparse.Namespace) -> int:
+    """Serve ``args.app`` with Granian until SIGINT/SIGTERM; returns the exit code."""
+    try:
+        from granian import Granian
+        from granian.constants import Interfaces
+    except ImportError:
+        print("serve-core: --server granian needs Granian: pip install 'serve-core[granian]'")
+        return 2
+    os.environ[ENV_APP] = os.path.abspath(args.app)
+    os.environ[ENV_EXECUTOR] = args.executor
+    os.environ[ENV_KV_STORE] = args.kv_store or ""
+    os.environ[ENV_DEBUG] = "1" if args.debug else "0"
+    os.environ[ENV_URL] = f"http://{args.host}:{args.port}"
+    if not is_loopback(args.host):
+        log.warning("serving HTTP on non-loopback address %s without authentication", args.host)
+    Granian(
+        "serve_core.http.granian:app_from_env",
+        address=args.host,
+        port=args.port,
+        interface=Interfaces.WSGI,
+        factory=True,
+        workers=1,
+        blocking_threads=GRANIAN_THREADS,
+        log_access=False,
+    ).serve()
+    return 0

@@ -1,0 +1,151 @@
+"""The ``serve-core`` command, run as a subprocess on a free port."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import requests
+
+from .conftest import WAIT, require
+
+REPO = Path(__file__).resolve().parent.parent
+
+APP = """
+import serve_core as serve
+
+serve.create_endpoint("echo", "/echo", methods=["GET", "POST"])
+serve.create_backend(lambda request: "v1", "echo:v1")
+serve.create_backend(lambda request: "v2", "echo:v2")
+serve.split("echo", {"echo:v1": 0.5, "echo:v2": 0.5})
+"""
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "serve_core.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_url(proc: subprocess.Popen[str]) -> str:
+    """Read the banner line naming the address (the process blocks until it prints it)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        match = re.search(r"serving on (http://\S+)", line)
+        if match:
+            return match.group(1)
+    raise AssertionError(f"no banner; stderr: {proc.stderr.read() if proc.stderr else ''}")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.fixture
+def app_file(tmp_path: Path) -> Path:
+    path = tmp_path / "deploy.py"
+    path.write_text(textwrap.dedent(APP))
+    return path
+
+
+def test_run_serves_until_sigterm(app_file: Path, tmp_path: Path) -> None:
+    proc = _cli("run", str(app_file), "--port", "0", "--kv-store", str(tmp_path / "s.db"), cwd=tmp_path)
+    try:
+        url = _wait_for_url(proc)
+        answers = {requests.get(f"{url}/echo", timeout=WAIT).text for _ in range(40)}
+        assert answers == {"v1", "v2"}
+        routes = subprocess.run(
+            [sys.executable, "-m", "serve_core.cli", "routes", "--url", url],
+            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=WAIT,
+        )
+        assert json.loads(routes.stdout) == {"/echo": ["echo", ["GET", "POST"]]}
+        stat = subprocess.run(
+            [sys.executable, "-m", "serve_core.cli", "stat", "--url", url],
+            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=WAIT,
+        )
+        stats = json.loads(stat.stdout)
+        assert stats["echo:v1_request_counter"] + stats["echo:v2_request_counter"] == 40
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+        assert _port_is_free(int(url.rsplit(":", 1)[1]))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_error_in_deployment_file_exits_non_zero(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("import serve_core as serve\n\nraise RuntimeError('broken deployment')\n")
+    proc = _cli("run", str(bad), "--port", "0", cwd=tmp_path)
+    out, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 1
+    assert "Traceback" in err and "broken deployment" in err and "bad.py" in err
+
+
+def test_query_of_unreachable_server_fails(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = _cli("routes", "--url", f"http://127.0.0.1:{port}", cwd=tmp_path)
+    out, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 1 and "cannot query" in err
+
+
+def test_run_with_granian(app_file: Path, tmp_path: Path) -> None:
+    require(importlib.util.find_spec("granian") is not None, "granian is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = _cli("run", str(app_file), "--port", str(port), "--server", "granian", cwd=tmp_path)
+    try:
+        url = _wait_for_url(proc)
+        assert url == f"http://127.0.0.1:{port}"
+        answers = {requests.get(f"{url}/echo", timeout=WAIT).text for _ in range(40)}
+        assert answers == {"v1", "v2"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_readme_example_serves(tmp_path: Path) -> None:
+    proc = _cli("run", str(REPO / "examples" / "echo.py"), "--port", "0", cwd=tmp_path)
+    try:
+        url = _wait_for_url(proc)
+        answers = {requests.get(f"{url}/echo", timeout=WAIT).text for _ in range(40)}
+        assert answers == {f"{url}/echo", "something new"}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
