@@ -9,8 +9,8 @@ the address, and serves until SIGINT/SIGTERM, then drains and shuts down (exit c
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
-import runpy
 import signal
 import sys
 import threading
@@ -18,6 +18,7 @@ import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 DEFAULT_KV_STORE = "serve_core.db"  # a SQLite file in the working directory
@@ -41,9 +42,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+APP_MODULE = "__serve_core_app__"
+
+
+def app_search_path(path: str) -> None:
+    """Let the deployment file import its siblings, as ``python APP.py`` would.
+
+    Done before ``init`` so that backends stored by import path from those siblings
+    can be re-imported when the registry is restored.
+    """
+    folder = str(Path(path).resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
 def load_app(path: str) -> None:
-    """Execute the user's deployment file (its errors propagate with their traceback)."""
-    runpy.run_path(path, run_name="__serve_core_app__")
+    """Execute the user's deployment file (its errors propagate with their traceback).
+
+    The file runs as a module that is *not* registered in ``sys.modules``: what it
+    defines cannot be imported again by name (not by a worker process, not after a
+    restart), so cloudpickle ships it by value and the store keeps it as a signed blob.
+    """
+    source = Path(path).read_bytes()
+    namespace = {"__name__": APP_MODULE, "__file__": str(Path(path).resolve()), "__builtins__": builtins}
+    exec(compile(source, path, "exec"), namespace)  # noqa: S102 - running the user's own file is the point
 
 
 def describe(serve: Any, url: str) -> str:
@@ -64,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    app_search_path(args.app)
     instance = serve.init(
         http_host=args.host,
         http_port=args.port,
@@ -80,11 +103,20 @@ def _run(args: argparse.Namespace) -> int:
         serve.shutdown()
         return 1
     host, port = instance.http_address() or (args.host, args.port)
+    print(f"serve-core: registry kept in {args.kv_store}{_restored(instance)}", flush=True)
     print(describe(instance, f"http://{host}:{port}"), flush=True)
     stop.wait()
     print("serve-core: stopping (draining calls in flight)", flush=True)
     serve.shutdown()
     return 0
+
+
+def _restored(instance: Any) -> str:
+    report = instance.restored
+    if not report:
+        return ""
+    failed = f", {len(report.failed)} could not be restored (see above)" if report.failed else ""
+    return f" (restored {len(report.endpoints)} endpoints, {len(report.backends)} backends{failed})"
 
 
 def _query(url: str, path: str) -> int:

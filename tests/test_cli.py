@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,13 +44,15 @@ def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
-def _wait_for_url(proc: subprocess.Popen[str]) -> str:
-    """Read the banner line naming the address (the process blocks until it prints it)."""
+def _wait_for_banner(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """Read stdout up to the line naming the address; returns the URL and what was read."""
     assert proc.stdout is not None
+    seen = []
     for line in proc.stdout:
+        seen.append(line)
         match = re.search(r"serving on (http://\S+)", line)
         if match:
-            return match.group(1)
+            return match.group(1), "".join(seen)
     raise AssertionError(f"no banner; stderr: {proc.stderr.read() if proc.stderr else ''}")
 
 
@@ -61,6 +65,20 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
+@contextlib.contextmanager
+def _running(*args: str, cwd: Path) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+    """``serve-core run ...`` until its banner; yields the process, its URL and the banner."""
+    proc = _cli("run", *args, cwd=cwd)
+    try:
+        yield (proc, *_wait_for_banner(proc))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
+
+
 @pytest.fixture
 def app_file(tmp_path: Path) -> Path:
     path = tmp_path / "deploy.py"
@@ -69,9 +87,7 @@ def app_file(tmp_path: Path) -> Path:
 
 
 def test_run_serves_until_sigterm(app_file: Path, tmp_path: Path) -> None:
-    proc = _cli("run", str(app_file), "--port", "0", "--kv-store", str(tmp_path / "s.db"), cwd=tmp_path)
-    try:
-        url = _wait_for_url(proc)
+    with _running(str(app_file), "--port", "0", "--kv-store", str(tmp_path / "s.db"), cwd=tmp_path) as (proc, url, _):
         answers = {requests.get(f"{url}/echo", timeout=WAIT).text for _ in range(40)}
         assert answers == {"v1", "v2"}
         routes = subprocess.run(
@@ -88,12 +104,6 @@ def test_run_serves_until_sigterm(app_file: Path, tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(WAIT) == 0
         assert _port_is_free(int(url.rsplit(":", 1)[1]))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT)
-        proc.stdout.close()  # type: ignore[union-attr]
-        proc.stderr.close()  # type: ignore[union-attr]
 
 
 def test_error_in_deployment_file_exits_non_zero(tmp_path: Path) -> None:
@@ -119,33 +129,31 @@ def test_run_with_granian(app_file: Path, tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = _cli("run", str(app_file), "--port", str(port), "--server", "granian", cwd=tmp_path)
-    try:
-        url = _wait_for_url(proc)
+    with _running(str(app_file), "--port", str(port), "--server", "granian", cwd=tmp_path) as (proc, url, _):
         assert url == f"http://127.0.0.1:{port}"
         answers = {requests.get(f"{url}/echo", timeout=WAIT).text for _ in range(40)}
         assert answers == {"v1", "v2"}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(WAIT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT)
-        proc.stdout.close()  # type: ignore[union-attr]
-        proc.stderr.close()  # type: ignore[union-attr]
 
 
 def test_readme_example_serves(tmp_path: Path) -> None:
-    proc = _cli("run", str(REPO / "examples" / "echo.py"), "--port", "0", cwd=tmp_path)
-    try:
-        url = _wait_for_url(proc)
+    with _running(str(REPO / "examples" / "echo.py"), "--port", "0", cwd=tmp_path) as (proc, url, _):
         answers = {requests.get(f"{url}/echo", timeout=WAIT).text for _ in range(40)}
         assert answers == {f"{url}/echo", "something new"}
         proc.send_signal(signal.SIGINT)
         assert proc.wait(WAIT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT)
-        proc.stdout.close()  # type: ignore[union-attr]
-        proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_restart_restores_the_deployment_file_on_the_process_executor(tmp_path: Path) -> None:
+    # Functions defined in the deployment file travel by value: into worker processes, and
+    # through the SQLite store (signed) into the next run, which re-runs the file as a no-op.
+    args = (str(REPO / "examples" / "echo.py"), "--port", "0", "--executor", "process")
+    for run in ("first", "second"):
+        with _running(*args, cwd=tmp_path) as (proc, url, banner):
+            answers = {requests.get(f"{url}/echo", timeout=WAIT).text for _ in range(40)}
+            assert answers == {f"{url}/echo", "something new"}, run
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(WAIT) == 0
+    assert "restored 1 endpoints, 2 backends" in banner
+    assert (tmp_path / "serve_core.db").exists()

@@ -36,8 +36,11 @@ GRANIAN_THREADS = 32
 def app_from_env() -> Any:
     """WSGI app factory: init serve, execute ``$SERVE_CORE_APP``, return ``serve.wsgi_app()``."""
     import serve_core as serve
-    from serve_core.cli import describe, load_app
+    from serve_core.cli import app_search_path, describe, load_app
 
+    app_file = os.environ.get(ENV_APP)
+    if app_file:
+        app_search_path(app_file)
     instance = serve.init(
         start_server=False,
         executor=os.environ.get(ENV_EXECUTOR, "thread"),
@@ -45,7 +48,6 @@ def app_from_env() -> Any:
         debug=os.environ.get(ENV_DEBUG) == "1",
     )
     atexit.register(serve.shutdown)  # replica threads are daemons; this drains them
-    app_file = os.environ.get(ENV_APP)
     if app_file:
         load_app(app_file)
         print(describe(instance, os.environ.get(ENV_URL, "")), flush=True)
