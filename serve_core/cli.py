@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULT_KV_STORE = "serve_core.db"  # a SQLite file in the working directory
+from .kv import DEFAULT_CLI_STORE
+
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     run.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default: %(default)s)")
     run.add_argument("--executor", default="thread", help="replica executor (default: %(default)s)")
-    run.add_argument("--kv-store", default=DEFAULT_KV_STORE, help="SQLite path or SQLAlchemy URL")
+    run.add_argument("--kv-store", default=DEFAULT_CLI_STORE, help="SQLite path or SQLAlchemy URL")
     run.add_argument("--blocking", action="store_true", help="wait until the server answers before loading")
     run.add_argument("--server", choices=("werkzeug", "granian"), default="werkzeug", help="HTTP server")
     run.add_argument("--debug", action="store_true", help="tracebacks in HTTP 500 bodies (development only)")
