@@ -24,7 +24,6 @@ from typing import Any
 from .kv import DEFAULT_CLI_STORE
 
 
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="serve-core", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
