@@ -117,7 +117,8 @@ class Invoker:
             if call.batched:
                 return self._run_batch(call, func, positional)
             return [self._run_single(call, func, positional)]
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an answer
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes an answer, even
+            # SystemExit or asyncio.CancelledError raised by user code: the replica must survive.
             return [Outcome(False, exc)] * len(call)
 
     def close(self) -> None:
@@ -149,7 +150,7 @@ class Invoker:
         try:
             with call_context(call.web, None):
                 return Outcome(True, self._await(func(*args, **call.kwargs[0])))
-        except Exception as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - see run()
             return Outcome(False, exc)
 
     def _run_batch(self, call: Call, func: Callable[..., Any], positional: bool) -> list[Outcome]:

@@ -66,6 +66,17 @@ class WindowedHistogram:
             if slot < BUCKET_CAPACITY:
                 bucket.samples[slot] = value
 
+    def snapshot(self, seconds: float, now: float) -> WindowedHistogram:
+        """A copy holding the samples of the last ``seconds`` seconds (cheap: buffer copies)."""
+        copy = WindowedHistogram(self.gc_window_seconds, self._rng)
+        start = now - seconds
+        for bucket in self._buckets:
+            if bucket.second + 1 > start:
+                kept = _Bucket(bucket.second)
+                kept.samples = array("d", bucket.samples)
+                copy._buckets.append(kept)
+        return copy
+
     def window(self, seconds: float, now: float) -> np.ndarray:
         """Samples recorded in the last ``seconds`` seconds (one-second granularity)."""
         self._expire(now)

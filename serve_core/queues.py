@@ -43,6 +43,7 @@ class Query:
     arrival: float
     backend: str = ""
     seq: int = 0  # arrival order within the backend queue, set on push
+    started: bool = False  # future already set running (a query put back after a replica died)
 
     @property
     def web(self) -> bool:

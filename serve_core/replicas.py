@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -22,11 +23,27 @@ log = logging.getLogger("serve_core")
 
 
 class ReplicaManager:
-    """Starts and stops the replicas of every backend."""
+    """Starts and stops the replicas of every backend.
+
+    Args:
+        default_executor: the instance's executor (name or object).
+        executor_options: keyword arguments for executors built by name.
+        drain_timeout_s: how long a removed replica may take to finish its call.
+        admin: the owner's lock around registry changes; replacing a dead replica takes it.
+        lookup: the current definition of a backend, or None once the owner stopped.
+    """
 
     def __init__(
-        self, default_executor: str | Executor, executor_options: dict[str, Any], drain_timeout_s: float
+        self,
+        default_executor: str | Executor,
+        executor_options: dict[str, Any],
+        drain_timeout_s: float,
+        admin: threading.RLock,
+        lookup: Callable[[str], BackendInfo | None],
     ) -> None:
+        self._admin = admin
+        self._lookup = lookup
+        self._replacers_lock = threading.Lock()
         self._executors: dict[str, Executor] = {}
         self._options = executor_options
         self._drain_timeout = drain_timeout_s
@@ -84,43 +101,42 @@ class ReplicaManager:
                 log.warning("replica %s did not drain in time; stopping it", slot.replica.replica_id)
             slot.replica.stop(self._drain_timeout)
 
-    def replace_dead(self, router: Router, info: BackendInfo, dead: Replica) -> None:
+    def replace_dead(self, router: Router, tag: str, dead: Replica) -> None:
         """Replace a replica that died, from a helper thread (never on the caller's)."""
-        if self._stopped:
-            return
         thread = threading.Thread(
-            target=self._replace,
-            args=(router, info, dead),
-            name=f"serve-replace-{dead.replica_id}",
-            daemon=True,
+            target=self._replace, args=(router, tag, dead), name=f"serve-replace-{dead.replica_id}", daemon=True
         )
-        self._replacers = [t for t in self._replacers if t.is_alive()] + [thread]
-        thread.start()
+        with self._replacers_lock:
+            if self._stopped:
+                return
+            self._replacers = [t for t in self._replacers if t.is_alive()] + [thread]
+            thread.start()
 
-    def _replace(self, router: Router, info: BackendInfo, dead: Replica) -> None:
+    def _replace(self, router: Router, tag: str, dead: Replica) -> None:
         try:
             dead.stop(0)
         except Exception:  # noqa: BLE001 - it is already dead; cleanup is best effort
             log.debug("stopping dead replica %s failed", dead.replica_id, exc_info=True)
-        if self._stopped or router.replica_count(info.tag) >= info.config.num_replicas:
-            return
-        try:
-            (replica,) = self.start(info, 1)
-        except Exception as exc:  # noqa: BLE001
-            log.exception("could not replace dead replica %s of %s", dead.replica_id, info.tag)
-            if router.replica_count(info.tag) == 0:
-                error = ReplicaDiedError(f"backend {info.tag!r} has no replica left: restarting one failed: {exc!r}")
-                router.fail_queued(info.tag, error)
-            return
-        if self._stopped:
-            replica.stop(0)
-            return
-        log.warning("replaced dead replica %s of %s with %s", dead.replica_id, info.tag, replica.replica_id)
-        router.add_replica(info.tag, replica)
+        with self._admin:  # no scaling or config change runs meanwhile
+            info = self._lookup(tag)  # the current definition, None once stopped
+            if info is None or router.replica_count(tag) >= info.config.num_replicas:
+                return
+            try:
+                (replica,) = self.start(info, 1)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("could not replace dead replica %s of %s", dead.replica_id, tag)
+                router.mark_broken(tag, ReplicaDiedError(
+                    f"backend {tag!r} has no replica left: restarting one failed with {exc!r}; "
+                    "fix the cause, then set_backend_config() starts replicas again"
+                ))
+                return
+            log.warning("replaced dead replica %s of %s with %s", dead.replica_id, tag, replica.replica_id)
+            router.add_replica(tag, replica)
 
     def stop_replacing(self) -> None:
         """No more replacements; wait for those under way."""
-        self._stopped = True
+        with self._replacers_lock:
+            self._stopped = True
         for thread in self._replacers:
             thread.join(self._drain_timeout)
 

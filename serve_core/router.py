@@ -11,11 +11,10 @@ expired deadline, overload, or shutdown.
 
 from __future__ import annotations
 
-import collections
 import random
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from functools import partial
 from typing import Any
 
@@ -31,37 +30,14 @@ from .errors import (
 )
 from .executors.base import Replica
 from .invoke import Call, Outcome
-from .metrics import Counter, WindowedHistogram, percentile_keys
+from .metrics import Counter, percentile_keys
 from .policy import Policy, PolicySpec
-from .queues import BackendQueue, Query
+from .queues import Query
+from .slots import BackendState, Slot
 from .split import Traffic
 from .waiting import WaitingRoom
 
-Work = tuple["_BackendState", "_Slot", list[Query]]
-
-
-class _Slot:
-    """A replica and whether it is running a call."""
-
-    __slots__ = ("replica", "busy", "draining", "drained")
-
-    def __init__(self, replica: Replica) -> None:
-        self.replica = replica
-        self.busy = False
-        self.draining = False
-        self.drained: Future[None] = Future()
-
-
-class _BackendState:
-    def __init__(self, tag: str, config: BackendConfig, gc_window_seconds: float) -> None:
-        self.tag = tag
-        self.config = config
-        self.queue = BackendQueue(config.max_queue_size)
-        self.slots: list[_Slot] = []
-        self.idle: collections.deque[_Slot] = collections.deque()
-        self.requests = Counter()
-        self.errors = Counter()
-        self.latency = WindowedHistogram(gc_window_seconds)
+Work = tuple[BackendState, Slot, list[Query]]
 
 
 class _EndpointState:
@@ -93,7 +69,7 @@ class Router:
         self._gc_window = gc_window_seconds
         self._on_replica_died = on_replica_died
         self._lock = threading.Lock()
-        self._backends: dict[str, _BackendState] = {}
+        self._backends: dict[str, BackendState] = {}
         self._endpoints: dict[str, _EndpointState] = {}
         self._waiting = WaitingRoom(
             self._lock, clock, max_pending_per_endpoint, pending_timeout_s, self._fail
@@ -103,7 +79,7 @@ class Router:
     # ---------------------------------------------------------------- setup
     def add_backend(self, tag: str, config: BackendConfig) -> None:
         with self._lock:
-            self._backends[tag] = _BackendState(tag, config, self._gc_window)
+            self._backends[tag] = BackendState(tag, config, self._gc_window)
 
     def set_config(self, tag: str, config: BackendConfig) -> None:
         with self._lock:
@@ -116,34 +92,29 @@ class Router:
     def add_replica(self, tag: str, replica: Replica) -> None:
         with self._lock:
             state = self._backends[tag]
-            slot = _Slot(replica)
-            state.slots.append(slot)
-            state.idle.append(slot)
+            state.add(replica)
             work, expired = self._dispatch(state)
         self._run(work, expired)
 
-    def retire_replicas(self, tag: str, count: int, oldest: bool = False) -> list[_Slot]:
+    def retire_replicas(self, tag: str, count: int, oldest: bool = False) -> list[Slot]:
         """Stop routing to ``count`` replicas (the newest unless ``oldest``).
 
         Each returned slot's ``drained`` future resolves once its call in flight is done.
         """
         with self._lock:
-            state = self._backends[tag]
-            cut = slice(0, count) if oldest else slice(len(state.slots) - count, None)
-            retired = state.slots[cut]
-            del state.slots[cut]
-            for slot in retired:
-                slot.draining = True
-                if slot in state.idle:
-                    state.idle.remove(slot)
-                if not slot.busy:
-                    slot.drained.set_result(None)
-        return retired
+            return self._backends[tag].retire(count, oldest)
 
-    def fail_queued(self, tag: str, error: BaseException) -> None:
-        """Fail every query queued for a backend (it has no replica left to run them)."""
+    def mark_broken(self, tag: str, error: BaseException) -> None:
+        """The backend lost its last replica and could not restart one.
+
+        Its queued queries fail with ``error``, and so do new ones until a replica is added.
+        """
         with self._lock:
-            leftovers = self._backends[tag].queue.drain()
+            state = self._backends[tag]
+            if state.slots:
+                return
+            state.broken = error
+            leftovers = state.queue.drain()
         self._fail(leftovers, error)
 
     def replica_count(self, tag: str) -> int:
@@ -160,7 +131,7 @@ class Router:
             ep = self._endpoint(endpoint)
             ep.policy = self._policy.build(Traffic.of(weights), self._rng, self._policy_kwargs)
             rejected: list[Query] = []
-            touched: dict[str, _BackendState] = {}
+            touched: dict[str, BackendState] = {}
             for query in self._waiting.release(endpoint):
                 try:
                     state = self._route(ep, query)
@@ -203,10 +174,12 @@ class Router:
             ep = self._endpoints[name] = _EndpointState(name)
         return ep
 
-    def _route(self, ep: _EndpointState, query: Query) -> _BackendState:
+    def _route(self, ep: _EndpointState, query: Query) -> BackendState:
         assert ep.policy is not None  # callers check; internal invariant
         tag = ep.policy.choose(query.shard_key, self._queue_len)
         state = self._backends[tag]
+        if state.broken is not None:
+            raise state.broken
         query.backend = tag
         state.queue.push(query)
         return state
@@ -215,7 +188,7 @@ class Router:
         return len(self._backends[tag].queue)
 
     # -------------------------------------------------------------- dispatch
-    def _dispatch(self, state: _BackendState) -> tuple[list[Work], list[Query]]:
+    def _dispatch(self, state: BackendState) -> tuple[list[Work], list[Query]]:
         """Pair idle slots with batches (under the lock)."""
         idle, queue = state.idle, state.queue
         if not (idle and queue):
@@ -231,19 +204,15 @@ class Router:
                 query = queue.pop()
                 if drop_expired and query.deadline < now:
                     expired.append(query)
-                elif query.future.set_running_or_notify_cancel():
-                    slot = idle.popleft()
-                    slot.busy = True
-                    work.append((state, slot, [query]))
+                elif query.started or query.future.set_running_or_notify_cancel():
+                    work.append((state, state.start([query]), [query]))
             return work, expired
         while idle and queue:
             batch = form_batch(queue, config.max_batch_size, now, config.drop_expired)
             expired += batch.expired
-            queries = [q for q in batch.queries if q.future.set_running_or_notify_cancel()]
+            queries = [q for q in batch.queries if q.started or q.future.set_running_or_notify_cancel()]
             if queries:
-                slot = idle.popleft()
-                slot.busy = True
-                work.append((state, slot, queries))
+                work.append((state, state.start(queries), queries))
         return work, expired
 
     def _run(self, work: list[Work], expired: list[Query]) -> None:
@@ -261,7 +230,7 @@ class Router:
                 freed += self._submit(state, slot, queries)
             work = freed
 
-    def _submit(self, state: _BackendState, slot: _Slot, queries: list[Query]) -> list[Work]:
+    def _submit(self, state: BackendState, slot: Slot, queries: list[Query]) -> list[Work]:
         """Hand a call to its replica; returns the work freed if it completed at once."""
         head = queries[0]
         if len(queries) == 1:
@@ -277,9 +246,11 @@ class Router:
             requests=requests,
             kwargs=kwargs,
         )
+        if not slot.replica.alive:
+            return self._requeue(state, slot, queries)
         try:
             future = slot.replica.submit(call)
-        except Exception as exc:  # noqa: BLE001 - a broken executor is a dead replica
+        except BaseException as exc:  # noqa: BLE001 - a broken executor is a dead replica
             future = Future()
             future.set_exception(exc)
         if future.done():
@@ -287,13 +258,26 @@ class Router:
         future.add_done_callback(partial(self._on_done, state, slot, queries))
         return []
 
+    def _requeue(self, state: BackendState, slot: Slot, queries: list[Query]) -> list[Work]:
+        """The replica died before it got the call: the queries go back, the slot goes."""
+        with self._lock:
+            state.drop(slot)
+            for query in queries:
+                query.started = True  # its future is already running
+                state.queue.restore(query)
+            work, expired = self._dispatch(state)
+        self._on_replica_died(state.tag, slot.replica)
+        if expired:
+            self._fail(expired, None)
+        return work
+
     def _on_done(
-        self, state: _BackendState, slot: _Slot, queries: list[Query], future: Future[list[Outcome]]
+        self, state: BackendState, slot: Slot, queries: list[Query], future: Future[list[Outcome]]
     ) -> None:
         self._run(self._complete(state, slot, queries, future), [])
 
     def _complete(
-        self, state: _BackendState, slot: _Slot, queries: list[Query], future: Future[list[Outcome]]
+        self, state: BackendState, slot: Slot, queries: list[Query], future: Future[list[Outcome]]
     ) -> list[Work]:
         """Record a finished call and answer its queries; returns the work this frees."""
         died: BaseException | None = None
@@ -308,20 +292,16 @@ class Router:
             outcomes = [Outcome(False, error)] * len(queries)
         now = self._clock.monotonic()
         with self._lock:
-            slot.busy = False
             state.requests.inc(len(queries))
             if died is None:
                 for query, outcome in zip(queries, outcomes, strict=False):
                     state.latency.record(now - query.arrival, now)
                     if not outcome.ok:
                         state.errors.inc()
-                self._release(state, slot)
+                state.finish(slot)
             else:
                 state.errors.inc(len(queries))
-                if slot in state.slots:
-                    state.slots.remove(slot)
-                if not slot.drained.done():
-                    slot.drained.set_result(None)
+                state.drop(slot)
             work, expired = self._dispatch(state) if not self._closed else ([], [])
         if died is None:
             for query, outcome in zip(queries, outcomes, strict=False):
@@ -332,14 +312,6 @@ class Router:
         if expired:
             self._fail(expired, None)
         return work
-
-    @staticmethod
-    def _release(state: _BackendState, slot: _Slot) -> None:
-        if slot.draining:
-            if not slot.drained.done():
-                slot.drained.set_result(None)
-        else:
-            state.idle.append(slot)
 
     def _fail(self, queries: Iterable[Query], error: BaseException | None) -> None:
         """Fail queries; ``error=None`` means their deadline passed."""
@@ -357,19 +329,28 @@ class Router:
     def stat(self, percentiles: list[float], windows: list[float]) -> dict[str, float]:
         now = self._clock.monotonic()
         out: dict[str, float] = {}
-        with self._lock:
+        latencies = {}
+        with self._lock:  # copy under the lock; the numpy work happens after
             for tag, state in self._backends.items():
                 out[f"{tag}_error_counter"] = state.errors.value
                 out[f"{tag}_request_counter"] = state.requests.value
                 out[f"backend_{tag}_queue_size"] = len(state.queue)
                 out[f"backend_{tag}_num_replicas"] = len(state.slots)
-                out.update(percentile_keys(f"{tag}_latency_s", state.latency, percentiles, windows, now))
+                latencies[tag] = state.latency.snapshot(max(windows, default=0), now)
             for name, ep in self._endpoints.items():
                 out[f"endpoint_{name}_request_counter"] = ep.requests.value
                 out[f"endpoint_{name}_pending_size"] = self._waiting.size(name)
+        for tag, samples in latencies.items():
+            out.update(percentile_keys(f"{tag}_latency_s", samples, percentiles, windows, now))
         return out
 
     # ------------------------------------------------------------- lifecycle
+    def abandon_in_flight(self) -> None:
+        """Fail the calls still running (after shutdown gave up waiting for them)."""
+        with self._lock:
+            running = [query for state in self._backends.values() for query in state.in_flight()]
+        self._fail(running, ServeStateError("serve instance shut down before the call finished"))
+
     def close(self) -> None:
         """Refuse new queries and fail every queued one (in-flight calls still finish)."""
         with self._lock:
@@ -382,10 +363,13 @@ class Router:
 
 
 def _resolve(future: Future[Any], outcome: Outcome) -> None:
-    if outcome.ok:
-        future.set_result(outcome.value)
-    else:
-        future.set_exception(outcome.value)
+    try:
+        if outcome.ok:
+            future.set_result(outcome.value)
+        else:
+            future.set_exception(outcome.value)
+    except InvalidStateError:
+        pass  # already failed by shutdown (abandon_in_flight)
 
 
 def _as_replica_death(replica: Replica, error: BaseException) -> BaseException:

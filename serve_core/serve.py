@@ -24,7 +24,7 @@ from .metrics import check_stat_args
 from .persistence import RestoreReport, open_registry_store, restore
 from .policy import PolicySpec, RoutePolicy
 from .queues import Query, ServeFuture
-from .registry import Registry
+from .registry import BackendInfo, Registry
 from .replicas import ReplicaManager
 from .router import Router
 from .slo import SLO
@@ -108,7 +108,7 @@ class Serve:
             on_replica_died=self._on_replica_died,
         )
         self._replicas = ReplicaManager(
-            executor, {"ray_init_kwargs": ray_init_kwargs}, drain_timeout_s
+            executor, {"ray_init_kwargs": ray_init_kwargs}, drain_timeout_s, self._admin, self._live_backend
         )
         self.max_body_bytes, self.debug = max_body_bytes, debug
         self._app: Any = None
@@ -148,6 +148,7 @@ class Serve:
         for tag in list(self._registry.backends):
             replicas += self._router.replicas(tag)
         self._replicas.shutdown(replicas)
+        self._router.abandon_in_flight()  # calls that outlived drain_timeout_s
         if self._http is not None:
             self._http.close()
         self._store.close()
@@ -232,9 +233,11 @@ class Serve:
                 raise
 
     def _on_replica_died(self, tag: str, replica: Replica) -> None:
-        info = self._registry.backends.get(tag)
-        if info is not None and self.running:
-            self._replicas.replace_dead(self._router, info, replica)
+        if self.running:
+            self._replicas.replace_dead(self._router, tag, replica)
+
+    def _live_backend(self, tag: str) -> BackendInfo | None:
+        return self._registry.backends.get(tag) if self.running else None
 
     # -------------------------------------------------------------- traffic
     def link(self, endpoint_name: str, backend_tag: str) -> None:

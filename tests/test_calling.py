@@ -150,3 +150,16 @@ def test_constructor_error_fails_create_backend(srv: Serve) -> None:
     srv.create_endpoint("e")
     srv.link("e", "broken")
     assert srv.get_handle("e").remote().result(WAIT) == "fine"
+
+
+@pytest.mark.parametrize("error", [asyncio.CancelledError, SystemExit, KeyboardInterrupt])
+def test_base_exceptions_from_user_code_are_answers(srv: Serve, error: type[BaseException]) -> None:
+    def backend(*, fail=False):
+        if fail:
+            raise error("from the backend")
+        return "alive"
+
+    handle = deploy(srv, backend)
+    with pytest.raises(error):
+        handle.remote(fail=True).result(WAIT)
+    assert handle.remote().result(WAIT) == "alive"

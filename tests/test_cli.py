@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,6 +64,18 @@ def _port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def _wait_until_answering(url: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            requests.get(f"{url}/-/healthz", timeout=WAIT).raise_for_status()
+            return
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # polling a condition under a deadline, not synchronisation
 
 
 @contextlib.contextmanager
@@ -131,6 +144,7 @@ def test_run_with_granian(app_file: Path, tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     with _running(str(app_file), "--port", str(port), "--server", "granian", cwd=tmp_path) as (proc, url, _):
         assert url == f"http://127.0.0.1:{port}"
+        _wait_until_answering(url)  # Granian's worker prints the banner before the socket listens
         answers = {requests.get(f"{url}/echo", timeout=WAIT).text for _ in range(40)}
         assert answers == {"v1", "v2"}
         proc.send_signal(signal.SIGTERM)

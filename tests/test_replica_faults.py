@@ -129,3 +129,36 @@ def test_missing_outcomes_fail_the_call_instead_of_stranding_it(make_serve) -> N
     deploy(srv)
     with pytest.raises(ServeError, match="answered 0 of 1"):
         srv.get_handle("ep").remote(i=1).result(WAIT)
+
+
+def test_backend_without_replicas_fails_fast_until_restarted(make_serve) -> None:
+    executor = CrashingExecutor()
+    srv = make_serve(executor=executor)
+    deploy(srv)
+    handle = srv.get_handle("ep")
+    executor.fail_starts = True
+    with pytest.raises(ReplicaDiedError):
+        handle.remote(crash=True).result(WAIT)
+    executor.replaced.clear()
+    for _ in range(int(WAIT / 0.01)):  # the failed restart happens on a helper thread
+        try:
+            handle.remote(i=1)
+        except ReplicaDiedError as exc:
+            assert "set_backend_config" in str(exc)
+            break
+        threading.Event().wait(0.01)
+    else:
+        pytest.fail("the backend never reported that it has no replica")
+    executor.fail_starts = False
+    srv.set_backend_config("b", srv.get_backend_config("b"))  # starts the missing replica
+    assert handle.remote(i=2).result(WAIT) == 2
+
+
+def test_replica_found_dead_before_the_call_costs_no_query(make_serve) -> None:
+    executor = CrashingExecutor()
+    srv = make_serve(executor=executor)
+    deploy(srv)
+    executor.started[0].dead = True  # died while idle: the router notices when it hands out work
+    assert srv.get_handle("ep").remote(i=3).result(WAIT) == 3
+    assert len(executor.started) == 2
+    assert srv.stat()["b_error_counter"] == 0

@@ -320,3 +320,18 @@ def test_failed_scale_up_keeps_the_old_config(make_serve) -> None:
     assert srv.get_backend_config("b").num_replicas == 1
     assert srv.stat()["backend_b_num_replicas"] == 1
     assert srv.get_handle("ep").remote().result(WAIT) == "ok"
+
+
+def test_shutdown_answers_calls_that_outlive_the_drain_timeout(make_serve) -> None:
+    release = threading.Event()
+    srv = make_serve(executor="thread", drain_timeout_s=0.05)
+    srv.create_endpoint("ep")
+    srv.create_backend(lambda: release.wait(WAIT), "b")
+    srv.link("ep", "b")
+    stuck = srv.get_handle("ep").remote()
+    try:
+        srv.shutdown()
+        with pytest.raises(ServeStateError, match="before the call finished"):
+            stuck.result(WAIT)
+    finally:
+        release.set()  # let the replica thread end

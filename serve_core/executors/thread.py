@@ -57,7 +57,11 @@ class ThreadReplica:
             while (item := self._work.get()) is not _STOP:
                 call, future = item
                 if future.set_running_or_notify_cancel():
-                    future.set_result(self._invoker.run(call))
+                    try:
+                        future.set_result(self._invoker.run(call))
+                    except BaseException as exc:  # noqa: BLE001 - never leave a future running
+                        future.set_exception(ReplicaDiedError(f"replica {self.replica_id} failed: {exc!r}"))
+                        raise
         finally:
             self._invoker.close()
             self._fail_leftovers()
