@@ -38,7 +38,7 @@ class WaitingRoom:
         self._timeout = timeout_s
         self._fail = fail
         self._queues: dict[str, collections.deque[Query]] = {}
-        self._timers: dict[str, threading.Timer] = {}
+        self._timers: dict[str, _Timer] = {}
         self._closed = False
 
     def hold(self, endpoint: str, query: Query) -> None:
@@ -50,12 +50,19 @@ class WaitingRoom:
                 "already waiting; link a backend or retry later"
             )
         queue.append(query)
-        if endpoint not in self._timers:
-            self._arm(endpoint, self._timeout)
+        timer = self._timers.get(endpoint)
+        if timer is None:
+            self._arm(endpoint, self._expiry(query) - query.arrival)
+        elif self._expiry(query) < timer.fires_at:
+            timer.cancel()
+            self._arm(endpoint, self._expiry(query) - query.arrival)
 
     def release(self, endpoint: str) -> list[Query]:
         """Take every query waiting for ``endpoint``, oldest first (under the lock)."""
         queue = self._queues.pop(endpoint, None)
+        timer = self._timers.pop(endpoint, None)
+        if timer is not None:
+            timer.cancel()  # its thread ends at once; nothing is left to expire
         return list(queue) if queue else []
 
     def size(self, endpoint: str) -> int:
@@ -75,24 +82,37 @@ class WaitingRoom:
         return leftovers
 
     def _arm(self, endpoint: str, delay: float) -> None:
-        timer = threading.Timer(max(delay, 0.0), self._expire, (endpoint,))
+        timer = _Timer(max(delay, 0.0), self._expire, (endpoint,))
+        timer.fires_at = self._clock.monotonic() + delay
         timer.name = f"serve-waiting-{endpoint}"
         timer.daemon = True
         self._timers[endpoint] = timer
         timer.start()
 
+
+    def _expiry(self, query: Query) -> float:
+        """When a waiting query gives up: its own deadline, or ``timeout_s`` after arrival."""
+        return min(query.arrival + self._timeout, query.deadline)
+
     def _expire(self, endpoint: str) -> None:
         now = self._clock.monotonic()
         expired: list[Query] = []
         with self._lock:
-            self._timers.pop(endpoint, None)
-            queue = self._queues.get(endpoint)
-            while queue and queue[0].arrival + self._timeout <= now:
-                expired.append(queue.popleft())
+            if self._timers.get(endpoint) is not threading.current_thread():
+                return  # released (or re-armed) meanwhile
+            del self._timers[endpoint]
+            queue = self._queues.get(endpoint, collections.deque())
+            expired = [q for q in queue if self._expiry(q) <= now]
+            if expired:
+                queue = self._queues[endpoint] = collections.deque(q for q in queue if self._expiry(q) > now)
             if queue and not self._closed:
-                self._arm(endpoint, queue[0].arrival + self._timeout - now)
+                self._arm(endpoint, min(map(self._expiry, queue)) - now)
         if expired:
             error = DeadlineExceededError(
                 f"endpoint {endpoint!r} got no traffic within {self._timeout} s; link or split it to a backend"
             )
             self._fail(expired, error)
+
+
+class _Timer(threading.Timer):
+    fires_at: float = 0.0  # monotonic time (owner's clock) it is due

@@ -145,19 +145,33 @@ def test_full_queue_rejects_at_once(srv: Serve) -> None:
     assert done.count(None) == 2
 
 
+def linked(srv: Serve, target: object, config: BackendConfig) -> serve.ServeHandle:
+    srv.create_endpoint("ep")
+    srv.create_backend(target, "b", backend_config=config)
+    srv.link("ep", "b")
+    return srv.get_handle("ep")
+
+
 def test_expired_queries_fail_fast_when_configured(srv: Serve) -> None:
-    past = (time.time() - 10) * 1000
-    calls = [{"i": 1, "options": {"absolute_slo_ms": past}}, {"i": 2}]
-    futures = queued(srv, Counter, BackendConfig(drop_expired=True), calls)
-    with pytest.raises(DeadlineExceededError):
-        futures[0].result(WAIT)
-    assert futures[1].result(WAIT)[2] == 2
+    handle = linked(srv, Counter, BackendConfig(drop_expired=True))
+    past = handle.options(absolute_slo_ms=(time.time() - 10) * 1000)
+    with pytest.raises(DeadlineExceededError, match="deadline"):
+        past.remote(i=1).result(WAIT)
+    assert handle.remote(i=2).result(WAIT)[2] == 2
+    assert srv.stat()["b_request_counter"] == 1  # the expired query never ran
 
 
 def test_expired_queries_still_run_by_default(srv: Serve) -> None:
-    past = (time.time() - 10) * 1000
-    futures = queued(srv, Counter, BackendConfig(), [{"i": 1, "options": {"absolute_slo_ms": past}}])
-    assert futures[0].result(WAIT)[2] == 1
+    handle = linked(srv, Counter, BackendConfig())
+    past = handle.options(absolute_slo_ms=(time.time() - 10) * 1000)
+    assert past.remote(i=1).result(WAIT)[2] == 1
+
+
+def test_deadline_bounds_the_wait_for_traffic(srv: Serve) -> None:
+    srv.create_endpoint("ep")
+    soon = srv.get_handle("ep", relative_slo_ms=1)
+    with pytest.raises(DeadlineExceededError, match="no traffic"):
+        soon.remote().result(WAIT)
 
 
 def test_missing_ok_handle_waits_for_traffic(srv: Serve) -> None:

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from typing import Any, Protocol, runtime_checkable
 
 from ..config import BackendConfig
-from ..errors import NotFoundError, ServeTypeError
+from ..errors import NotFoundError, ServeStateError, ServeTypeError
 from ..invoke import Call, Outcome
 
 EXECUTORS: dict[str, str] = {
@@ -79,5 +79,12 @@ def create_executor(name_or_executor: str | Executor, **options: Any) -> Executo
             f"unknown executor {name_or_executor!r}; choose one of {sorted(EXECUTORS)}"
         )
     module_name, _, class_name = path.partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ServeStateError(
+            f"executor {name_or_executor!r} is not available: {exc}; install its extra, "
+            f"e.g. pip install 'serve-core[{name_or_executor}]'"
+        ) from exc
+    cls = getattr(module, class_name)
     return cls(**options)  # type: ignore[no-any-return, unused-ignore]

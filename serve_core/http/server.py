@@ -28,10 +28,23 @@ log = logging.getLogger("serve_core.http")
 WSGIApp = Callable[..., Any]
 
 
+MAX_CONNECTIONS = 512
+"""Open connections (each has a thread) before new ones get an immediate 503."""
+
+IDLE_TIMEOUT_S = 30.0
+"""A connection silent this long (idle keep-alive, or a stalled body) is closed."""
+
+_OVERLOADED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 34\r\n\r\ntoo many connections, retry later\n"
+)
+
+
 class _Handler(WSGIRequestHandler):
     """Werkzeug's handler, HTTP/1.1 keep-alive, without a log line per request."""
 
     protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT_S
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
@@ -46,6 +59,13 @@ class _Server(ThreadedWSGIServer):
         self._connections: dict[socket.socket, threading.Thread] = {}
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        if len(self._connections) >= MAX_CONNECTIONS:
+            try:
+                request.sendall(_OVERLOADED)
+            except OSError:
+                pass  # the client went away; nothing to tell it
+            self.shutdown_request(request)
+            return
         thread = threading.Thread(
             target=self.process_request_thread,
             args=(request, client_address),

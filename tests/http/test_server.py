@@ -132,3 +132,21 @@ def test_core_does_not_import_werkzeug() -> None:
     )
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=WAIT)
+
+
+def test_connections_past_the_cap_get_503(make_serve: Callable[..., Serve], monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve_core.http import server
+
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 2)
+    srv = make_serve(start_server=True, http_port=0, blocking=True)
+    host, port = srv.http_address() or ("", 0)
+    idle = [socket.create_connection((host, port), timeout=WAIT) for _ in range(2)]
+    try:
+        for sock in idle:  # each is served (held by a thread) once it has been answered once
+            sock.sendall(b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+        response = requests.get(f"http://{host}:{port}/-/healthz", timeout=WAIT)
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    finally:
+        for sock in idle:
+            sock.close()
