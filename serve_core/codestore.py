@@ -28,6 +28,7 @@ import hmac
 import importlib
 import json
 import pickle
+import sys
 from typing import Any
 
 import cloudpickle
@@ -64,6 +65,8 @@ def import_ref(obj: Any) -> str | None:
     if not isinstance(module, str) or not isinstance(qualname, str):
         return None
     if module == "__main__" or "<" in qualname:  # scripts and closures do not re-import
+        return None
+    if getattr(sys.modules.get(module), "__spec__", None) is None:  # e.g. run from a file by runpy
         return None
     try:
         found = resolve_ref(f"{module}:{qualname}")

@@ -89,34 +89,50 @@ class Serve:
     ) -> None:
         self.init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_stat_args((), (), gc_window_seconds)
-        policy = RoutePolicy.resolve(queueing_policy)
-        policy.build(Traffic.of({"-": 1.0}), random.Random(), dict(policy_kwargs or {}))  # validates kwargs
         self.clock: Clock = clock or SystemClock()
         self.gc_window_seconds = gc_window_seconds
         self.start_server = start_server
-        self._store = open_registry_store(kv_store_path, kv_store_connector)
+        self.max_body_bytes, self.debug = max_body_bytes, debug
         self._registry = Registry()
         self._admin = threading.RLock()  # serialises registry changes and scaling
-        self._router = Router(
-            clock=self.clock,
-            policy=policy,
-            policy_kwargs=dict(policy_kwargs or {}),
-            rng=rng or random.Random(),
-            gc_window_seconds=gc_window_seconds,
-            max_pending_per_endpoint=max_pending_per_endpoint,
-            pending_timeout_s=pending_timeout_s,
-            on_replica_died=self._on_replica_died,
+        self._router = self._build_router(
+            queueing_policy, dict(policy_kwargs or {}), rng, max_pending_per_endpoint, pending_timeout_s
         )
         self._replicas = ReplicaManager(
             executor, {"ray_init_kwargs": ray_init_kwargs}, drain_timeout_s, self._admin, self._live_backend
         )
-        self.max_body_bytes, self.debug = max_body_bytes, debug
+        try:
+            self._store = open_registry_store(kv_store_path, kv_store_connector)
+        except BaseException:
+            self._replicas.shutdown([])
+            raise
         self._app: Any = None
         self._http: HTTPServer | None = None
         self._state = State.RUNNING
         self.restored: RestoreReport = self._restore()
         if start_server:
             self._start_http(http_host, http_port, blocking)
+
+    def _build_router(
+        self,
+        queueing_policy: PolicySpec | str,
+        policy_kwargs: dict[str, Any],
+        rng: random.Random | None,
+        max_pending_per_endpoint: int,
+        pending_timeout_s: float,
+    ) -> Router:
+        policy = RoutePolicy.resolve(queueing_policy)
+        policy.build(Traffic.of({"-": 1.0}), random.Random(), policy_kwargs)  # validates the kwargs now
+        return Router(
+            clock=self.clock,
+            policy=policy,
+            policy_kwargs=policy_kwargs,
+            rng=rng or random.Random(),
+            gc_window_seconds=self.gc_window_seconds,
+            max_pending_per_endpoint=max_pending_per_endpoint,
+            pending_timeout_s=pending_timeout_s,
+            on_replica_died=self._on_replica_died,
+        )
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -302,8 +318,8 @@ class Serve:
 
         def decorator(func_or_class: Any) -> ServeHandle:
             name = func_or_class.__name__
+            self.create_endpoint(name, url_route)  # first: a taken route leaves nothing behind
             self.create_backend(func_or_class, f"{name}:v0")
-            self.create_endpoint(name, url_route)
             self.link(name, f"{name}:v0")
             return self.get_handle(name)
 

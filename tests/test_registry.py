@@ -205,3 +205,14 @@ def test_context_manager() -> None:
         srv.create_endpoint("e")
         assert srv.running
     assert not srv.running
+
+
+def test_route_decorator_on_a_taken_route_leaves_nothing(inline: Serve) -> None:
+    inline.create_endpoint("first", "/taken")
+
+    def second(request=None):
+        return 2
+
+    with pytest.raises(ConflictError):
+        inline.route("/taken")(second)
+    assert "second:v0" not in inline._registry.backends
