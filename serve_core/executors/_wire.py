@@ -6,28 +6,21 @@ Both sides import this module. Messages are small named dataclasses pickled with
 so that they keep their type and gain the worker's traceback as ``__cause__``, the
 way ``concurrent.futures.ProcessPoolExecutor`` does it.
 
-Web requests (Werkzeug ``Request`` objects) are not picklable; the parent turns them
-into a :class:`WebRequest` (the plain part of the WSGI environ plus the body) and the
-worker rebuilds a Werkzeug ``Request`` from it.
+Web requests travel as they are: the HTTP front's ``ServeRequest`` pickles itself to a
+self-contained copy (see :mod:`serve_core.http.request`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import pickle
-import sys
 import traceback
 from typing import Any
 
 import cloudpickle
-from werkzeug.wrappers import Request
 
 from ..errors import ServeError
-from ..invoke import Call, Outcome
-
-# Environ values that pickle cheaply and mean the same in another process.
-_PLAIN_TYPES = (str, bytes, int, float, bool, tuple, type(None))
+from ..invoke import Outcome
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,29 +47,6 @@ class Failure:
 @dataclasses.dataclass(frozen=True)
 class Stop:
     """Finish the calls already sent, then exit."""
-
-
-@dataclasses.dataclass(frozen=True)
-class WebRequest:
-    """A picklable stand-in for a Werkzeug request: plain environ entries and the body."""
-
-    environ: dict[str, Any]
-    body: bytes
-
-    @classmethod
-    def of(cls, request: Request) -> WebRequest:
-        """Capture ``request`` (reads and caches its body in this process)."""
-        body = request.get_data(cache=True)
-        environ = {k: v for k, v in request.environ.items() if isinstance(v, _PLAIN_TYPES)}
-        return cls(environ, body)
-
-    def rebuild(self) -> Request:
-        """A Werkzeug ``Request`` equal, for the backend, to the original."""
-        environ = dict(self.environ)
-        environ["wsgi.input"] = io.BytesIO(self.body)
-        environ["wsgi.errors"] = sys.stderr
-        environ["CONTENT_LENGTH"] = str(len(self.body))
-        return Request(environ)
 
 
 class RemoteTraceback(Exception):
@@ -156,19 +126,3 @@ def _picklable(outcome: Outcome) -> Outcome:
         )
         return Outcome(False, wrap_error(error))
     return outcome
-
-
-def to_wire(call: Call) -> Call:
-    """Replace Werkzeug requests by :class:`WebRequest` so the call pickles."""
-    if not call.web:
-        return call
-    requests = tuple(WebRequest.of(r) if isinstance(r, Request) else r for r in call.requests)
-    return dataclasses.replace(call, requests=requests)
-
-
-def from_wire(call: Call) -> Call:
-    """Inverse of :func:`to_wire`, in the worker."""
-    if not call.web:
-        return call
-    requests = tuple(r.rebuild() if isinstance(r, WebRequest) else r for r in call.requests)
-    return dataclasses.replace(call, requests=requests)

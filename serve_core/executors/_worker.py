@@ -18,7 +18,7 @@ import threading
 from multiprocessing.connection import Connection
 
 from ..invoke import Invoker
-from ._wire import Failure, Ready, Stop, WorkerBoot, dumps, encode_outcomes, from_wire, wrap_error
+from ._wire import Failure, Ready, Stop, WorkerBoot, dumps, encode_outcomes, wrap_error
 
 PARENT_GONE_EXIT_CODE = 70
 """Exit code of a worker whose parent died (EX_SOFTWARE)."""
@@ -75,4 +75,4 @@ def _serve(conn: Connection, invoker: Invoker) -> None:
             continue
         if isinstance(message, Stop):
             return
-        conn.send_bytes(encode_outcomes(invoker.run(from_wire(message))))
+        conn.send_bytes(encode_outcomes(invoker.run(message)))

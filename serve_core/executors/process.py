@@ -35,7 +35,7 @@ import cloudpickle
 from ..errors import ReplicaDiedError, ServeError, ServeTypeError, ValidationError
 from ..invoke import Call, Outcome
 from . import _worker
-from ._wire import Failure, Ready, Stop, WorkerBoot, dumps, to_wire
+from ._wire import Failure, Ready, Stop, WorkerBoot, dumps
 from .base import ReplicaSpec
 
 log = logging.getLogger("serve_core")
@@ -150,7 +150,7 @@ class ProcessReplica:
 
     def _encode(self, call: Call) -> bytes | list[Outcome]:
         try:
-            return dumps(to_wire(call))
+            return dumps(call)
         except Exception as exc:  # noqa: BLE001
             error = ServeTypeError(
                 f"the call to replica {self.replica_id} cannot be sent to its worker process "

@@ -25,6 +25,7 @@ from serve_core.errors import ReplicaDiedError, ServeError, ServeTypeError, Vali
 from serve_core.executors._wire import RemoteTraceback
 from serve_core.executors.base import ReplicaSpec
 from serve_core.executors.process import ProcessExecutor
+from serve_core.http.request import ServeRequest
 from serve_core.invoke import Call
 
 from ..conftest import WAIT
@@ -260,7 +261,7 @@ def test_scale_down_stops_the_worker(psrv: Serve) -> None:
     assert _pids(handle, 5) == {survivor}
 
 
-def test_web_request_is_rebuilt_in_the_worker() -> None:
+def test_web_request_travels_to_the_worker() -> None:
     def backend(request: Any) -> dict[str, Any]:
         return {
             "method": request.method,
@@ -277,7 +278,7 @@ def test_web_request_is_rebuilt_in_the_worker() -> None:
         builder = EnvironBuilder(
             path="/echo", method="POST", query_string="a=1", json={"x": [1, 2]}, headers=[("X-Test", "yes")]
         )
-        call = Call("__call__", True, False, (builder.get_request(),), ({},))
+        call = Call("__call__", True, False, (builder.get_request(ServeRequest),), ({},))
         (outcome,) = replica.submit(call).result(WAIT)
     finally:
         replica.stop(WAIT)
