@@ -84,7 +84,8 @@ class ServeApp:
         request = ServeRequest(environ)
         try:
             response = self.dispatch_request(request)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a response
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes a response, even a
+            # backend's SystemExit or CancelledError (they are answers, not this thread's signals)
             where = f"{request.method} {request.path}"
             response = error_response(exc, debug=self.debug, where=where)
         return response(environ, start_response)

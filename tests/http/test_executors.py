@@ -44,3 +44,15 @@ def test_web_batches(srv: Serve) -> None:
     reply = InProcess(srv).request("POST", "/b", json={"i": 7})
     assert reply.status == 200, reply.text
     assert json.loads(reply.body) == [1, 7]
+
+
+def test_base_exception_from_a_backend_is_a_500(srv: Serve) -> None:
+    def exits(request):
+        raise SystemExit(3)
+
+    srv.create_endpoint("x", "/x")
+    srv.create_backend(exits, "x:v1")
+    srv.link("x", "x:v1")
+    reply = InProcess(srv).request("GET", "/x")
+    assert reply.status == 500
+    assert "Traceback" not in reply.text
