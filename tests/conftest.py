@@ -11,6 +11,8 @@ import pytest
 import serve_core as serve
 from serve_core import Serve
 
+from .ray_fixtures import _ray_session, ray_local  # noqa: F401 - fixtures used by the ray executor
+
 # Executors every behaviour test runs against. Executors that need an optional
 # component add themselves here guarded by ``require`` (see below).
 CONFORMANCE_EXECUTORS = ["inline", "thread"]
@@ -33,13 +35,21 @@ def require(condition: bool, reason: str) -> None:
 @pytest.fixture(params=CONFORMANCE_EXECUTORS)
 def executor(request: pytest.FixtureRequest) -> str:
     """The name of an executor from the conformance matrix."""
+    _prepare_executor(request)
     return str(request.param)
 
 
 @pytest.fixture(params=CONCURRENT_EXECUTORS)
 def concurrent_executor(request: pytest.FixtureRequest) -> str:
     """An executor whose replicas run concurrently with the caller."""
+    _prepare_executor(request)
     return str(request.param)
+
+
+def _prepare_executor(request: pytest.FixtureRequest) -> None:
+    """Start what an executor needs (a shared local Ray), or skip/fail without it."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_local")
 
 
 @pytest.fixture
@@ -88,4 +98,8 @@ def no_leaked_threads() -> Iterator[None]:
 
 
 # Threads owned by third-party libraries that outlive a test by design (Ray's client, etc.).
-_FOREIGN_THREADS: tuple[str, ...] = ()
+_FOREIGN_THREADS: tuple[str, ...] = (
+    "PythonGCThread",  # Ray's garbage-collection helper, lives as long as the shared local Ray
+    "ray_listen_error_messages",  # Ray's driver-side error listener, same lifetime
+    "ray_print_logs",  # Ray's worker-log forwarder (when log_to_driver is on)
+)
