@@ -48,3 +48,51 @@ def ray_local(_ray_session: None) -> Any:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(**LOCAL_RAY)
     return ray
+
+
+class RayEvent:
+    """A ``threading.Event`` look-alike that works inside Ray actors (a tiny async actor holds it).
+
+    It pickles (with its actor handle) into backends on the ray executor, so tests can
+    hold a replica in the middle of a call and release it, without sleeping.
+    """
+
+    def __init__(self) -> None:
+        import ray
+
+        self._actor = ray.remote(num_cpus=0)(_EventActor).remote()
+
+    def set(self) -> None:
+        import ray
+
+        ray.get(self._actor.set.remote())
+
+    def is_set(self) -> bool:
+        import ray
+
+        return bool(ray.get(self._actor.is_set.remote()))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        import ray
+
+        try:
+            return bool(ray.get(self._actor.wait.remote(), timeout=timeout))
+        except ray.exceptions.GetTimeoutError:
+            return False
+
+
+class _EventActor:
+    def __init__(self) -> None:
+        import asyncio
+
+        self._event = asyncio.Event()
+
+    async def wait(self) -> bool:
+        await self._event.wait()
+        return True
+
+    async def set(self) -> None:
+        self._event.set()
+
+    async def is_set(self) -> bool:
+        return self._event.is_set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -47,31 +48,40 @@ class _ExceptionWithTraceback:
         return _with_remote_traceback, (self.exc, f'\n"""\n{self.text}"""')
 
 
-def dump_outcomes(outcomes: list[Outcome]) -> bytes:
-    """Pickle a call's outcomes; unpicklable ones become ``ServeError`` outcomes."""
-    wire = [_prepare(outcome) for outcome in outcomes]
+Dumps = Callable[[Any], bytes]
+
+
+def dump_outcomes(outcomes: list[Outcome], dumps: Dumps = cloudpickle.dumps) -> bytes:
+    """Pickle a call's outcomes; unpicklable ones become ``ServeError`` outcomes.
+
+    Args:
+        outcomes: what ``Invoker.run`` returned.
+        dumps: the cloudpickle that also pickled the backend (Ray vendors its own): classes
+            it sent by value are then recognised, and keep their identity, when they come back.
+    """
+    wire = [_prepare(outcome, dumps) for outcome in outcomes]
     try:
         return pickle.dumps(wire, pickle.HIGHEST_PROTOCOL)  # the C pickler: fast
     except Exception:  # noqa: BLE001 - e.g. classes that only cloudpickle can send by value
         pass
     try:
-        return cloudpickle.dumps(wire)
+        return dumps(wire)
     except Exception:  # noqa: BLE001 - find the culprits one by one below
-        return cloudpickle.dumps([_checked(outcome) for outcome in wire])
+        return dumps([_checked(outcome, dumps) for outcome in wire])
 
 
-def _prepare(outcome: Outcome) -> Outcome:
+def _prepare(outcome: Outcome, dumps: Dumps) -> Outcome:
     if outcome.ok:
         return outcome
-    checked = _checked(outcome)  # errors are rare: check that they also load back
+    checked = _checked(outcome, dumps)  # errors are rare: check that they also load back
     if checked is not outcome:
         return checked
     return Outcome(False, _ExceptionWithTraceback(outcome.value))
 
 
-def _checked(outcome: Outcome) -> Outcome:
+def _checked(outcome: Outcome, dumps: Dumps) -> Outcome:
     try:
-        pickle.loads(cloudpickle.dumps(outcome.value))
+        pickle.loads(dumps(outcome.value))
     except Exception as exc:  # noqa: BLE001 - any pickling failure is reported the same way
         what = "result" if outcome.ok else "exception"
         return Outcome(

@@ -28,8 +28,8 @@ from concurrent.futures import wait as wait_futures
 from functools import partial
 from typing import Any
 
-import cloudpickle
 import ray
+from ray import cloudpickle  # Ray's own copy: classes sent by value keep their identity
 from ray import exceptions as ray_errors
 
 from ..config import BackendConfig
@@ -72,7 +72,7 @@ class ReplicaActor:
         if self._invoker is None:
             raise ServeError("replica was not constructed")
         call: Call = pickle.loads(data)
-        return dump_outcomes(self._invoker.run(unpack_call(call)))
+        return dump_outcomes(self._invoker.run(unpack_call(call)), cloudpickle.dumps)
 
 
 _RemoteReplicaActor = ray.remote(ReplicaActor)

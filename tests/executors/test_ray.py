@@ -19,7 +19,7 @@ from serve_core import BackendConfig, ReplicaDiedError, Serve, ServeError
 from serve_core.slo import SLO
 
 from ..conftest import WAIT, require
-from ..ray_fixtures import LOCAL_RAY
+from ..ray_fixtures import LOCAL_RAY, RayEvent
 
 pytestmark = pytest.mark.ray
 
@@ -227,49 +227,33 @@ def test_unplaceable_replica_fails_with_a_clear_error(ray_local: Any, make_serve
 
 
 # --------------------------------------------------------------------------- faults
-def _signal_actor_class(ray: Any) -> Any:
-    @ray.remote(num_cpus=0)
-    class Signal:
-        def __init__(self) -> None:
-            import asyncio
-
-            self._event = asyncio.Event()
-
-        async def wait(self) -> None:
-            await self._event.wait()
-
-        def send(self) -> None:
-            self._event.set()
-
-    return Signal
-
-
 class Blocker:
-    """Tells ``started`` when a blocking call begins, then waits for ``release``."""
+    """Sets ``started`` when a blocking call begins, then waits for ``release``."""
 
-    def __init__(self, started: Any, release: Any) -> None:
+    def __init__(self, started: RayEvent, release: RayEvent) -> None:
         self._started = started
         self._release = release
 
     def __call__(self, request: Any, block: bool = False) -> str:
-        import ray
-
         if block:
-            self._started.send.remote()
-            ray.get(self._release.wait.remote())
+            self._started.set()
+            self._release.wait()
         return "done"
 
 
-def test_killed_actor_fails_its_call_and_is_replaced(ray_local: Any, make_serve: MakeServe) -> None:
-    signal = _signal_actor_class(ray_local)
-    started, release = signal.remote(), signal.remote()
-    srv = make_serve(executor="ray")
+def _blocker(srv: Serve, config: BackendConfig | None = None) -> tuple[Any, RayEvent, RayEvent]:
+    started, release = RayEvent(), RayEvent()
     srv.create_endpoint("blk", None)
-    srv.create_backend(Blocker, "blk:v1", started, release)
+    srv.create_backend(Blocker, "blk:v1", started, release, backend_config=config)
     srv.link("blk", "blk:v1")
-    handle = srv.get_handle("blk")
+    return srv.get_handle("blk"), started, release
+
+
+def test_killed_actor_fails_its_call_and_is_replaced(ray_local: Any, make_serve: MakeServe) -> None:
+    srv = make_serve(executor="ray")
+    handle, started, release = _blocker(srv)
     in_flight = handle.remote(block=True)
-    ray_local.get(started.wait.remote(), timeout=WAIT)
+    assert started.wait(WAIT)
     queued = handle.remote(block=False)
     (victim,) = _replicas(srv, "blk:v1")
     ray_local.kill(victim.actor)
@@ -279,7 +263,37 @@ def test_killed_actor_fails_its_call_and_is_replaced(ray_local: Any, make_serve:
     (replacement,) = _replicas(srv, "blk:v1")
     assert replacement is not victim and replacement.alive and not victim.alive
     assert handle.remote().result(WAIT) == "done"
-    release.send.remote()
+    release.set()
+
+
+def test_scale_down_drains_the_call_in_flight(ray_local: Any, make_serve: MakeServe) -> None:
+    srv = make_serve(executor="ray")
+    handle, started, release = _blocker(srv, BackendConfig(num_replicas=2))
+    in_flight = [handle.remote(block=True) for _ in range(2)]  # one call on each replica
+    assert started.wait(WAIT)
+    config = srv.get_backend_config("blk:v1")
+    config.num_replicas = 1
+    scaler = threading.Thread(target=srv.set_backend_config, args=("blk:v1", config))
+    scaler.start()
+    release.set()
+    scaler.join(WAIT)
+    assert [f.result(WAIT) for f in in_flight] == ["done", "done"]
+    assert len(_replicas(srv, "blk:v1")) == 1
+
+
+def test_locally_defined_exception_keeps_its_class(ray_local: Any, make_serve: MakeServe) -> None:
+    class LocalError(Exception):
+        pass
+
+    def backend(request: Any) -> None:
+        raise LocalError("local")
+
+    srv = make_serve(executor="ray")
+    srv.create_endpoint("loc", None)
+    srv.create_backend(backend, "loc:v1")
+    srv.link("loc", "loc:v1")
+    with pytest.raises(LocalError, match="local"):
+        srv.get_handle("loc").remote().result(WAIT)
 
 
 # ---------------------------------------------------------------------- lifecycle
