@@ -15,7 +15,7 @@ from .ray_fixtures import _ray_session, ray_local  # noqa: F401 - fixtures used 
 
 # Executors every behaviour test runs against. Executors that need an optional
 # component add themselves here guarded by ``require`` (see below).
-CONFORMANCE_EXECUTORS = ["inline", "thread"]
+CONFORMANCE_EXECUTORS = ["inline", "thread", "ray"]  # ray: skips locally without Ray, fails in CI
 
 # Executors that run calls concurrently with the caller (not inline).
 CONCURRENT_EXECUTORS = [name for name in CONFORMANCE_EXECUTORS if name != "inline"]
