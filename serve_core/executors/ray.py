@@ -144,8 +144,9 @@ class RayReplica:
             died = ReplicaDiedError(f"replica {self.replica_id} (Ray actor) died during the call: {exc}")
             died.__cause__ = exc
             future.set_exception(died)
-        except Exception as exc:  # noqa: BLE001 - result not transferable; the actor lives on
-            future.set_result(_failed(call, f"the result of replica {self.replica_id} was lost", exc))
+        except Exception as exc:  # noqa: BLE001 - call or result not transferable; the actor lives on
+            what = f"replica {self.replica_id} could not read the call or send back its result"
+            future.set_result(_failed(call, what, exc))
         else:
             future.set_result(outcomes)
 
