@@ -12,11 +12,12 @@ import pytest
 import serve_core as serve
 from serve_core import Serve
 
-from .procs import descendants, wait_until
+from .procs import describe_processes, descendants, wait_until
+from .ray_fixtures import RayEvent, _ray_session, ray_local  # noqa: F401 - fixtures used by the ray executor
 
 # Executors every behaviour test runs against. Executors that need an optional
-# component add themselves here guarded by ``require`` (see below).
-CONFORMANCE_EXECUTORS = ["inline", "thread", "process"]
+# component are here too: their tests skip without it locally, and fail in CI.
+CONFORMANCE_EXECUTORS = ["inline", "thread", "process", "ray"]
 
 # Executors that run calls concurrently with the caller (not inline).
 CONCURRENT_EXECUTORS = [name for name in CONFORMANCE_EXECUTORS if name != "inline"]
@@ -36,13 +37,21 @@ def require(condition: bool, reason: str) -> None:
 @pytest.fixture(params=CONFORMANCE_EXECUTORS)
 def executor(request: pytest.FixtureRequest) -> str:
     """The name of an executor from the conformance matrix."""
+    _prepare_executor(request)
     return str(request.param)
 
 
 @pytest.fixture(params=CONCURRENT_EXECUTORS)
 def concurrent_executor(request: pytest.FixtureRequest) -> str:
     """An executor whose replicas run concurrently with the caller."""
+    _prepare_executor(request)
     return str(request.param)
+
+
+def _prepare_executor(request: pytest.FixtureRequest) -> None:
+    """Start what an executor needs (a shared local Ray), or skip/fail without it."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_local")
 
 
 @pytest.fixture
@@ -91,21 +100,28 @@ def no_leaked_threads() -> Iterator[None]:
 
 
 # Threads owned by third-party libraries that outlive a test by design (Ray's client, etc.).
-_FOREIGN_THREADS: tuple[str, ...] = ()
+_FOREIGN_THREADS: tuple[str, ...] = (
+    "PythonGCThread",  # Ray's garbage-collection helper, lives as long as the shared local Ray
+    "ray_listen_error_messages",  # Ray's driver-side error listener, same lifetime
+    "ray_print_logs",  # Ray's worker-log forwarder (when log_to_driver is on)
+)
 
 
 @pytest.fixture
 def make_gate(concurrent_executor: str) -> Iterator[Callable[[], Any]]:
     """Events a backend can wait on, usable on the executor under test.
 
-    Threads share ``threading.Event``; replicas in other processes get a
-    multiprocessing manager's Event (its proxy pickles into spawned workers).
+    Threads share ``threading.Event``; replicas in worker processes get a
+    multiprocessing manager's Event (its proxy pickles into spawned workers);
+    Ray actors get a :class:`RayEvent`.
     """
     managers: list[Any] = []
 
     def build() -> Any:
         if concurrent_executor == "thread":
             return threading.Event()
+        if concurrent_executor == "ray":
+            return RayEvent()
         if not managers:
             import multiprocessing
 
@@ -116,6 +132,7 @@ def make_gate(concurrent_executor: str) -> Iterator[Callable[[], Any]]:
     for manager in managers:
         manager.shutdown()
 
+
 @pytest.fixture(autouse=True)
 def no_leaked_processes() -> Iterator[None]:
     """Every process a test starts (replica workers) must be gone once its instances are shut down."""
@@ -124,4 +141,4 @@ def no_leaked_processes() -> Iterator[None]:
     serve.shutdown()
     wait_until(lambda: not descendants() - before, WAIT)
     leaked = descendants() - before
-    assert not leaked, f"processes leaked: {sorted(leaked)}"
+    assert not leaked, f"processes leaked: {describe_processes(leaked)}"

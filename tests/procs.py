@@ -9,6 +9,9 @@ from collections.abc import Callable
 
 # multiprocessing's own helpers live as long as the interpreter by design.
 _INFRASTRUCTURE = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+# The shared local Ray of the tests (and its workers) lives for the whole session; the
+# Ray tests check separately that no serve actor survives an instance.
+_RAY = ("ray::", "/ray/", "raylet", "gcs_server")
 
 
 def _read(path: str) -> str:
@@ -38,7 +41,8 @@ def descendants(root: int | None = None) -> set[int]:
     found: set[int] = set()
     frontier = {root}
     while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        # Ray's processes and everything below them (workers, their zombies) are Ray's.
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier and not _runs_ray(pid)} - found
         found |= frontier
     return {pid for pid in found if not _is_helper(pid, parents)}
 
@@ -52,6 +56,16 @@ def _is_helper(pid: int, parents: dict[int, int]) -> bool:
 def _runs_helper(pid: int) -> bool:
     cmdline = _read(f"/proc/{pid}/cmdline")
     return any(name in cmdline for name in _INFRASTRUCTURE)
+
+
+def _runs_ray(pid: int) -> bool:
+    cmdline = _read(f"/proc/{pid}/cmdline")
+    return any(marker in cmdline for marker in _RAY)
+
+
+def describe_processes(pids: set[int]) -> list[str]:
+    """``pid: command line`` of each process, for failure messages."""
+    return [f"{pid}: {_read(f'/proc/{pid}/cmdline').replace(chr(0), ' ').strip()}" for pid in sorted(pids)]
 
 
 def is_running(pid: int) -> bool:

@@ -1,0 +1,269 @@
+"""The Ray executor: each replica is a Ray actor hosting an :class:`~serve_core.invoke.Invoker`.
+
+The only module of serve_core that imports Ray (it is loaded by name, on first use,
+through ``EXECUTORS`` in :mod:`serve_core.executors.base`). Install with
+``pip install serve-core[ray]``.
+
+* Placement: the backend's ``num_cpus``, ``num_gpus``, ``memory`` and ``resources``
+  become the actor's options, so Ray puts each replica where those resources are.
+* Calls: one :class:`~serve_core.invoke.Call` (a single query or a whole batch) is one
+  actor method call. Its ``ObjectRef`` is turned into a ``concurrent.futures.Future``
+  through Ray's completion callback: no thread waits per request.
+* Web requests are sent as :class:`~serve_core.executors._webrequest.WireRequest` and
+  rebuilt inside the actor.
+* Faults: a dead actor fails its call with :class:`~serve_core.errors.ReplicaDiedError`
+  (the router then replaces the replica). A result or exception that cannot cross the
+  process boundary fails that call's queries with :class:`~serve_core.errors.ServeError`
+  and leaves the replica running.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+import uuid
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from functools import partial
+from typing import Any
+
+import ray
+from ray import cloudpickle  # Ray's own copy: classes sent by value keep their identity
+from ray import exceptions as ray_errors
+
+from ..config import BackendConfig
+from ..errors import ReplicaDiedError, ServeError, ServeTypeError
+from ..invoke import Call, Invoker, Outcome
+from ._outcomes import dump_outcomes
+from ._webrequest import pack_call, unpack_call
+from .base import ReplicaSpec
+
+log = logging.getLogger("serve_core")
+
+DEFAULT_RAY_INIT_KWARGS: dict[str, Any] = {"include_dashboard": False}
+"""``ray.init`` arguments used when Ray is not running and none were given.
+
+Ray sizes the local node from the machine (``num_cpus=None``); the dashboard is off
+because an embedded library should not start a web UI nobody asked for.
+"""
+
+DEFAULT_START_TIMEOUT_S = 300.0
+"""How long ``start_replica`` waits for Ray to place and construct an actor."""
+
+
+class ReplicaActor:
+    """The object living inside each Ray actor: builds the backend once, runs calls."""
+
+    def __init__(self, target: Any, init_args: tuple[Any, ...]) -> None:
+        self._invoker: Invoker | None = None
+        self._error: Exception | None = None
+        try:
+            self._invoker = Invoker(target, init_args)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent by ready()
+            self._error = exc
+
+    def ready(self) -> tuple[str, Exception | None]:
+        """The node this actor runs on, and the constructor's error if it failed."""
+        return ray.get_runtime_context().get_node_id(), self._error
+
+    def run(self, data: bytes) -> bytes:
+        """Run one pickled call; returns the pickled outcomes (user errors are outcomes)."""
+        if self._invoker is None:
+            raise ServeError("replica was not constructed")
+        call: Call = pickle.loads(data)
+        return dump_outcomes(self._invoker.run(unpack_call(call)), cloudpickle.dumps)
+
+
+_RemoteReplicaActor = ray.remote(ReplicaActor)
+
+
+def actor_options(config: BackendConfig) -> dict[str, Any]:
+    """Ray actor options from a backend config; unset (``None``) fields are left out.
+
+    ``object_store_memory`` is not passed: Ray deprecated it for actors because it
+    reserves nothing.
+    """
+    options: dict[str, Any] = {}
+    if config.num_cpus is not None:
+        options["num_cpus"] = config.num_cpus
+    if config.num_gpus is not None:
+        options["num_gpus"] = config.num_gpus
+    if config.memory is not None:
+        options["memory"] = int(config.memory)
+    if config.resources is not None:
+        options["resources"] = dict(config.resources)
+    return options
+
+
+class RayReplica:
+    """One backend replica in a Ray actor."""
+
+    def __init__(self, replica_id: str, actor: Any, node_id: str, on_stop: Any) -> None:
+        self.replica_id = replica_id
+        self.node_id = node_id
+        self._actor = actor
+        self._on_stop = on_stop
+        self._lock = threading.Lock()
+        self._in_flight: set[Future[list[Outcome]]] = set()
+        self._stopped = False
+        self._dead = False
+
+    @property
+    def alive(self) -> bool:
+        return not self._stopped and not self._dead
+
+    @property
+    def actor(self) -> Any:
+        """The Ray actor handle (for tests and diagnostics)."""
+        return self._actor
+
+    def submit(self, call: Call) -> Future[list[Outcome]]:
+        future: Future[list[Outcome]] = Future()
+        future.set_running_or_notify_cancel()
+        if not self.alive:
+            future.set_exception(ReplicaDiedError(f"replica {self.replica_id} was stopped"))
+            return future
+        try:
+            ref = self._actor.run.remote(cloudpickle.dumps(pack_call(call)))
+        except Exception as exc:  # noqa: BLE001 - e.g. arguments that cannot be pickled
+            future.set_result(_failed(call, f"the call could not be sent to replica {self.replica_id}", exc))
+            return future
+        with self._lock:
+            self._in_flight.add(future)
+        ref.future().add_done_callback(partial(self._finish, future, call))
+        return future
+
+    def _finish(self, future: Future[list[Outcome]], call: Call, done: Future[Any]) -> None:
+        with self._lock:
+            self._in_flight.discard(future)
+        try:
+            outcomes = pickle.loads(done.result())
+        except ray_errors.RayActorError as exc:
+            self._dead = True
+            died = ReplicaDiedError(f"replica {self.replica_id} (Ray actor) died during the call: {exc}")
+            died.__cause__ = exc
+            future.set_exception(died)
+        except Exception as exc:  # noqa: BLE001 - call or result not transferable; the actor lives on
+            what = f"replica {self.replica_id} could not read the call or send back its result"
+            future.set_result(_failed(call, what, exc))
+        else:
+            future.set_result(outcomes)
+
+    def stop(self, drain_timeout: float | None = None) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            pending = list(self._in_flight)
+        if pending:
+            wait_futures(pending, timeout=drain_timeout)
+        try:
+            ray.kill(self._actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - Ray may already be gone; nothing left to stop
+            log.debug("killing the actor of replica %s failed", self.replica_id, exc_info=True)
+        self._on_stop(self)
+
+
+def _failed(call: Call, what: str, exc: BaseException) -> list[Outcome]:
+    """Every query of ``call`` fails with a ``ServeError`` explaining ``what`` happened."""
+    error = ServeError(f"{what}: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return [Outcome(False, error)] * len(call)
+
+
+class RayExecutor:
+    """Places replicas as Ray actors, on a Ray it starts or one already running.
+
+    Args:
+        ray_init_kwargs: arguments of ``ray.init`` when Ray is not initialised yet
+            (``address=`` joins an existing cluster); ``None`` uses
+            :data:`DEFAULT_RAY_INIT_KWARGS`. Ignored when Ray is already initialised.
+        start_timeout_s: how long a replica may take to be placed and constructed.
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        ray_init_kwargs: dict[str, Any] | None = None,
+        *,
+        start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        **_: Any,
+    ) -> None:
+        self._started_ray = False
+        if ray.is_initialized():
+            if ray_init_kwargs:
+                log.info("Ray is already initialised; ray_init_kwargs %s are not used", ray_init_kwargs)
+        else:
+            ray.init(**(DEFAULT_RAY_INIT_KWARGS if ray_init_kwargs is None else ray_init_kwargs))
+            self._started_ray = True
+        self._start_timeout = start_timeout_s
+        self._prefix = f"serve_core-{uuid.uuid4().hex[:12]}"
+        self._lock = threading.Lock()
+        self._replicas: dict[str, RayReplica] = {}
+        self._closed = False
+
+    @property
+    def actor_name_prefix(self) -> str:
+        """Every actor this executor creates is named ``<prefix>:<replica id>``."""
+        return self._prefix
+
+    def start_replica(self, spec: ReplicaSpec) -> RayReplica:
+        """Create the actor, wait until it is placed and constructed.
+
+        Raises:
+            Exception: the backend constructor's own exception, when it failed.
+            ServeTypeError: the backend or its init args cannot be sent to Ray.
+            ServeError: Ray could not place the actor within ``start_timeout_s``
+                (e.g. no node has the requested resources) or it died while starting.
+        """
+        options = actor_options(spec.config)
+        name = f"{self._prefix}:{spec.replica_id}"
+        try:
+            actor = _RemoteReplicaActor.options(name=name, max_restarts=0, **options).remote(
+                spec.target, spec.init_args
+            )
+        except Exception as exc:  # noqa: BLE001 - cloudpickle/Ray option errors
+            raise ServeTypeError(f"backend {spec.backend_tag!r} cannot be sent to Ray: {exc}") from exc
+        node_id = self._wait_ready(spec, actor, options)
+        replica = RayReplica(spec.replica_id, actor, node_id, self._forget)
+        with self._lock:
+            self._replicas[spec.replica_id] = replica
+            closed = self._closed
+        if closed:  # shutdown() ran while this replica was starting
+            replica.stop(0)
+        return replica
+
+    def _wait_ready(self, spec: ReplicaSpec, actor: Any, options: dict[str, Any]) -> str:
+        try:
+            node_id, error = ray.get(actor.ready.remote(), timeout=self._start_timeout)
+        except ray_errors.GetTimeoutError:
+            ray.kill(actor, no_restart=True)
+            raise ServeError(
+                f"Ray could not start a replica of backend {spec.backend_tag!r} within "
+                f"{self._start_timeout} s; it asks for {options or 'default resources'} and the "
+                f"cluster has {ray.cluster_resources()}"
+            ) from None
+        except ray_errors.RayError as exc:
+            ray.kill(actor, no_restart=True)
+            raise ServeError(f"replica of backend {spec.backend_tag!r} failed to start: {exc}") from exc
+        if error is not None:
+            ray.kill(actor, no_restart=True)
+            raise error
+        return str(node_id)
+
+    def _forget(self, replica: RayReplica) -> None:
+        with self._lock:
+            self._replicas.pop(replica.replica_id, None)
+
+    def shutdown(self) -> None:
+        """Kill the actors this executor created; stop Ray only if this executor started it."""
+        with self._lock:
+            self._closed = True
+            replicas = list(self._replicas.values())
+        for replica in replicas:
+            replica.stop(0)
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+        self._started_ray = False

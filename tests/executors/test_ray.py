@@ -1,0 +1,372 @@
+"""The Ray executor on a local Ray (shared, 2 CPUs) and on a two-node cluster on this machine."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from werkzeug.test import EnvironBuilder
+from werkzeug.wrappers import Request
+
+import serve_core as serve
+from serve_core import BackendConfig, ReplicaDiedError, Serve, ServeError
+from serve_core.slo import SLO
+
+from ..conftest import WAIT, require
+from ..ray_fixtures import LOCAL_RAY, RayEvent
+
+pytestmark = pytest.mark.ray
+
+MakeServe = Callable[..., Serve]
+
+
+def _replicas(srv: Serve, tag: str) -> list[Any]:
+    return srv._router.replicas(tag)
+
+
+def _serve_actor_names(ray: Any, prefix: str) -> list[str]:
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return [a["name"] for a in actors if a["name"].startswith(prefix)]
+
+
+def _wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition`` with a bounded timeout (Ray updates its actor table asynchronously)."""
+    done = threading.Event()
+    for _ in range(int(WAIT / 0.05)):
+        if condition():
+            return
+        done.wait(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _python_call(srv: Serve, endpoint: str, **kwargs: Any) -> Any:
+    return srv.get_handle(endpoint).remote(**kwargs).result(WAIT)
+
+
+# ------------------------------------------------------------------ optional dependency
+def test_import_serve_core_does_not_import_ray() -> None:
+    code = (
+        "import sys, serve_core\n"
+        "s = serve_core.Serve(start_server=False)\n"
+        "s.shutdown()\n"
+        "assert 'ray' not in sys.modules, 'serve_core imported ray'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_actor_options_leave_out_unset_fields(ray_local: Any) -> None:
+    from serve_core.executors.ray import actor_options
+
+    assert actor_options(BackendConfig()) == {}
+    config = BackendConfig(
+        num_cpus=0.5, num_gpus=0, memory=1e6, resources={"special": 1}, object_store_memory=5
+    )
+    expected = {"num_cpus": 0.5, "num_gpus": 0, "memory": 1_000_000, "resources": {"special": 1}}
+    assert actor_options(config) == expected
+
+
+# ------------------------------------------------------------------------ calling
+class WhoAmI:
+    def __call__(self, request: Any) -> tuple[str, int]:
+        import ray
+
+        return ray.get_runtime_context().get_actor_id(), os.getpid()
+
+
+def test_two_replicas_are_two_actors(ray_local: Any, make_serve: MakeServe) -> None:
+    srv = make_serve(executor="ray")
+    srv.create_endpoint("who", None)
+    srv.create_backend(WhoAmI, "who:v1", backend_config=BackendConfig(num_replicas=2))
+    srv.link("who", "who:v1")
+    handles = {replica.actor._actor_id.hex() for replica in _replicas(srv, "who:v1")}
+    seen = {_python_call(srv, "who") for _ in range(10)}
+    assert len(handles) == 2
+    assert {actor for actor, _ in seen} == handles
+    assert len({pid for _, pid in seen}) == 2
+    assert all(pid != os.getpid() for _, pid in seen)
+
+
+def echo_context(request: Any, x: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {"web": serve.context.web, "batch_size": serve.context.batch_size, "x": x}
+    if serve.context.web:
+        out.update(path=request.path, arg=request.args.get("a"), body=request.get_data())
+        out["tag"] = request.headers["X-Tag"]
+    return out
+
+
+def test_context_and_web_request_inside_the_actor(ray_local: Any, make_serve: MakeServe) -> None:
+    srv = make_serve(executor="ray")
+    srv.create_endpoint("ctx", "/ctx", methods=["GET", "POST"])
+    srv.create_backend(echo_context, "ctx:v1")
+    srv.link("ctx", "ctx:v1")
+    assert _python_call(srv, "ctx", x=3) == {"web": False, "batch_size": None, "x": 3}
+    builder = EnvironBuilder(
+        path="/ctx", query_string="a=1", method="POST", data=b"payload", headers={"X-Tag": "t"}
+    )
+    request = Request(builder.get_environ())
+    answer = srv._enqueue("ctx", {}, request, "__call__", SLO(), None).result(WAIT)
+    web = {"path": "/ctx", "arg": "1", "body": b"payload", "tag": "t"}
+    assert answer == {"web": True, "batch_size": None, "x": 0, **web}
+
+
+@serve.accept_batch
+def batched(request: Any, x: list[int]) -> list[tuple[int, int | None]]:
+    return [(value * 2, serve.context.batch_size) for value in x]
+
+
+def test_a_batch_is_one_actor_call(ray_local: Any, make_serve: MakeServe) -> None:
+    srv = make_serve(executor="ray")
+    srv.create_endpoint("b", None)
+    srv.create_backend(batched, "b:v1", backend_config=BackendConfig(max_batch_size=4))
+    srv.link("b", "b:v1")
+    handle = srv.get_handle("b")
+    futures = [handle.remote(x=i) for i in range(12)]
+    results = [f.result(WAIT) for f in futures]
+    assert [value for value, _ in results] == [i * 2 for i in range(12)]
+    assert all(1 <= size <= 4 for _, size in results)
+
+
+def test_per_backend_executor_on_a_thread_default_instance(ray_local: Any, make_serve: MakeServe) -> None:
+    srv = make_serve(executor="thread")
+    srv.create_endpoint("who", None)
+    srv.create_backend(WhoAmI, "who:v1", backend_config=BackendConfig(executor="ray"))
+    srv.link("who", "who:v1")
+    _, pid = _python_call(srv, "who")
+    assert pid != os.getpid()
+
+
+# -------------------------------------------------------------------------- errors
+class CustomError(Exception):
+    pass
+
+
+class NeedsTwoArgs(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Tricky:
+    def __call__(self, request: Any, kind: str = "ok", value: Any = None) -> Any:
+        if kind == "raise":
+            raise CustomError("boom")
+        if kind == "lock":
+            return threading.Lock()
+        if kind == "unloadable":
+            raise NeedsTwoArgs(7, "cannot be rebuilt by pickle")
+        return value
+
+
+def _tricky(srv: Serve) -> Any:
+    srv.create_endpoint("t", None)
+    srv.create_backend(Tricky, "t:v1")
+    srv.link("t", "t:v1")
+    return srv.get_handle("t")
+
+
+def test_user_exception_keeps_its_type_and_remote_traceback(ray_local: Any, make_serve: MakeServe) -> None:
+    handle = _tricky(make_serve(executor="ray"))
+    with pytest.raises(CustomError, match="boom") as info:
+        handle.remote(kind="raise").result(WAIT)
+    assert 'raise CustomError("boom")' in str(info.value.__cause__)
+    assert handle.remote(value=5).result(WAIT) == 5
+
+
+@pytest.mark.parametrize("kind", ["lock", "unloadable"])
+def test_untransferable_result_is_a_serve_error_and_the_replica_lives(
+    ray_local: Any, make_serve: MakeServe, kind: str
+) -> None:
+    srv = make_serve(executor="ray")
+    handle = _tricky(srv)
+    (replica,) = _replicas(srv, "t:v1")
+    with pytest.raises(ServeError, match="cannot be sent back") as info:
+        handle.remote(kind=kind).result(WAIT)
+    assert not isinstance(info.value, ReplicaDiedError)
+    assert handle.remote(value="fine").result(WAIT) == "fine"
+    assert _replicas(srv, "t:v1") == [replica]
+
+
+def test_unpicklable_argument_fails_only_that_call(ray_local: Any, make_serve: MakeServe) -> None:
+    srv = make_serve(executor="ray")
+    handle = _tricky(srv)
+    with pytest.raises(ServeError, match="could not be sent"):
+        handle.remote(value=threading.Lock()).result(WAIT)
+    assert handle.remote(value=[1, 2]).result(WAIT) == [1, 2]
+
+
+class FailingInit:
+    def __init__(self, flag: str) -> None:
+        raise ValueError(f"bad flag {flag}")
+
+    def __call__(self, request: Any) -> None:
+        return None
+
+
+def test_constructor_error_reaches_create_backend(ray_local: Any, make_serve: MakeServe) -> None:
+    srv = make_serve(executor="ray")
+    with pytest.raises(ValueError, match="bad flag x"):
+        srv.create_backend(FailingInit, "f:v1", "x")
+    prefix = srv._replicas.executor_for(BackendConfig(executor="ray")).actor_name_prefix
+    _wait_until(lambda: not _serve_actor_names(ray_local, prefix), "the failed actor to go away")
+
+
+def test_unplaceable_replica_fails_with_a_clear_error(ray_local: Any, make_serve: MakeServe) -> None:
+    from serve_core.executors.ray import RayExecutor
+
+    srv = make_serve(executor=RayExecutor(start_timeout_s=0.5))
+    with pytest.raises(ServeError, match="nowhere"):
+        srv.create_backend(WhoAmI, "w:v1", backend_config=BackendConfig(resources={"nowhere": 1}))
+
+
+# --------------------------------------------------------------------------- faults
+class Blocker:
+    """Sets ``started`` when a blocking call begins, then waits for ``release``."""
+
+    def __init__(self, started: RayEvent, release: RayEvent) -> None:
+        self._started = started
+        self._release = release
+
+    def __call__(self, request: Any, block: bool = False) -> str:
+        if block:
+            self._started.set()
+            self._release.wait()
+        return "done"
+
+
+def _blocker(srv: Serve, config: BackendConfig | None = None) -> tuple[Any, RayEvent, RayEvent]:
+    started, release = RayEvent(), RayEvent()
+    srv.create_endpoint("blk", None)
+    srv.create_backend(Blocker, "blk:v1", started, release, backend_config=config)
+    srv.link("blk", "blk:v1")
+    return srv.get_handle("blk"), started, release
+
+
+def test_killed_actor_fails_its_call_and_is_replaced(ray_local: Any, make_serve: MakeServe) -> None:
+    srv = make_serve(executor="ray")
+    handle, started, release = _blocker(srv)
+    in_flight = handle.remote(block=True)
+    assert started.wait(WAIT)
+    queued = handle.remote(block=False)
+    (victim,) = _replicas(srv, "blk:v1")
+    ray_local.kill(victim.actor)
+    with pytest.raises(ReplicaDiedError):
+        in_flight.result(WAIT)
+    assert queued.result(WAIT) == "done"
+    (replacement,) = _replicas(srv, "blk:v1")
+    assert replacement is not victim and replacement.alive and not victim.alive
+    assert handle.remote().result(WAIT) == "done"
+    release.set()
+
+
+def test_scale_down_drains_the_call_in_flight(ray_local: Any, make_serve: MakeServe) -> None:
+    srv = make_serve(executor="ray")
+    handle, started, release = _blocker(srv, BackendConfig(num_replicas=2))
+    in_flight = [handle.remote(block=True) for _ in range(2)]  # one call on each replica
+    assert started.wait(WAIT)
+    config = srv.get_backend_config("blk:v1")
+    config.num_replicas = 1
+    scaler = threading.Thread(target=srv.set_backend_config, args=("blk:v1", config))
+    scaler.start()
+    release.set()
+    scaler.join(WAIT)
+    assert [f.result(WAIT) for f in in_flight] == ["done", "done"]
+    assert len(_replicas(srv, "blk:v1")) == 1
+
+
+def test_locally_defined_exception_keeps_its_class(ray_local: Any, make_serve: MakeServe) -> None:
+    class LocalError(Exception):
+        pass
+
+    def backend(request: Any) -> None:
+        raise LocalError("local")
+
+    srv = make_serve(executor="ray")
+    srv.create_endpoint("loc", None)
+    srv.create_backend(backend, "loc:v1")
+    srv.link("loc", "loc:v1")
+    with pytest.raises(LocalError, match="local"):
+        srv.get_handle("loc").remote().result(WAIT)
+
+
+# ---------------------------------------------------------------------- lifecycle
+def test_shutdown_kills_its_actors_and_leaves_ray_running(ray_local: Any, make_serve: MakeServe) -> None:
+    srv = make_serve(executor="ray")
+    srv.create_endpoint("who", None)
+    srv.create_backend(WhoAmI, "who:v1", backend_config=BackendConfig(num_replicas=2))
+    srv.link("who", "who:v1")
+    prefix = srv._replicas.executor_for(srv.get_backend_config("who:v1")).actor_name_prefix
+    assert len(_serve_actor_names(ray_local, prefix)) == 2
+    srv.shutdown()
+    _wait_until(lambda: not _serve_actor_names(ray_local, prefix), "serve actors to be gone")
+    assert ray_local.is_initialized()
+
+
+def test_placement_change_replaces_replicas_one_by_one(ray_local: Any, make_serve: MakeServe) -> None:
+    srv = make_serve(executor="ray")
+    srv.create_endpoint("who", None)
+    srv.create_backend(WhoAmI, "who:v1", backend_config=BackendConfig(num_replicas=2))
+    srv.link("who", "who:v1")
+    old = _replicas(srv, "who:v1")
+    handle = srv.get_handle("who")
+    counts: list[int] = []
+    original_start = srv._replicas.start
+
+    def start_and_count(info: Any, count: int) -> list[Any]:
+        counts.append(srv._router.replica_count("who:v1"))  # replicas serving when a new one starts
+        return original_start(info, count)
+
+    srv._replicas.start = start_and_count  # type: ignore[method-assign]
+    config = srv.get_backend_config("who:v1")
+    config.num_cpus = 0.25
+    srv.set_backend_config("who:v1", config)
+    new = _replicas(srv, "who:v1")
+    assert counts == [2, 2]
+    assert not set(old) & set(new) and not any(r.alive for r in old)
+    assert len({handle.remote().result(WAIT)[0] for _ in range(6)}) == 2
+
+
+# ------------------------------------------------------------------------ cluster
+def test_custom_resource_places_replica_on_the_node_that_has_it(make_serve: MakeServe) -> None:
+    require(importlib.util.find_spec("ray") is not None, "ray is not installed")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()  # the shared local Ray; the next test that needs it starts it again
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        special = cluster.add_node(num_cpus=1, resources={"special": 1})
+        cluster.wait_for_nodes()
+        srv = make_serve(executor="ray", ray_init_kwargs={"address": cluster.address, **_connect_kwargs()})
+        srv.create_endpoint("here", None)
+        # With a custom resource set, Ray holds 1 CPU per actor unless num_cpus says otherwise.
+        config = BackendConfig(num_replicas=2, num_cpus=0.5, resources={"special": 0.5})
+        srv.create_backend(node_of_replica, "here:v1", backend_config=config)
+        srv.link("here", "here:v1")
+        nodes = {srv.get_handle("here").remote().result(WAIT) for _ in range(6)}
+        assert nodes == {special.node_id}
+        srv.shutdown()
+        assert not ray.is_initialized()  # this executor started (connected) Ray, so it stopped it
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+
+
+def node_of_replica(request: Any) -> str:
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def _connect_kwargs() -> dict[str, Any]:
+    return {k: v for k, v in LOCAL_RAY.items() if k in ("log_to_driver", "configure_logging")}
