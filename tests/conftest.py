@@ -12,7 +12,7 @@ import pytest
 import serve_core as serve
 from serve_core import Serve
 
-from .procs import describe_processes, descendants, wait_until
+from .procs import descendants, describe_processes, wait_until
 from .ray_fixtures import RayEvent, _ray_session, ray_local  # noqa: F401 - fixtures used by the ray executor
 
 # Executors every behaviour test runs against. Executors that need an optional

@@ -40,15 +40,26 @@ def _with_remote_traceback(exc: BaseException, text: str) -> BaseException:
 class _ExceptionWithTraceback:
     """Pickles as its exception, which gets the remote traceback as ``__cause__`` when loaded."""
 
-    def __init__(self, exc: BaseException) -> None:
+    def __init__(self, exc: BaseException, text: str | None = None) -> None:
         self.exc = exc
-        self.text = "".join(traceback.format_exception(exc))
+        self.text = text if text is not None else "".join(traceback.format_exception(exc))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _with_remote_traceback, (self.exc, f'\n"""\n{self.text}"""')
 
 
 Dumps = Callable[[Any], bytes]
+
+
+def remote_error(exc: BaseException, dumps: Dumps = cloudpickle.dumps) -> Any:
+    """``exc`` ready to cross a process boundary, with its traceback as ``__cause__`` once loaded.
+
+    An exception that does not survive a pickle round trip is replaced by a
+    :class:`ServeError` naming it (keeping the original traceback), so the caller still
+    learns what happened.
+    """
+    text = "".join(traceback.format_exception(exc))
+    return _ExceptionWithTraceback(_checked(Outcome(False, exc), dumps).value, text)
 
 
 def dump_outcomes(outcomes: list[Outcome], dumps: Dumps = cloudpickle.dumps) -> bytes:
@@ -73,10 +84,7 @@ def dump_outcomes(outcomes: list[Outcome], dumps: Dumps = cloudpickle.dumps) -> 
 def _prepare(outcome: Outcome, dumps: Dumps) -> Outcome:
     if outcome.ok:
         return outcome
-    checked = _checked(outcome, dumps)  # errors are rare: check that they also load back
-    if checked is not outcome:
-        return checked
-    return Outcome(False, _ExceptionWithTraceback(outcome.value))
+    return Outcome(False, remote_error(outcome.value, dumps))  # errors are rare: check they load back
 
 
 def _checked(outcome: Outcome, dumps: Dumps) -> Outcome:
@@ -88,7 +96,8 @@ def _checked(outcome: Outcome, dumps: Dumps) -> Outcome:
             False,
             ServeError(
                 f"the backend's {what} {_describe(outcome.value)} cannot be sent back from "
-                f"the replica: {type(exc).__name__}: {exc}"
+                f"the replica: {type(exc).__name__}: {exc}; {'return' if outcome.ok else 'raise'} "
+                "a picklable value instead"
             ),
         )
     return outcome

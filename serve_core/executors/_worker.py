@@ -18,7 +18,8 @@ import threading
 from multiprocessing.connection import Connection
 
 from ..invoke import Invoker
-from ._wire import Failure, Ready, Stop, WorkerBoot, dumps, encode_outcomes, wrap_error
+from ._outcomes import dump_outcomes, remote_error
+from ._wire import Failure, Ready, Stop, WorkerBoot, dumps
 
 PARENT_GONE_EXIT_CODE = 70
 """Exit code of a worker whose parent died (EX_SOFTWARE)."""
@@ -55,7 +56,7 @@ def _build(conn: Connection, boot: WorkerBoot) -> Invoker | None:
         target, init_args = pickle.loads(boot.payload)
         invoker = Invoker(target, init_args)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send_bytes(dumps(Failure(wrap_error(exc))))
+        conn.send_bytes(dumps(Failure(remote_error(exc))))
         conn.close()
         return None
     conn.send_bytes(dumps(Ready(os.getpid())))
@@ -71,8 +72,8 @@ def _serve(conn: Connection, invoker: Invoker) -> None:
         try:
             message = pickle.loads(data)
         except Exception as exc:  # noqa: BLE001 - e.g. an argument's class is unknown here
-            conn.send_bytes(dumps(Failure(wrap_error(exc))))
+            conn.send_bytes(dumps(Failure(remote_error(exc))))
             continue
         if isinstance(message, Stop):
             return
-        conn.send_bytes(encode_outcomes(invoker.run(message)))
+        conn.send_bytes(dump_outcomes(invoker.run(message)))

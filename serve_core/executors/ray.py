@@ -9,8 +9,8 @@ through ``EXECUTORS`` in :mod:`serve_core.executors.base`). Install with
 * Calls: one :class:`~serve_core.invoke.Call` (a single query or a whole batch) is one
   actor method call. Its ``ObjectRef`` is turned into a ``concurrent.futures.Future``
   through Ray's completion callback: no thread waits per request.
-* Web requests are sent as :class:`~serve_core.executors._webrequest.WireRequest` and
-  rebuilt inside the actor.
+* Web requests travel as they are: the HTTP front's ``ServeRequest`` pickles itself to a
+  self-contained copy (see :mod:`serve_core.http.request`).
 * Faults: a dead actor fails its call with :class:`~serve_core.errors.ReplicaDiedError`
   (the router then replaces the replica). A result or exception that cannot cross the
   process boundary fails that call's queries with :class:`~serve_core.errors.ServeError`
@@ -36,7 +36,6 @@ from ..config import BackendConfig
 from ..errors import ReplicaDiedError, ServeError, ServeTypeError
 from ..invoke import Call, Invoker, Outcome
 from ._outcomes import dump_outcomes
-from ._webrequest import pack_call, unpack_call
 from .base import ReplicaSpec
 
 log = logging.getLogger("serve_core")
@@ -72,7 +71,7 @@ class ReplicaActor:
         if self._invoker is None:
             raise ServeError("replica was not constructed")
         call: Call = pickle.loads(data)
-        return dump_outcomes(self._invoker.run(unpack_call(call)), cloudpickle.dumps)
+        return dump_outcomes(self._invoker.run(call), cloudpickle.dumps)
 
 
 _RemoteReplicaActor = ray.remote(ReplicaActor)
@@ -125,7 +124,7 @@ class RayReplica:
             future.set_exception(ReplicaDiedError(f"replica {self.replica_id} was stopped"))
             return future
         try:
-            ref = self._actor.run.remote(cloudpickle.dumps(pack_call(call)))
+            ref = self._actor.run.remote(cloudpickle.dumps(call))
         except Exception as exc:  # noqa: BLE001 - e.g. arguments that cannot be pickled
             future.set_result(_failed(call, f"the call could not be sent to replica {self.replica_id}", exc))
             return future

@@ -22,7 +22,7 @@ from werkzeug.test import EnvironBuilder
 
 from serve_core import BackendConfig, Serve, accept_batch
 from serve_core.errors import ReplicaDiedError, ServeError, ServeTypeError, ValidationError
-from serve_core.executors._wire import RemoteTraceback
+from serve_core.executors._outcomes import RemoteTraceback
 from serve_core.executors.base import ReplicaSpec
 from serve_core.executors.process import ProcessExecutor
 from serve_core.http.request import ServeRequest

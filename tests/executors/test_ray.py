@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from werkzeug.test import EnvironBuilder
-from werkzeug.wrappers import Request
+from werkzeug.test import Client
 
 import serve_core as serve
 from serve_core import BackendConfig, ReplicaDiedError, Serve, ServeError
-from serve_core.slo import SLO
 
 from ..conftest import WAIT, require
 from ..ray_fixtures import LOCAL_RAY, RayEvent
@@ -98,7 +96,7 @@ def test_two_replicas_are_two_actors(ray_local: Any, make_serve: MakeServe) -> N
 def echo_context(request: Any, x: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {"web": serve.context.web, "batch_size": serve.context.batch_size, "x": x}
     if serve.context.web:
-        out.update(path=request.path, arg=request.args.get("a"), body=request.get_data())
+        out.update(path=request.path, arg=request.args.get("a"), body=request.get_data(as_text=True))
         out["tag"] = request.headers["X-Tag"]
     return out
 
@@ -109,13 +107,9 @@ def test_context_and_web_request_inside_the_actor(ray_local: Any, make_serve: Ma
     srv.create_backend(echo_context, "ctx:v1")
     srv.link("ctx", "ctx:v1")
     assert _python_call(srv, "ctx", x=3) == {"web": False, "batch_size": None, "x": 3}
-    builder = EnvironBuilder(
-        path="/ctx", query_string="a=1", method="POST", data=b"payload", headers={"X-Tag": "t"}
-    )
-    request = Request(builder.get_environ())
-    answer = srv._enqueue("ctx", {}, request, "__call__", SLO(), None).result(WAIT)
-    web = {"path": "/ctx", "arg": "1", "body": b"payload", "tag": "t"}
-    assert answer == {"web": True, "batch_size": None, "x": 0, **web}
+    reply = Client(srv.wsgi_app()).post("/ctx?a=1", data=b"payload", headers={"X-Tag": "t"})
+    web = {"path": "/ctx", "arg": "1", "body": "payload", "tag": "t"}
+    assert reply.get_json() == {"web": True, "batch_size": None, "x": 0, **web}
 
 
 @serve.accept_batch
