@@ -24,6 +24,7 @@ from sqlalchemy import delete as sql_delete
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.schema import CreateTable
 
 from ..errors import StoreError
 from .base import MAX_KEY_LENGTH, MAX_NAMESPACE_LENGTH, check_key, check_namespace, decode_value, encode_items
@@ -49,8 +50,9 @@ def _table(name: str) -> Table:
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode=WAL")
+        # The busy timeout first: switching to WAL takes a lock another process may hold.
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS:d}")  # an int constant, not input
+        cursor.execute("PRAGMA journal_mode=WAL")
     finally:
         cursor.close()
 
@@ -140,13 +142,9 @@ class SQLKVStore:
         return self
 
     def _create_table(self) -> None:
-        try:
-            with self.engine.begin() as conn:
-                self.table.create(conn, checkfirst=True)
-        except SQLAlchemyError:
-            # Another process may have created it between the check and the CREATE.
-            with self.engine.begin() as conn:
-                self.table.create(conn, checkfirst=True)
+        # IF NOT EXISTS, not a check then a CREATE: other processes may open the same store.
+        with self.engine.begin() as conn:
+            conn.execute(CreateTable(self.table, if_not_exists=True))
 
     def close(self) -> None:
         """Dispose the engine's connections (only if this store created the engine)."""
