@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ import pytest
 import requests
 
 from .conftest import WAIT, require
+from .net import free_port, port_is_free
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,15 +55,6 @@ def _wait_for_banner(proc: subprocess.Popen[str]) -> tuple[str, str]:
         if match:
             return match.group(1), "".join(seen)
     raise AssertionError(f"no banner; stderr: {proc.stderr.read() if proc.stderr else ''}")
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def _wait_until_answering(url: str) -> None:
@@ -116,7 +107,7 @@ def test_run_serves_until_sigterm(app_file: Path, tmp_path: Path) -> None:
         assert stats["echo:v1_request_counter"] + stats["echo:v2_request_counter"] == 40
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(WAIT) == 0
-        assert _port_is_free(int(url.rsplit(":", 1)[1]))
+        assert port_is_free(int(url.rsplit(":", 1)[1]))
 
 
 def test_error_in_deployment_file_exits_non_zero(tmp_path: Path) -> None:
@@ -129,9 +120,7 @@ def test_error_in_deployment_file_exits_non_zero(tmp_path: Path) -> None:
 
 
 def test_query_of_unreachable_server_fails(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = _cli("routes", "--url", f"http://127.0.0.1:{port}", cwd=tmp_path)
     out, err = proc.communicate(timeout=WAIT)
     assert proc.returncode == 1 and "cannot query" in err
@@ -139,9 +128,7 @@ def test_query_of_unreachable_server_fails(tmp_path: Path) -> None:
 
 def test_run_with_granian(app_file: Path, tmp_path: Path) -> None:
     require(importlib.util.find_spec("granian") is not None, "granian is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with _running(str(app_file), "--port", str(port), "--server", "granian", cwd=tmp_path) as (proc, url, _):
         assert url == f"http://127.0.0.1:{port}"
         _wait_until_answering(url)  # Granian's worker prints the banner before the socket listens

@@ -51,19 +51,23 @@ class KVStore(Protocol):
         """Release connections. Idempotent."""
 
 
+def _check_name(kind: str, value: Any, max_length: int) -> str:
+    if not isinstance(value, str):
+        raise ServeTypeError(f"a KV {kind} must be a string, got {type(value).__name__}")
+    if not value or len(value) > max_length:
+        raise ValidationError(
+            f"a KV {kind} must have 1 to {max_length} characters, got {len(value)}: {value[:40]!r}"
+        )
+    return value
+
+
 def check_namespace(namespace: Any) -> str:
     """Validate a namespace name.
 
     Raises:
         ServeTypeError: not a string. ValidationError: empty or too long.
     """
-    if not isinstance(namespace, str):
-        raise ServeTypeError(f"a KV namespace must be a string, got {type(namespace).__name__}")
-    if not namespace or len(namespace) > MAX_NAMESPACE_LENGTH:
-        raise ValidationError(
-            f"a KV namespace must have 1 to {MAX_NAMESPACE_LENGTH} characters, got {namespace!r}"
-        )
-    return namespace
+    return _check_name("namespace", namespace, MAX_NAMESPACE_LENGTH)
 
 
 def check_key(key: Any) -> str:
@@ -72,13 +76,20 @@ def check_key(key: Any) -> str:
     Raises:
         ServeTypeError: not a string. ValidationError: empty or too long.
     """
-    if not isinstance(key, str):
-        raise ServeTypeError(f"a KV key must be a string, got {type(key).__name__}")
-    if not key or len(key) > MAX_KEY_LENGTH:
-        raise ValidationError(
-            f"a KV key must have 1 to {MAX_KEY_LENGTH} characters, got {len(key)}: {key[:40]!r}"
-        )
-    return key
+    return _check_name("key", key, MAX_KEY_LENGTH)
+
+
+class UpdateBased:
+    """``put`` and ``delete`` for stores whose one write operation is ``update``."""
+
+    def update(self, items: Mapping[str, Any], delete: Iterable[str] = ()) -> None:
+        raise NotImplementedError
+
+    def put(self, key: str, value: Any) -> None:
+        self.update({key: value})
+
+    def delete(self, key: str) -> None:
+        self.update({}, delete=[key])
 
 
 def encode_value(key: str, value: Any) -> str:

@@ -7,10 +7,10 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .base import check_key, check_namespace, decode_value, encode_items
+from .base import UpdateBased, check_key, check_namespace, decode_value, encode_items
 
 
-class MemoryKVStore:
+class MemoryKVStore(UpdateBased):
     """An in-process :class:`~serve_core.kv.base.KVStore`; values are kept as JSON text.
 
     Args:
@@ -32,12 +32,6 @@ class MemoryKVStore:
     def get(self, key: str, default: Any = None) -> Any:
         text = self._data.get(check_key(key))
         return default if text is None else decode_value(text)
-
-    def put(self, key: str, value: Any) -> None:
-        self.update({key: value})
-
-    def delete(self, key: str) -> None:
-        self.update({}, delete=[key])
 
     def as_dict(self) -> dict[str, Any]:
         with self._lock:

@@ -27,7 +27,15 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.schema import CreateTable
 
 from ..errors import StoreError
-from .base import MAX_KEY_LENGTH, MAX_NAMESPACE_LENGTH, check_key, check_namespace, decode_value, encode_items
+from .base import (
+    MAX_KEY_LENGTH,
+    MAX_NAMESPACE_LENGTH,
+    UpdateBased,
+    check_key,
+    check_namespace,
+    decode_value,
+    encode_items,
+)
 
 DEFAULT_TABLE = "serve_core_kv"
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # a writer waits this long for another process's transaction
@@ -77,7 +85,7 @@ def to_url(url_or_path: str | URL) -> URL:
     return url
 
 
-class SQLKVStore:
+class SQLKVStore(UpdateBased):
     """A :class:`~serve_core.kv.base.KVStore` in a SQL database.
 
     Args:
@@ -157,12 +165,6 @@ class SQLKVStore:
         with self._begin("read", key) as conn:
             text = conn.execute(query).scalar_one_or_none()
         return default if text is None else decode_value(text)
-
-    def put(self, key: str, value: Any) -> None:
-        self.update({key: value})
-
-    def delete(self, key: str) -> None:
-        self.update({}, delete=[key])
 
     def as_dict(self) -> dict[str, Any]:
         query = select(self.table.c.key, self.table.c.value).where(self.table.c.namespace == self.namespace)

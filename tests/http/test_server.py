@@ -22,16 +22,8 @@ from serve_core import Serve, ServeStateError
 from serve_core.http.request import ServeRequest
 
 from ..conftest import WAIT
+from ..net import port_is_free
 from .helpers import base_url
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def test_port_zero_reports_bound_address_and_shutdown_frees_it(make_serve: Callable[..., Serve]) -> None:
@@ -41,7 +33,7 @@ def test_port_zero_reports_bound_address_and_shutdown_frees_it(make_serve: Calla
     assert requests.get(f"http://{host}:{port}/-/healthz", timeout=WAIT).text == "ok\n"
     srv.shutdown()
     assert srv.http_address() is None
-    assert _port_is_free(port)
+    assert port_is_free(port)
 
 
 def test_taken_port_is_a_clear_error(make_serve: Callable[..., Serve]) -> None:
@@ -107,7 +99,7 @@ def test_module_api() -> None:
     assert requests.get(f"http://{host}:{port}/f", timeout=WAIT).text == "module"
     assert serve.wsgi_app() is serve.wsgi_app()
     serve.shutdown()
-    assert _port_is_free(port)
+    assert port_is_free(port)
 
 
 def test_request_pickles_with_its_body() -> None:
