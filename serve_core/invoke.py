@@ -135,10 +135,11 @@ class Invoker:
             raise MethodNotFoundError(f"method {method!r} is not public and cannot be called")
         if not self._is_class and method != "__call__":
             raise MethodNotFoundError(f"function backends only have __call__, not {method!r}")
-        func = self._obj if not self._is_class and method == "__call__" else getattr(
-            self._obj, method, None
-        )
-        if func is None or not callable(func):
+        if not self._is_class:
+            func = self._obj
+        elif inspect.isroutine(inspect.getattr_static(self._obj, method, None)):
+            func = getattr(self._obj, method)  # looked up statically first: a property never runs
+        else:
             raise MethodNotFoundError(f"backend has no method {method!r}")
         resolved = (func, wants_positional(func))
         self._methods[method] = resolved

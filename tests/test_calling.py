@@ -71,10 +71,14 @@ def test_class_backend_with_init_args_and_methods(srv: Serve) -> None:
         def _secret(self):
             return "leaked"
 
+        @property
+        def side_effect(self):
+            raise AssertionError("a property must not run when looked up as a method")
+
     handle = deploy(srv, Model, "hello")
     assert handle.remote(name="a").result(WAIT) == "hello:a"
     assert handle.options(method_name="shout").remote(name="a").result(WAIT) == "hello:A"
-    for method in ("_secret", "__init__", "missing", "prefix"):
+    for method in ("_secret", "__init__", "missing", "prefix", "side_effect"):
         with pytest.raises(MethodNotFoundError):
             handle.options(method_name=method).remote().result(WAIT)
     assert handle.remote(name="still-works").result(WAIT) == "hello:still-works"
