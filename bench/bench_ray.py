@@ -12,7 +12,8 @@ rounds; the table shows medians per call and the ratio to the bare actor baselin
 * N in flight: submit N calls, then wait for all of them.
 
 Rows: the bare actor (baseline); our handle on the ray executor, one replica; our
-handle with ``max_batch_size=100`` (many queries per actor call); and, when
+handle with ``max_batch_size=100`` (many queries per actor call); our handle with
+``max_concurrent_queries=32`` (calls pipelined to the actor); and, when
 ``ray[serve]`` is installed, Ray Serve's own ``DeploymentHandle`` (one replica, HTTP
 proxy disabled). The target is our unbatched handle within 1.5x of the bare call.
 """
@@ -48,10 +49,13 @@ def noop_batch(request: list[Any]) -> list[None]:
     return [None] * len(request)
 
 
-def _ours(batch: bool) -> tuple[Serve, Any]:
+PIPELINED = 32  # max_concurrent_queries of the pipelined row
+
+
+def _ours(batch: bool = False, pipelined: int = 1) -> tuple[Serve, Any]:
     srv = Serve(executor="ray", start_server=False)
     srv.create_endpoint("noop", None)
-    config = BackendConfig(max_batch_size=100) if batch else None
+    config = BackendConfig(max_batch_size=100 if batch else None, max_concurrent_queries=pipelined)
     srv.create_backend(noop_batch if batch else noop, "noop:v1", backend_config=config)
     srv.link("noop", "noop:v1")
     return srv, srv.get_handle("noop")
@@ -156,18 +160,21 @@ def main() -> None:
         bare_call, bare_wait = actor.f.remote, ray.get
         ours, handle = _ours(batch=False)
         ours_batch, batch_handle = _ours(batch=True)
+        ours_piped, piped_handle = _ours(pipelined=PIPELINED)
         results = {
             "serve_core": _phase(
                 "serve_core on the ray executor vs a bare actor",
                 {"bare actor": bare_call, "serve_core handle": handle.remote,
-                 "serve_core handle, batch 100": batch_handle.remote},
+                 "serve_core handle, batch 100": batch_handle.remote,
+                 f"serve_core handle, {PIPELINED} in flight/replica": piped_handle.remote},
                 {"bare actor": bare_wait, "serve_core handle": _result,
-                 "serve_core handle, batch 100": _result},
+                 "serve_core handle, batch 100": _result,
+                 f"serve_core handle, {PIPELINED} in flight/replica": _result},
                 args,
             )
         }
-        ours.shutdown()
-        ours_batch.shutdown()
+        for instance in (ours, ours_batch, ours_piped):
+            instance.shutdown()
         # Ray Serve's controller keeps working in the background: measure it in its own
         # phase, against a bare-actor baseline taken in that same phase.
         serve_handle = _ray_serve_handle()

@@ -86,6 +86,7 @@ class Router:
             state = self._backends[tag]
             state.config = config
             state.queue.max_size = config.max_queue_size
+            state.set_capacity(config.max_concurrent_queries)
             work, expired = self._dispatch(state)
         self._run(work, expired)
 
@@ -205,7 +206,8 @@ class Router:
                 if drop_expired and query.deadline < now:
                     expired.append(query)
                 elif query.started or query.future.set_running_or_notify_cancel():
-                    work.append((state, state.start([query]), [query]))
+                    call = [query]
+                    work.append((state, state.start(call), call))
             return work, expired
         while idle and queue:
             batch = form_batch(queue, config.max_batch_size, now, config.drop_expired)
@@ -298,7 +300,7 @@ class Router:
                     state.latency.record(now - query.arrival, now)
                     if not outcome.ok:
                         state.errors.inc()
-                state.finish(slot)
+                state.finish(slot, queries)
             else:
                 state.errors.inc(len(queries))
                 state.drop(slot)

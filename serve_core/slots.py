@@ -1,7 +1,8 @@
 """A backend's routing state: its queue, its replica slots and its metrics.
 
-Each replica has one :class:`Slot`: idle, busy with one call (whose queries the slot
-remembers until they are answered), or retired (draining its last call). The owner,
+Each replica has one :class:`Slot`: idle, busy with up to ``max_concurrent_queries``
+calls (whose queries it remembers until they are answered), or retired (draining its
+last calls). The owner,
 the router, serialises every method here under its lock.
 """
 
@@ -17,19 +18,24 @@ from .queues import BackendQueue, Query
 
 
 class Slot:
-    """A replica and the call it runs, if any."""
+    """A replica and the calls it runs (at most ``capacity`` at once)."""
 
-    __slots__ = ("replica", "queries", "draining", "drained")
+    __slots__ = ("replica", "capacity", "calls", "draining", "drained")
 
-    def __init__(self, replica: Replica) -> None:
+    def __init__(self, replica: Replica, capacity: int) -> None:
         self.replica = replica
-        self.queries: list[Query] | None = None  # the call in flight
+        self.capacity = capacity
+        self.calls: list[list[Query]] = []  # the calls in flight, each a list of queries
         self.draining = False
         self.drained: Future[None] = Future()  # resolves once a retired slot is idle
 
     @property
     def busy(self) -> bool:
-        return self.queries is not None
+        return bool(self.calls)
+
+    @property
+    def full(self) -> bool:
+        return len(self.calls) >= self.capacity
 
     def mark_drained(self) -> None:
         if not self.drained.done():
@@ -52,30 +58,41 @@ class BackendState:
         self.latency = WindowedHistogram(gc_window_seconds)
 
     def add(self, replica: Replica) -> None:
-        slot = Slot(replica)
+        slot = Slot(replica, self.config.max_concurrent_queries)
         self.slots.append(slot)
         self.idle.append(slot)
         self.broken = None
 
+    def set_capacity(self, capacity: int) -> None:
+        """Apply a new ``max_concurrent_queries`` to every slot."""
+        for slot in self.slots:
+            slot.capacity = capacity
+        self.idle = collections.deque(slot for slot in self.slots if not slot.full)
+
     def start(self, queries: list[Query]) -> Slot:
-        """Give the next idle slot a call."""
+        """Give the next slot with room a call (slots with room take turns)."""
         slot = self.idle.popleft()
-        slot.queries = queries
+        slot.calls.append(queries)
         self.busy.add(slot)
+        if not slot.full:
+            self.idle.append(slot)
         return slot
 
-    def finish(self, slot: Slot) -> None:
-        """The slot's call ended: it becomes idle again, or drained if retired."""
-        slot.queries = None
-        self.busy.discard(slot)
+    def finish(self, slot: Slot, queries: list[Query]) -> None:
+        """A call of the slot ended: it has room again, or is drained if retired and idle."""
+        was_full = slot.full
+        slot.calls = [call for call in slot.calls if call is not queries]
+        if not slot.calls:
+            self.busy.discard(slot)
         if slot.draining:
-            slot.mark_drained()
-        elif slot in self.slots:
+            if not slot.calls:
+                slot.mark_drained()
+        elif was_full and slot in self.slots:
             self.idle.append(slot)
 
     def drop(self, slot: Slot) -> None:
         """Forget a slot whose replica died."""
-        slot.queries = None
+        slot.calls = []
         self.busy.discard(slot)
         if slot in self.slots:
             self.slots.remove(slot)
@@ -97,4 +114,4 @@ class BackendState:
         return retired
 
     def in_flight(self) -> list[Query]:
-        return [query for slot in self.busy for query in slot.queries or ()]
+        return [query for slot in self.busy for call in slot.calls for query in call]

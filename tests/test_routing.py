@@ -349,3 +349,24 @@ def test_shutdown_answers_calls_that_outlive_the_drain_timeout(make_serve) -> No
             stuck.result(WAIT)
     finally:
         release.set()  # let the replica thread end
+
+
+@pytest.mark.parametrize("capacity", [1, 2])
+def test_a_replica_holds_up_to_max_concurrent_queries(csrv: Serve, make_gate, capacity: int) -> None:
+    gate = make_gate()
+    config = BackendConfig(max_concurrent_queries=capacity)
+    csrv.create_endpoint("ep")
+    csrv.create_backend(blocking_backend(gate), "b", backend_config=config)
+    csrv.link("ep", "b")
+    handle = csrv.get_handle("ep")
+    futures = [handle.remote(i=n) for n in range(3)]
+    assert csrv.stat()["backend_b_queue_size"] == 3 - capacity  # the rest went to the replica
+    gate.set()
+    assert results(futures) == [0, 1, 2]
+
+
+def test_pipelined_replicas_answer_everything(srv: Serve) -> None:
+    config = BackendConfig(num_replicas=2, max_concurrent_queries=4)
+    answers = results(queued(srv, Counter, config, [{"i": n} for n in range(40)]))
+    assert sorted(i for _, _, i in answers) == list(range(40))
+    assert len({replica for _, replica, _ in answers}) == 2
