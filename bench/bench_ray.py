@@ -13,7 +13,7 @@ rounds; the table shows medians per call and the ratio to the bare actor baselin
 
 Rows: the bare actor (baseline); our handle on the ray executor, one replica; our
 handle with ``max_batch_size=100`` (many queries per actor call); our handle with
-``max_concurrent_queries=32`` (calls pipelined to the actor); and, when
+``max_concurrent_queries=1000`` (calls pipelined to the actor); and, when
 ``ray[serve]`` is installed, Ray Serve's own ``DeploymentHandle`` (one replica, HTTP
 proxy disabled). The target is our unbatched handle within 1.5x of the bare call.
 """
@@ -49,7 +49,7 @@ def noop_batch(request: list[Any]) -> list[None]:
     return [None] * len(request)
 
 
-PIPELINED = 32  # max_concurrent_queries of the pipelined row
+PIPELINED = 1000  # max_concurrent_queries of the pipelined row
 
 
 def _ours(batch: bool = False, pipelined: int = 1) -> tuple[Serve, Any]:
