@@ -45,6 +45,7 @@ class _EndpointState:
         self.name = name
         self.policy: Policy | None = None
         self.requests = Counter()
+        self.errors = Counter()
 
 
 class Router:
@@ -206,6 +207,7 @@ class Router:
                 if drop_expired and query.deadline < now:
                     expired.append(query)
                 elif query.started or query.future.set_running_or_notify_cancel():
+                    query.dispatched = now
                     call = [query]
                     work.append((state, state.start(call), call))
             return work, expired
@@ -213,6 +215,8 @@ class Router:
             batch = form_batch(queue, config.max_batch_size, now, config.drop_expired)
             expired += batch.expired
             queries = [q for q in batch.queries if q.started or q.future.set_running_or_notify_cancel()]
+            for query in queries:
+                query.dispatched = now
             if queries:
                 work.append((state, state.start(queries), queries))
         return work, expired
@@ -298,11 +302,15 @@ class Router:
             if died is None:
                 for query, outcome in zip(queries, outcomes, strict=False):
                     state.latency.record(now - query.arrival, now)
+                    state.queue_wait.record(query.dispatched - query.arrival, now)
                     if not outcome.ok:
-                        state.errors.inc()
+                        self._count_error(state, query)
+                state.execution.record(now - queries[0].dispatched, now)
+                state.batch_size.record(len(queries), now)
                 state.finish(slot, queries)
             else:
-                state.errors.inc(len(queries))
+                for query in queries:
+                    self._count_error(state, query)
                 state.drop(slot)
             work, expired = self._dispatch(state) if not self._closed else ([], [])
         if died is None:
@@ -314,6 +322,10 @@ class Router:
         if expired:
             self._fail(expired, None)
         return work
+
+    def _count_error(self, state: BackendState, query: Query) -> None:
+        state.errors.inc()
+        self._endpoints[query.endpoint].errors.inc()
 
     def _fail(self, queries: Iterable[Query], error: BaseException | None) -> None:
         """Fail queries; ``error=None`` means their deadline passed."""
@@ -331,19 +343,22 @@ class Router:
     def stat(self, percentiles: list[float], windows: list[float]) -> dict[str, float]:
         now = self._clock.monotonic()
         out: dict[str, float] = {}
-        latencies = {}
+        snapshots = {}
+        longest = max(windows, default=0)
         with self._lock:  # copy under the lock; the numpy work happens after
             for tag, state in self._backends.items():
                 out[f"{tag}_error_counter"] = state.errors.value
                 out[f"{tag}_request_counter"] = state.requests.value
                 out[f"backend_{tag}_queue_size"] = len(state.queue)
                 out[f"backend_{tag}_num_replicas"] = len(state.slots)
-                latencies[tag] = state.latency.snapshot(max(windows, default=0), now)
+                for name, hist in state.histograms.items():
+                    snapshots[f"{tag}_{name}"] = hist.snapshot(longest, now)
             for name, ep in self._endpoints.items():
                 out[f"endpoint_{name}_request_counter"] = ep.requests.value
+                out[f"endpoint_{name}_error_counter"] = ep.errors.value
                 out[f"endpoint_{name}_pending_size"] = self._waiting.size(name)
-        for tag, samples in latencies.items():
-            out.update(percentile_keys(f"{tag}_latency_s", samples, percentiles, windows, now))
+        for key, samples in snapshots.items():
+            out.update(percentile_keys(key, samples, percentiles, windows, now))
         return out
 
     # ------------------------------------------------------------- lifecycle

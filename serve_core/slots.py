@@ -55,7 +55,15 @@ class BackendState:
         self.broken: BaseException | None = None  # why it has no replica, when restarting failed
         self.requests = Counter()
         self.errors = Counter()
-        self.latency = WindowedHistogram(gc_window_seconds)
+        # Seconds from arrival to answer, in the queue, and of a call on its replica; batch sizes.
+        self.histograms = {
+            name: WindowedHistogram(gc_window_seconds)
+            for name in ("latency_s", "queue_wait_s", "execution_s", "batch_size")
+        }
+        self.latency = self.histograms["latency_s"]
+        self.queue_wait = self.histograms["queue_wait_s"]
+        self.execution = self.histograms["execution_s"]
+        self.batch_size = self.histograms["batch_size"]
 
     def add(self, replica: Replica) -> None:
         slot = Slot(replica, self.config.max_concurrent_queries)

@@ -370,3 +370,21 @@ def test_pipelined_replicas_answer_everything(srv: Serve) -> None:
     answers = results(queued(srv, Counter, config, [{"i": n} for n in range(40)]))
     assert sorted(i for _, _, i in answers) == list(range(40))
     assert len({replica for _, replica, _ in answers}) == 2
+
+
+def test_stat_splits_latency_and_counts_batches_and_endpoint_errors(srv: Serve) -> None:
+    @serve.accept_batch
+    def batched(*, i):
+        if 13 in i:
+            raise ValueError("unlucky batch")
+        return list(i)
+
+    futures = queued(srv, batched, BackendConfig(max_batch_size=5), [{"i": n} for n in range(20)])
+    failed = sum(f.exception(WAIT) is not None for f in futures)
+    assert failed == 5  # the batch holding 13
+    stats = srv.stat(percentiles=[0, 100], agg_windows_seconds=[60])
+    assert stats["b_batch_size_100th_perc_60_window"] == 5
+    assert stats["b_batch_size_0th_perc_60_window"] == 5
+    assert stats["b_error_counter"] == stats["endpoint_ep_error_counter"] == 5
+    for part in ("queue_wait_s", "execution_s"):
+        assert 0 <= stats[f"b_{part}_100th_perc_60_window"] <= stats["b_latency_s_100th_perc_60_window"]
