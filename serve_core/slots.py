@@ -25,7 +25,7 @@ class Slot:
     def __init__(self, replica: Replica, capacity: int) -> None:
         self.replica = replica
         self.capacity = capacity
-        self.calls: list[list[Query]] = []  # the calls in flight, each a list of queries
+        self.calls: dict[int, list[Query]] = {}  # the calls in flight by id(), each a list of queries
         self.draining = False
         self.drained: Future[None] = Future()  # resolves once a retired slot is idle
 
@@ -80,7 +80,7 @@ class BackendState:
     def start(self, queries: list[Query]) -> Slot:
         """Give the next slot with room a call (slots with room take turns)."""
         slot = self.idle.popleft()
-        slot.calls.append(queries)
+        slot.calls[id(queries)] = queries
         self.busy.add(slot)
         if not slot.full:
             self.idle.append(slot)
@@ -89,7 +89,7 @@ class BackendState:
     def finish(self, slot: Slot, queries: list[Query]) -> None:
         """A call of the slot ended: it has room again, or is drained if retired and idle."""
         was_full = slot.full
-        slot.calls = [call for call in slot.calls if call is not queries]
+        slot.calls.pop(id(queries), None)
         if not slot.calls:
             self.busy.discard(slot)
         if slot.draining:
@@ -100,7 +100,7 @@ class BackendState:
 
     def drop(self, slot: Slot) -> None:
         """Forget a slot whose replica died."""
-        slot.calls = []
+        slot.calls = {}
         self.busy.discard(slot)
         if slot in self.slots:
             self.slots.remove(slot)
@@ -122,4 +122,4 @@ class BackendState:
         return retired
 
     def in_flight(self) -> list[Query]:
-        return [query for slot in self.busy for call in slot.calls for query in call]
+        return [query for slot in self.busy for call in slot.calls.values() for query in call]
