@@ -41,6 +41,8 @@ from .base import ReplicaSpec
 log = logging.getLogger("serve_core")
 
 START_METHODS = ("forkserver", "spawn")
+DEFAULT_START_TIMEOUT_S = 300.0  # building a backend may load a model: generous, but bounded
+_TIMED_OUT = object()  # _first_message: no answer within the start timeout
 EXIT_GRACE_S = 5.0  # a worker that closed its pipe gets this long to exit before SIGKILL
 
 _SIGNAL_HINTS = {
@@ -59,8 +61,9 @@ class _State(enum.Enum):
 class ProcessReplica:
     """A backend served by its own worker process."""
 
-    def __init__(self, spec: ReplicaSpec, context: BaseContext) -> None:
+    def __init__(self, spec: ReplicaSpec, context: BaseContext, start_timeout_s: float) -> None:
         self.replica_id = spec.replica_id
+        self._start_timeout = start_timeout_s
         boot = WorkerBoot(_pickle_backend(spec))
         self._conn, child_conn = context.Pipe()
         alive_r, alive_w = context.Pipe(duplex=False)
@@ -99,9 +102,16 @@ class ProcessReplica:
             raise
         if isinstance(message, Ready):
             return message.pid
+        if message is _TIMED_OUT:
+            self._process.kill()
         self._abort()
         if isinstance(message, Failure):
             raise message.error
+        if message is _TIMED_OUT:
+            raise ReplicaDiedError(
+                f"replica {self.replica_id} did not build its backend within {self._start_timeout:g} s "
+                "(a constructor that hangs?); its worker was killed"
+            )
         raise ReplicaDiedError(
             _describe_exit(self.replica_id, self._process.pid, self._process.exitcode)
             + " before its backend was built (a script that starts serve_core must guard its "
@@ -109,7 +119,8 @@ class ProcessReplica:
         )
 
     def _first_message(self) -> Any:
-        wait([self._conn, self._process.sentinel])
+        if not wait([self._conn, self._process.sentinel], self._start_timeout):
+            return _TIMED_OUT
         try:
             return pickle.loads(self._conn.recv_bytes())
         except (EOFError, OSError):
@@ -238,11 +249,16 @@ class ProcessExecutor:
     Args:
         start_method: ``"forkserver"`` (default where available: fast starts, the
             server preloads serve_core) or ``"spawn"``.
+        start_timeout_s: how long a worker may take to build its backend before it is
+            killed and ``start_replica`` fails.
     """
 
     name = "process"
 
-    def __init__(self, start_method: str | None = None, **_: Any) -> None:
+    def __init__(
+        self, start_method: str | None = None, start_timeout_s: float = DEFAULT_START_TIMEOUT_S, **_: Any
+    ) -> None:
+        self._start_timeout = start_timeout_s
         available = multiprocessing.get_all_start_methods()
         if start_method is None:
             start_method = "forkserver" if "forkserver" in available else "spawn"
@@ -264,7 +280,7 @@ class ProcessExecutor:
             ServeTypeError: the backend cannot be pickled.
             Exception: the error the backend's constructor raised (its type is kept).
         """
-        replica = ProcessReplica(spec, self._context)
+        replica = ProcessReplica(spec, self._context, self._start_timeout)
         self._replicas.add(replica)
         return replica
 

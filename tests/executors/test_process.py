@@ -401,3 +401,19 @@ def test_one_unpicklable_result_in_a_batch_fails_only_its_query() -> None:
     assert [o.ok for o in outcomes] == [True, False, True]
     assert [outcomes[0].value, outcomes[2].value] == [0, 2]
     assert isinstance(outcomes[1].value, ServeError) and "lock" in str(outcomes[1].value)
+
+
+def test_a_constructor_that_hangs_is_bounded() -> None:
+    class Hangs:
+        def __init__(self) -> None:
+            threading.Event().wait()
+
+        def __call__(self) -> None:
+            return None
+
+    executor = ProcessExecutor(start_timeout_s=0.5)
+    try:
+        with pytest.raises(ReplicaDiedError, match="did not build its backend within 0.5 s"):
+            executor.start_replica(ReplicaSpec("h", "h#1", Hangs, (), BackendConfig()))
+    finally:
+        executor.shutdown()
