@@ -71,7 +71,7 @@ def load_app(path: str) -> None:
 def describe(serve: Any, url: str) -> str:
     """The startup banner: the address and the route table."""
     lines = [f"serve-core: serving on {url}  (stop with Ctrl-C)"]
-    for route, (endpoint, methods) in sorted(serve.wsgi_app().url_map.as_json().items()):
+    for route, (endpoint, methods) in sorted(serve.route_table().items()):
         lines.append(f"  {','.join(methods):<12} {url}{route}  -> {endpoint}")
     return "\n".join(lines)
 

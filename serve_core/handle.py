@@ -6,13 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ServeTypeError, ValidationError
 from .queues import ServeFuture
-from .slo import SLO
+from .slo import NO_SLO, SLO
 
 if TYPE_CHECKING:
     from .serve import Serve
 
 _UNSET: Any = object()
-_NO_SLO = SLO()
 
 
 class ServeHandle:
@@ -29,7 +28,7 @@ class ServeHandle:
         endpoint_name: str,
         *,
         method_name: str = "__call__",
-        slo: SLO = _NO_SLO,
+        slo: SLO = NO_SLO,
         shard_key: str | None = None,
     ) -> None:
         self._serve = serve

@@ -269,6 +269,15 @@ class Serve:
             self._registry.set_traffic(endpoint_name, weights)
             self._router.set_traffic(endpoint_name, weights)
 
+    def route_table(self) -> dict[str, list[Any]]:
+        """``{route: [endpoint, [methods]]}`` of the endpoints reachable over HTTP."""
+        return self._registry.route_table()
+
+    @property
+    def routes_version(self) -> int:
+        """A number that changes whenever :meth:`route_table` does."""
+        return self._registry.routes_version
+
     def get_traffic_policy(self, endpoint_name: str) -> dict[str, float]:
         """The endpoint's ``{backend_tag: weight}``."""
         self._registry.endpoint(endpoint_name)

@@ -56,3 +56,7 @@ class SLO:
         if self.absolute_ms is not None:
             return clock.monotonic() + (self.absolute_ms / 1000.0 - clock.wall())
         return NO_DEADLINE
+
+
+NO_SLO = SLO()
+"""No deadline: the SLO of handles and requests that name none."""

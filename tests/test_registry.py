@@ -52,7 +52,7 @@ def test_create_endpoint_rejects(inline: Serve, args: tuple, error: type[Excepti
 def test_endpoint_redefinition(inline: Serve) -> None:
     inline.create_endpoint("e", "/x", ["get", "POST", "get"])
     inline.create_endpoint("e", "/x", ["GET", "POST"])  # identical after normalising: no-op
-    assert inline._registry.route_table() == {"/x": ["e", ["GET", "POST"]]}
+    assert inline.route_table() == {"/x": ["e", ["GET", "POST"]]}
     with pytest.raises(ConflictError, match="already exists"):
         inline.create_endpoint("e", "/y")
     with pytest.raises(ConflictError, match="already serves"):
@@ -170,7 +170,7 @@ def test_route_decorator(inline: Serve) -> None:
     assert isinstance(hello, serve.ServeHandle)
     assert hello.remote(name="x").result(WAIT) == "hello x"
     assert hello.get_traffic_policy() == {"hello:v0": 1.0}
-    assert inline._registry.route_table() == {"/hello": ["hello", ["GET"]]}
+    assert inline.route_table() == {"/hello": ["hello", ["GET"]]}
 
 
 def test_handle_scale_and_batch_size(inline: Serve) -> None:

@@ -46,7 +46,7 @@ class ServeApp:
         self.debug = debug
         self._map = RouteMap(-1, {})
         self._builtins: dict[str, Callable[[ServeRequest], AnyResponse]] = {
-            "/-/routes": lambda request: json_response(self.url_map.as_json()),
+            "/-/routes": lambda request: json_response(self.serve.route_table()),
             "/-/healthz": self._healthz,
             "/-/stat": lambda request: json_response(self.serve.stat()),
         }
@@ -54,11 +54,10 @@ class ServeApp:
     @property
     def url_map(self) -> RouteMap:
         """The current route map; rebuilt when the instance's routes have changed."""
-        registry = self.serve._registry
-        version = registry.routes_version
+        version = self.serve.routes_version
         if version != self._map.version:
             # Read the version first: a change racing with the copy triggers another rebuild.
-            self._map = RouteMap.from_table(version, dict(registry.routes), dict(registry.endpoints))
+            self._map = RouteMap.from_table(version, self.serve.route_table())
         return self._map
 
     def dispatch_request(self, request: ServeRequest) -> AnyResponse:

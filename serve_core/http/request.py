@@ -18,11 +18,10 @@ from werkzeug.wsgi import get_input_stream
 
 from ..errors import MethodNotFoundError, PayloadTooLargeError, ValidationError
 from ..invoke import is_public_method
-from ..slo import SLO
+from ..slo import NO_SLO, SLO
 
 CALL_METHOD_KEY = "HTTP_X_SERVE_CALL_METHOD"  # the X-SERVE-CALL-METHOD header in the environ
 SLO_PARAMS = ("relative_slo_ms", "absolute_slo_ms")
-_NO_SLO = SLO()
 _PLAIN = (str, bytes, int, float, bool, tuple)
 _CHUNK = 64 * 1024
 
@@ -78,7 +77,7 @@ def parse_slo(request: Request) -> SLO:
         ValidationError: a parameter repeated, negative, not a number, or both given.
     """
     if not request.environ.get("QUERY_STRING"):
-        return _NO_SLO
+        return NO_SLO
     args = request.args
     values: dict[str, Any] = {}
     for name in SLO_PARAMS:
@@ -87,7 +86,7 @@ def parse_slo(request: Request) -> SLO:
             raise ValidationError(f"query parameter {name} was given {len(given)} times; give it once")
         values[name] = given[0] if given else None
     if values["relative_slo_ms"] is None and values["absolute_slo_ms"] is None:
-        return _NO_SLO
+        return NO_SLO
     return SLO.parse(**values)
 
 

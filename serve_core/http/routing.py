@@ -43,11 +43,10 @@ class RouteMap:
         self._entries = dict(entries)
 
     @classmethod
-    def from_table(cls, version: int, routes: Mapping[str, str], methods: Mapping[str, Any]) -> RouteMap:
-        """Build from ``{route: endpoint}`` and ``{endpoint: info with .methods}``."""
+    def from_table(cls, version: int, table: Mapping[str, list[Any]]) -> RouteMap:
+        """Build from ``Serve.route_table()``: ``{route: [endpoint, [methods]]}``."""
         entries = {
-            route: RouteEntry.build(route, name, tuple(methods[name].methods))
-            for route, name in routes.items()
+            route: RouteEntry.build(route, name, tuple(methods)) for route, (name, methods) in table.items()
         }
         return cls(version, entries)
 
@@ -67,10 +66,6 @@ class RouteMap:
                 tuple(sorted(entry.allowed)),
             )
         return entry
-
-    def as_json(self) -> dict[str, list[Any]]:
-        """``{route: [endpoint, [methods]]}``, the body of ``GET /-/routes``."""
-        return {route: [e.endpoint, list(e.methods)] for route, e in self._entries.items()}
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -111,7 +111,7 @@ def _check_deployment(srv: Serve) -> None:
     assert srv.restored.endpoints == ["api"]
     assert srv.restored.backends == ["greet:v1", "shout:v1"]
     assert srv.restored.traffic == ["api"] and not srv.restored.failed
-    assert srv._registry.route_table() == {"/api": ["api", ["GET", "POST"]]}
+    assert srv.route_table() == {"/api": ["api", ["GET", "POST"]]}
     config = srv.get_backend_config("greet:v1")
     assert (config.num_replicas, config.max_batch_size) == (2, 4)
     assert srv._router.replica_count("greet:v1") == 2
