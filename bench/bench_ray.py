@@ -11,11 +11,13 @@ rounds; the table shows medians per call and the ratio to the bare actor baselin
 * one at a time: call, wait for the result, repeat;
 * N in flight: submit N calls, then wait for all of them.
 
-Rows: the bare actor (baseline); our handle on the ray executor, one replica; our
-handle with ``max_batch_size=100`` (many queries per actor call); our handle with
-``max_concurrent_queries=1000`` (calls pipelined to the actor); and, when
-``ray[serve]`` is installed, Ray Serve's own ``DeploymentHandle`` (one replica, HTTP
-proxy disabled). The target is our unbatched handle within 1.5x of the bare call.
+Rows: the bare actor (baseline); our handle on the ray executor, one replica, default
+config (up to 16 calls held by the replica); our handle with
+``max_concurrent_queries=1`` (the original's one call at a time); with
+``max_batch_size=100`` (many queries per user call); with
+``max_concurrent_queries=1000``; and, when ``ray[serve]`` is installed, Ray Serve's own
+``DeploymentHandle`` (one replica, HTTP proxy disabled). The target is our handle, on
+the default config, within 1.5x of the bare call.
 """
 
 from __future__ import annotations
@@ -49,10 +51,10 @@ def noop_batch(request: list[Any]) -> list[None]:
     return [None] * len(request)
 
 
-PIPELINED = 1000  # max_concurrent_queries of the pipelined row
+PIPELINED = 1000  # max_concurrent_queries of the deep-pipeline row
 
 
-def _ours(batch: bool = False, pipelined: int = 1) -> tuple[Serve, Any]:
+def _ours(batch: bool = False, pipelined: int | None = None) -> tuple[Serve, Any]:
     srv = Serve(executor="ray", start_server=False)
     srv.create_endpoint("noop", None)
     config = BackendConfig(max_batch_size=100 if batch else None, max_concurrent_queries=pipelined)
@@ -130,10 +132,10 @@ def _report(medians: dict[str, dict[str, float]], in_flight: int) -> dict[str, A
         for name, m in medians.items()
     }
     many = f"{in_flight} in flight µs"
-    print(f"{'workload':30s} {'1 at a time µs':>15s} {'ratio':>6s} {many:>20s} {'ratio':>6s}")
+    print(f"{'workload':32s} {'1 at a time µs':>15s} {'ratio':>6s} {many:>20s} {'ratio':>6s}")
     for name, r in rows.items():
         print(
-            f"{name:30s} {r['one_at_a_time_us']:15.1f} {r['one_at_a_time_ratio']:6.2f} "
+            f"{name:32s} {r['one_at_a_time_us']:15.1f} {r['one_at_a_time_ratio']:6.2f} "
             f"{r['in_flight_us']:20.1f} {r['in_flight_ratio']:6.2f}"
         )
     return rows
@@ -158,22 +160,16 @@ def main() -> None:
     try:
         actor = ray.remote(BareActor).remote()
         bare_call, bare_wait = actor.f.remote, ray.get
-        ours, handle = _ours(batch=False)
-        ours_batch, batch_handle = _ours(batch=True)
-        ours_piped, piped_handle = _ours(pipelined=PIPELINED)
-        results = {
-            "serve_core": _phase(
-                "serve_core on the ray executor vs a bare actor",
-                {"bare actor": bare_call, "serve_core handle": handle.remote,
-                 "serve_core handle, batch 100": batch_handle.remote,
-                 f"serve_core handle, {PIPELINED} in flight/replica": piped_handle.remote},
-                {"bare actor": bare_wait, "serve_core handle": _result,
-                 "serve_core handle, batch 100": _result,
-                 f"serve_core handle, {PIPELINED} in flight/replica": _result},
-                args,
-            )
+        instances = {
+            "serve_core handle": _ours(),
+            "serve_core, 1 call at a time": _ours(pipelined=1),
+            "serve_core, batch 100": _ours(batch=True),
+            f"serve_core, {PIPELINED} calls/replica": _ours(pipelined=PIPELINED),
         }
-        for instance in (ours, ours_batch, ours_piped):
+        calls = {"bare actor": bare_call} | {name: h.remote for name, (_, h) in instances.items()}
+        waits = {"bare actor": bare_wait} | {name: _result for name in instances}
+        results = {"serve_core": _phase("serve_core on the ray executor vs a bare actor", calls, waits, args)}
+        for instance, _ in instances.values():
             instance.shutdown()
         # Ray Serve's controller keeps working in the background: measure it in its own
         # phase, against a bare-actor baseline taken in that same phase.

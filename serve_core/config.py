@@ -64,7 +64,7 @@ _VALIDATORS: dict[str, Callable[[str, Any], None]] = {
     "num_replicas": _positive_int,
     "max_batch_size": lambda n, v: _positive_int(n, v, allow_none=True),
     "max_queue_size": _positive_int,
-    "max_concurrent_queries": _positive_int,
+    "max_concurrent_queries": lambda n, v: _positive_int(n, v, allow_none=True),
     "drop_expired": _boolean,
     "executor": _executor_name,
     "num_cpus": _non_negative_number,
@@ -85,10 +85,12 @@ class BackendConfig:
             requires an ``@accept_batch`` target.
         max_queue_size: bound of the backend queue; a full queue rejects new
             queries with ``BackPressureError``.
-        max_concurrent_queries: calls a replica may hold at once. 1 (the original's
-            rule) keeps every waiting query in the deadline-ordered queue; more lets the
-            process and Ray executors overlap sending a call with running the previous one
-            (the replica still runs them one by one, in the order received).
+        max_concurrent_queries: calls a replica may hold at once; ``None`` takes the
+            executor's default (1, the original's rule, on inline, thread and process; 32
+            on Ray). 1 keeps every waiting query in the deadline-ordered queue. More lets the
+            thread executor run calls side by side, and lets the process and Ray executors
+            send calls ahead while the replica runs the previous one (it still runs them one
+            by one, in the order received).
         drop_expired: fail queries whose deadline passed with
             ``DeadlineExceededError`` instead of running them (the original ran them).
         executor: executor name for this backend; ``None`` uses the instance default.
@@ -99,7 +101,7 @@ class BackendConfig:
     num_replicas: int = 1
     max_batch_size: int | None = None
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
-    max_concurrent_queries: int = 1
+    max_concurrent_queries: int | None = None
     drop_expired: bool = False
     executor: str | None = None
     num_cpus: float | None = None

@@ -87,7 +87,7 @@ class Router:
             state = self._backends[tag]
             state.config = config
             state.queue.max_size = config.max_queue_size
-            state.set_capacity(config.max_concurrent_queries)
+            state.set_capacity()
             work, expired = self._dispatch(state)
         self._run(work, expired)
 

@@ -17,6 +17,13 @@ from .metrics import Counter, WindowedHistogram
 from .queues import BackendQueue, Query
 
 
+def capacity(config: BackendConfig, replica: Replica) -> int:
+    """Calls ``replica`` may hold: the config's ``max_concurrent_queries``, else its executor's default."""
+    if config.max_concurrent_queries is not None:
+        return config.max_concurrent_queries
+    return getattr(replica, "default_max_concurrent_queries", 1)
+
+
 class Slot:
     """A replica and the calls it runs (at most ``capacity`` at once)."""
 
@@ -66,15 +73,15 @@ class BackendState:
         self.batch_size = self.histograms["batch_size"]
 
     def add(self, replica: Replica) -> None:
-        slot = Slot(replica, self.config.max_concurrent_queries)
+        slot = Slot(replica, capacity(self.config, replica))
         self.slots.append(slot)
         self.idle.append(slot)
         self.broken = None
 
-    def set_capacity(self, capacity: int) -> None:
-        """Apply a new ``max_concurrent_queries`` to every slot."""
+    def set_capacity(self) -> None:
+        """Apply the config's ``max_concurrent_queries`` to every slot."""
         for slot in self.slots:
-            slot.capacity = capacity
+            slot.capacity = capacity(self.config, slot.replica)
         self.idle = collections.deque(slot for slot in self.slots if not slot.full)
 
     def start(self, queries: list[Query]) -> Slot:

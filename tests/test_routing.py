@@ -246,7 +246,8 @@ def blocking_backend(gate):
 def test_full_queue_makes_remote_raise_immediately(csrv: Serve, make_gate) -> None:
     gate = make_gate()
     csrv.create_endpoint("ep")
-    csrv.create_backend(blocking_backend(gate), "b", backend_config=BackendConfig(max_queue_size=2))
+    config = BackendConfig(max_queue_size=2, max_concurrent_queries=1)
+    csrv.create_backend(blocking_backend(gate), "b", backend_config=config)
     csrv.link("ep", "b")
     handle = csrv.get_handle("ep")
     futures = [handle.remote(i=0)]  # in flight

@@ -43,7 +43,12 @@ class ReplicaSpec:
 
 @runtime_checkable
 class Replica(Protocol):
-    """One running copy of a backend; runs one call at a time."""
+    """One running copy of a backend.
+
+    It holds up to the backend's ``max_concurrent_queries`` calls at once. When the
+    config leaves that to the executor (``None``), the router reads the replica's
+    optional ``default_max_concurrent_queries`` attribute, else uses 1.
+    """
 
     replica_id: str
 

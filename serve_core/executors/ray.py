@@ -6,9 +6,12 @@ through ``EXECUTORS`` in :mod:`serve_core.executors.base`). Install with
 
 * Placement: the backend's ``num_cpus``, ``num_gpus``, ``memory`` and ``resources``
   become the actor's options, so Ray puts each replica where those resources are.
-* Calls: one :class:`~serve_core.invoke.Call` (a single query or a whole batch) is one
-  actor method call. Its ``ObjectRef`` is turned into a ``concurrent.futures.Future``
-  through Ray's completion callback: no thread waits per request.
+* Calls: a replica holds up to 32 calls by default (see
+  :data:`DEFAULT_MAX_CONCURRENT_QUERIES`) and keeps two actor calls in flight; calls
+  submitted while both are out leave together, as one actor call, when one returns.
+  The actor runs them one by one, in order. Each actor call's ``ObjectRef`` is turned
+  into a ``concurrent.futures.Future`` through Ray's completion callback: no thread
+  waits per request.
 * Web requests travel as they are: the HTTP front's ``ServeRequest`` pickles itself to a
   self-contained copy (see :mod:`serve_core.http.request`).
 * Faults: a dead actor fails its call with :class:`~serve_core.errors.ReplicaDiedError`
@@ -67,11 +70,17 @@ class ReplicaActor:
         return ray.get_runtime_context().get_node_id(), self._error
 
     def run(self, data: bytes) -> bytes:
-        """Run one pickled call; returns the pickled outcomes (user errors are outcomes)."""
+        """Run pickled calls one by one, in order; returns their pickled outcomes, flattened.
+
+        User errors are outcomes: the calls after a failing one still run.
+        """
         if self._invoker is None:
             raise ServeError("replica was not constructed")
-        call: Call = pickle.loads(data)
-        return dump_outcomes(self._invoker.run(call), cloudpickle.dumps)
+        calls: list[Call] = pickle.loads(data)
+        outcomes: list[Outcome] = []
+        for call in calls:
+            outcomes += self._invoker.run(call)
+        return dump_outcomes(outcomes, cloudpickle.dumps)
 
 
 _RemoteReplicaActor = ray.remote(ReplicaActor)
@@ -95,8 +104,38 @@ def actor_options(config: BackendConfig) -> dict[str, Any]:
     return options
 
 
+Pending = tuple[Call, "Future[list[Outcome]]"]
+
+MESSAGES_IN_FLIGHT = 2
+"""Actor calls a replica keeps in flight; calls submitted beyond that are coalesced.
+
+Two keep the actor busy: it runs one message while the next waits in its mailbox.
+Calls that arrive meanwhile wait in the replica's outbox and leave together, as one
+actor call, when a message comes back; under load one Ray round trip then carries
+many calls, while a lone call still leaves at once.
+"""
+
+
+DEFAULT_MAX_CONCURRENT_QUERIES = 32
+"""Calls a Ray replica holds when the backend config leaves it to the executor.
+
+A round trip to an actor costs far more than a no-op call, so with one call at a
+time the actor would mostly wait. Thirty-two keep it busy (``bench/bench_ray.py``) while
+bounding how long a query with an earlier deadline can wait behind calls already
+sent, and how many calls an actor's death fails. ``max_concurrent_queries=1`` gives
+the original's strict rule.
+"""
+
+
 class RayReplica:
-    """One backend replica in a Ray actor."""
+    """One backend replica in a Ray actor.
+
+    Calls submitted together travel together: see :data:`MESSAGES_IN_FLIGHT`. The
+    actor runs the calls of a message one by one, in the order submitted, exactly as
+    it would run separate actor calls.
+    """
+
+    default_max_concurrent_queries = DEFAULT_MAX_CONCURRENT_QUERIES
 
     def __init__(self, replica_id: str, actor: Any, node_id: str, on_stop: Any) -> None:
         self.replica_id = replica_id
@@ -104,6 +143,9 @@ class RayReplica:
         self._actor = actor
         self._on_stop = on_stop
         self._lock = threading.Lock()
+        self._messages = 0  # actor calls in flight
+        self.actor_calls = 0  # actor calls made so far (for diagnostics and tests)
+        self._outbox: list[Pending] = []
         self._in_flight: set[Future[list[Outcome]]] = set()
         self._stopped = False
         self._dead = False
@@ -120,34 +162,102 @@ class RayReplica:
     def submit(self, call: Call) -> Future[list[Outcome]]:
         future: Future[list[Outcome]] = Future()
         future.set_running_or_notify_cancel()
-        if not self.alive:
+        with self._lock:
+            alive = self.alive
+            if alive:
+                self._in_flight.add(future)
+                if self._messages >= MESSAGES_IN_FLIGHT:
+                    self._outbox.append((call, future))
+                    return future
+                self._messages += 1
+                self.actor_calls += 1
+        if not alive:
             future.set_exception(ReplicaDiedError(f"replica {self.replica_id} was stopped"))
             return future
-        try:
-            ref = self._actor.run.remote(cloudpickle.dumps(call))
-        except Exception as exc:  # noqa: BLE001 - e.g. arguments that cannot be pickled
-            future.set_result(_failed(call, f"the call could not be sent to replica {self.replica_id}", exc))
-            return future
-        with self._lock:
-            self._in_flight.add(future)
-        ref.future().add_done_callback(partial(self._finish, future, call))
+        self._send([(call, future)])
         return future
 
-    def _finish(self, future: Future[list[Outcome]], call: Call, done: Future[Any]) -> None:
+    def _send(self, message: list[Pending]) -> None:
+        """One actor call for ``message``; calls that cannot be pickled fail on their own."""
+        try:
+            data = cloudpickle.dumps([call for call, _ in message])
+        except Exception:  # noqa: BLE001 - find the calls that cannot be sent, one by one
+            message = [entry for entry in message if self._sendable(entry)]
+            if not message:
+                self._finish([], None)
+                return
+            data = cloudpickle.dumps([call for call, _ in message])
+        try:
+            ref = self._actor.run.remote(data)
+        except Exception as exc:  # noqa: BLE001 - Ray refused the call (e.g. it was shut down)
+            self._finish(message, None, exc)
+            return
+        ref.future().add_done_callback(partial(self._finish, message))
+
+    def _sendable(self, entry: Pending) -> bool:
+        call, future = entry
+        try:
+            cloudpickle.dumps(call)
+        except Exception as exc:  # noqa: BLE001 - e.g. arguments that cannot be pickled
+            self._resolve(future, _failed(call, f"the call could not be sent to replica {self.replica_id}", exc))
+            return False
+        return True
+
+    def _finish(
+        self, message: list[Pending], done: Future[Any] | None, error: BaseException | None = None
+    ) -> None:
+        """A message came back (``done``) or could not leave (``error``).
+
+        What waited in the outbox leaves first, so the actor stays busy; then the
+        message's calls are answered.
+        """
+        outcomes: list[Outcome] = []
+        if done is not None:
+            try:
+                outcomes = pickle.loads(done.result())
+            except ray_errors.RayActorError as exc:
+                error = exc
+            except Exception as exc:  # noqa: BLE001 - result not transferable; the actor lives on
+                what = f"replica {self.replica_id} could not read the calls or send back their results"
+                for call, future in message:
+                    self._resolve(future, _failed(call, what, exc))
+                message = []
+        with self._lock:
+            if error is not None:
+                self._dead = True
+            following: list[Pending] = []
+            if self._outbox and not self._dead:
+                following, self._outbox = self._outbox, []
+                self.actor_calls += 1
+            else:
+                self._messages -= 1
+        if following:
+            self._send(following)
+        if error is not None:
+            self._fail_all(message, error)
+            return
+        start = 0
+        for call, future in message:
+            end = start + len(call)
+            self._resolve(future, outcomes[start:end])
+            start = end
+
+    def _fail_all(self, message: list[Pending], error: BaseException) -> None:
+        """The actor is gone: this message's calls and every call not sent yet fail."""
+        with self._lock:
+            unsent, self._outbox = self._outbox, []
+        for _, future in message + unsent:
+            died = ReplicaDiedError(f"replica {self.replica_id} (Ray actor) died during the call: {error}")
+            died.__cause__ = error
+            self._resolve(future, died)
+
+    def _resolve(self, future: Future[list[Outcome]], result: list[Outcome] | BaseException) -> None:
         with self._lock:
             self._in_flight.discard(future)
-        try:
-            outcomes = pickle.loads(done.result())
-        except ray_errors.RayActorError as exc:
-            self._dead = True
-            died = ReplicaDiedError(f"replica {self.replica_id} (Ray actor) died during the call: {exc}")
-            died.__cause__ = exc
-            future.set_exception(died)
-        except Exception as exc:  # noqa: BLE001 - call or result not transferable; the actor lives on
-            what = f"replica {self.replica_id} could not read the call or send back its result"
-            future.set_result(_failed(call, what, exc))
+        if isinstance(result, BaseException):
+            future.set_exception(result)
         else:
-            future.set_result(outcomes)
+            future.set_result(result)
 
     def stop(self, drain_timeout: float | None = None) -> None:
         with self._lock:
@@ -161,6 +271,7 @@ class RayReplica:
             ray.kill(self._actor, no_restart=True)
         except Exception:  # noqa: BLE001 - Ray may already be gone; nothing left to stop
             log.debug("killing the actor of replica %s failed", self.replica_id, exc_info=True)
+        self._fail_all([], ReplicaDiedError(f"replica {self.replica_id} was stopped"))
         self._on_stop(self)
 
 

@@ -229,11 +229,11 @@ class Blocker:
         self._started = started
         self._release = release
 
-    def __call__(self, request: Any, block: bool = False) -> str:
+    def __call__(self, request: Any, block: bool = False, i: Any = None) -> Any:
         if block:
             self._started.set()
             self._release.wait()
-        return "done"
+        return "done" if i is None else i
 
 
 def _blocker(srv: Serve, config: BackendConfig | None = None) -> tuple[Any, RayEvent, RayEvent]:
@@ -244,9 +244,12 @@ def _blocker(srv: Serve, config: BackendConfig | None = None) -> tuple[Any, RayE
     return srv.get_handle("blk"), started, release
 
 
+ONE_AT_A_TIME = BackendConfig(max_concurrent_queries=1)
+
+
 def test_killed_actor_fails_its_call_and_is_replaced(ray_local: Any, make_serve: MakeServe) -> None:
     srv = make_serve(executor="ray")
-    handle, started, release = _blocker(srv)
+    handle, started, release = _blocker(srv, ONE_AT_A_TIME)
     in_flight = handle.remote(block=True)
     assert started.wait(WAIT)
     queued = handle.remote(block=False)
@@ -259,6 +262,69 @@ def test_killed_actor_fails_its_call_and_is_replaced(ray_local: Any, make_serve:
     assert replacement is not victim and replacement.alive and not victim.alive
     assert handle.remote().result(WAIT) == "done"
     release.set()
+
+
+def test_killed_actor_fails_every_call_sent_to_it_and_queued_ones_continue(
+    ray_local: Any, make_serve: MakeServe
+) -> None:
+    srv = make_serve(executor="ray")
+    handle, started, release = _blocker(srv, BackendConfig(max_concurrent_queries=3))
+    sent = [handle.remote(block=True)]
+    assert started.wait(WAIT)
+    sent += [handle.remote(i=i) for i in (1, 2)]  # in the actor's mailbox and the replica's outbox
+    queued = handle.remote(i=3)  # beyond max_concurrent_queries: still in the router's queue
+    (victim,) = _replicas(srv, "blk:v1")
+    ray_local.kill(victim.actor)
+    for future in sent:
+        with pytest.raises(ReplicaDiedError):
+            future.result(WAIT)
+    assert queued.result(WAIT) == 3
+    release.set()
+
+
+def test_ray_replicas_hold_the_executor_default_number_of_calls(ray_local: Any, make_serve: MakeServe) -> None:
+    from serve_core.executors.ray import DEFAULT_MAX_CONCURRENT_QUERIES
+
+    srv = make_serve(executor="ray")
+    handle, started, release = _blocker(srv)
+    assert srv.get_backend_config("blk:v1").max_concurrent_queries is None  # left to the executor
+    futures = [handle.remote(block=True)]
+    assert started.wait(WAIT)
+    futures += [handle.remote(i=i) for i in range(1, DEFAULT_MAX_CONCURRENT_QUERIES + 1)]
+    assert srv.stat()["backend_blk:v1_queue_size"] == 1  # one more waits in the router's queue
+    release.set()
+    assert [f.result(WAIT) for f in futures] == ["done", *range(1, DEFAULT_MAX_CONCURRENT_QUERIES + 1)]
+
+
+def test_calls_sent_while_the_actor_is_busy_travel_as_one_actor_call(
+    ray_local: Any, make_serve: MakeServe
+) -> None:
+    srv = make_serve(executor="ray")
+    handle, started, release = _blocker(srv, BackendConfig(max_concurrent_queries=12))
+    futures = [handle.remote(block=True)]
+    assert started.wait(WAIT)
+    futures += [handle.remote(i=i) for i in range(1, 12)]
+    (replica,) = _replicas(srv, "blk:v1")
+    assert replica.actor_calls == 2  # the blocked call and the next; ten wait in the outbox
+    release.set()
+    assert [f.result(WAIT) for f in futures] == ["done", *range(1, 12)]  # run in the order sent
+    assert replica.actor_calls == 3  # the ten left together
+
+
+def test_unpicklable_argument_among_coalesced_calls_fails_only_that_call(
+    ray_local: Any, make_serve: MakeServe
+) -> None:
+    srv = make_serve(executor="ray")
+    handle, started, release = _blocker(srv)
+    blocked = handle.remote(block=True)
+    assert started.wait(WAIT)
+    before, after = handle.remote(i=1), handle.remote(i=2)
+    bad = handle.remote(i=threading.Lock())
+    last = handle.remote(i=3)
+    release.set()
+    with pytest.raises(ServeError, match="could not be sent"):
+        bad.result(WAIT)
+    assert [f.result(WAIT) for f in (blocked, before, after, last)] == ["done", 1, 2, 3]
 
 
 def test_scale_down_drains_the_call_in_flight(ray_local: Any, make_serve: MakeServe) -> None:
