@@ -267,12 +267,13 @@ class Router:
     def _requeue(self, state: BackendState, slot: Slot, queries: list[Query]) -> list[Work]:
         """The replica died before it got the call: the queries go back, the slot goes."""
         with self._lock:
-            state.drop(slot)
+            replace = state.drop(slot)
             for query in queries:
                 query.started = True  # its future is already running
                 state.queue.restore(query)
             work, expired = self._dispatch(state)
-        self._on_replica_died(state.tag, slot.replica)
+        if replace:
+            self._on_replica_died(state.tag, slot.replica)
         if expired:
             self._fail(expired, None)
         return work
@@ -297,6 +298,7 @@ class Router:
             )
             outcomes = [Outcome(False, error)] * len(queries)
         now = self._clock.monotonic()
+        replace = False
         with self._lock:
             state.requests.inc(len(queries))
             if died is None:
@@ -311,14 +313,15 @@ class Router:
             else:
                 for query in queries:
                     self._count_error(state, query)
-                state.drop(slot)
+                replace = state.drop(slot)
             work, expired = self._dispatch(state) if not self._closed else ([], [])
         if died is None:
             for query, outcome in zip(queries, outcomes, strict=False):
                 _resolve(query.future, outcome)
         else:
             self._fail(queries, _as_replica_death(slot.replica, died))
-            self._on_replica_died(state.tag, slot.replica)
+            if replace:
+                self._on_replica_died(state.tag, slot.replica)
         if expired:
             self._fail(expired, None)
         return work

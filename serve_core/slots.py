@@ -105,15 +105,21 @@ class BackendState:
         elif was_full and slot in self.slots:
             self.idle.append(slot)
 
-    def drop(self, slot: Slot) -> None:
-        """Forget a slot whose replica died."""
+    def drop(self, slot: Slot) -> bool:
+        """Forget a slot whose replica died; True the first time, if it was still serving.
+
+        A replica holding several calls reports its death once per call: only the
+        first report of a serving replica asks for a replacement.
+        """
         slot.calls = {}
         self.busy.discard(slot)
-        if slot in self.slots:
+        serving = slot in self.slots
+        if serving:
             self.slots.remove(slot)
         if slot in self.idle:
             self.idle.remove(slot)
         slot.mark_drained()
+        return serving
 
     def retire(self, count: int, oldest: bool) -> list[Slot]:
         """Stop giving ``count`` slots work (the newest unless ``oldest``)."""

@@ -162,3 +162,64 @@ def test_replica_found_dead_before_the_call_costs_no_query(make_serve) -> None:
     assert srv.get_handle("ep").remote(i=3).result(WAIT) == 3
     assert len(executor.started) == 2
     assert srv.stat()["b_error_counter"] == 0
+
+
+class HoldingReplica:
+    """Holds every call unanswered until :meth:`die` fails them all, as a dead actor would."""
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        self.replica_id = spec.replica_id
+        self.held: list[Future[list[Outcome]]] = []
+        self.stops = 0
+        self.dead = False
+
+    @property
+    def alive(self) -> bool:
+        return not self.dead
+
+    def submit(self, call: Call) -> Future[list[Outcome]]:
+        future: Future[list[Outcome]] = Future()
+        self.held.append(future)
+        return future
+
+    def die(self) -> None:
+        self.dead = True
+        for future in self.held:
+            future.set_exception(ReplicaDiedError(f"replica {self.replica_id} died"))
+
+    def stop(self, drain_timeout: float | None = None) -> None:
+        self.stops += 1
+        self.dead = True
+
+
+class HoldingExecutor:
+    name = "holding"
+
+    def __init__(self) -> None:
+        self.started: list[HoldingReplica] = []
+
+    def start_replica(self, spec: ReplicaSpec) -> HoldingReplica:
+        self.started.append(HoldingReplica(spec))
+        return self.started[-1]
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_replica_dying_with_several_calls_is_replaced_once(make_serve) -> None:
+    executor = HoldingExecutor()
+    srv = make_serve(executor=executor)
+    srv.create_endpoint("ep")
+    srv.create_backend(lambda: None, "b", backend_config=BackendConfig(max_concurrent_queries=3))
+    srv.link("ep", "b")
+    handle = srv.get_handle("ep")
+    futures = [handle.remote() for _ in range(3)]
+    (victim,) = executor.started
+    assert len(victim.held) == 3
+    victim.die()
+    for future in futures:
+        with pytest.raises(ReplicaDiedError):
+            future.result(WAIT)
+    srv.shutdown()  # waits for the replacement under way
+    assert len(executor.started) == 2
+    assert victim.stops == 1  # one replacement, not one per failed call
