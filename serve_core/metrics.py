@@ -62,7 +62,7 @@ class WindowedHistogram:
         if len(bucket.samples) < BUCKET_CAPACITY:
             bucket.samples.append(value)
         else:
-            slot = self._rng.randrange(bucket.seen)
+            slot = int(self._rng.random() * bucket.seen)  # uniform in [0, seen); randrange is 10x slower
             if slot < BUCKET_CAPACITY:
                 bucket.samples[slot] = value
 
