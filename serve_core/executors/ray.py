@@ -181,13 +181,13 @@ class RayReplica:
     def _send(self, message: list[Pending]) -> None:
         """One actor call for ``message``; calls that cannot be pickled fail on their own."""
         try:
-            data = cloudpickle.dumps([call for call, _ in message])
+            data = dumps_calls([call for call, _ in message])
         except Exception:  # noqa: BLE001 - find the calls that cannot be sent, one by one
             message = [entry for entry in message if self._sendable(entry)]
             if not message:
                 self._finish([], _NO_OUTCOMES)
                 return
-            data = cloudpickle.dumps([call for call, _ in message])
+            data = dumps_calls([call for call, _ in message])
         try:
             ref = self._actor.run.remote(data)
         except Exception as exc:  # noqa: BLE001 - Ray refused the call (e.g. it was shut down)
@@ -200,7 +200,7 @@ class RayReplica:
     def _sendable(self, entry: Pending) -> bool:
         call, future = entry
         try:
-            cloudpickle.dumps(call)
+            dumps_calls([call])
         except Exception as exc:  # noqa: BLE001 - e.g. arguments that cannot be pickled
             self._resolve(future, _failed(call, f"the call could not be sent to replica {self.replica_id}", exc))
             return False
@@ -278,6 +278,35 @@ class RayReplica:
 
 
 _NO_OUTCOMES = pickle.dumps([])
+
+
+def dumps_calls(calls: list[Call]) -> bytes:
+    """Pickle calls for the actor: the C pickler when its bytes are sure to load there.
+
+    The standard pickler is about ten times faster than cloudpickle, but refers to
+    classes and functions by module and name. That loads in the actor unless the
+    module is the driver's ``__main__`` (a script: the actor has another one) or one
+    registered with ``cloudpickle.register_pickle_by_value``; cloudpickle sends those
+    by value, and anything the standard pickler refuses (lambdas, local classes).
+
+    Raises:
+        Exception: whatever cloudpickle raised when neither pickler could.
+    """
+    if not _pickled_by_value():
+        try:
+            data = pickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001 - left to cloudpickle below
+            pass
+        else:
+            if b"__main__" not in data:  # a reference to the driver's script (or, rarely, data)
+                return data
+    return cloudpickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
+
+
+def _pickled_by_value() -> bool:
+    """Whether modules were registered to travel by value (unknown counts as yes)."""
+    registered = getattr(getattr(cloudpickle, "cloudpickle", None), "_PICKLE_BY_VALUE_MODULES", None)
+    return registered is None or bool(registered)
 
 
 def when_done(ref: Any, callback: Callable[[Any], None]) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import subprocess
 import sys
 import threading
+import types
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -110,6 +112,50 @@ def test_when_done_passes_the_value(ray_local: Any) -> None:
     when_done(answer.remote(), lambda value: (values.append(value), arrived.set()))
     assert arrived.wait(WAIT)
     assert values == [b"yes"]  # a dead actor's RayActorError arrives the same way (the kill tests)
+
+
+def _call_with(**kwargs: Any) -> Any:
+    from serve_core.invoke import Call
+
+    return Call(method="__call__", web=False, batched=False, requests=(None,), kwargs=(kwargs,))
+
+
+def test_plain_calls_are_pickled_by_the_standard_pickler(ray_local: Any) -> None:
+    from serve_core.executors.ray import dumps_calls
+
+    calls = [_call_with(x=1, text="hi", items=[1.5, None])]
+    data = dumps_calls(calls)
+    assert data == pickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
+    assert pickle.loads(data) == calls
+
+
+def test_what_only_cloudpickle_can_send_goes_by_value(ray_local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray import cloudpickle
+
+    from serve_core.executors.ray import dumps_calls
+
+    class InScript:  # as if defined at the top of the driver's script
+        def __eq__(self, other: object) -> bool:
+            return type(other).__name__ == "InScript"
+
+    InScript.__module__, InScript.__qualname__ = "__main__", "InScript"
+    monkeypatch.setattr(sys.modules["__main__"], "InScript", InScript, raising=False)
+    by_value = [dumps_calls([_call_with(v=value)]) for value in (InScript(), lambda: 7)]
+    module = types.ModuleType("sc_registered_by_value")
+    exec("class Registered:\n    pass\n", module.__dict__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        by_value.append(dumps_calls([_call_with(v=module.Registered())]))
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    monkeypatch.delattr(sys.modules["__main__"], "InScript")
+    monkeypatch.delitem(sys.modules, module.__name__)
+    # The actor's process has neither the script's class nor the module: every call still loads.
+    script_obj, func, registered = (cloudpickle.loads(data)[0].kwargs[0]["v"] for data in by_value)
+    assert type(script_obj).__name__ == "InScript"
+    assert func() == 7
+    assert type(registered).__name__ == "Registered"
 
 
 # ------------------------------------------------------------------------ calling
