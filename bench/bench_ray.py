@@ -19,9 +19,10 @@ config (up to 32 calls held by the replica); our handle with
 ``DeploymentHandle`` (one replica, HTTP proxy disabled). The target is our handle, on
 the default config, within 1.5x of the bare call.
 
-One more row shows the floor of any design that blocks no thread per call: the bare
-actor call awaited through ``ObjectRef.future()`` (Ray's completion callback) rather
-than a blocking ``ray.get``.
+Two more rows show what any handle pays on top of that baseline: the bare call with
+one bytes argument (a real call carries data; Ray handles any argument at a cost), and
+the bare call awaited through ``ObjectRef.future()`` (Ray's completion callback, the
+way of any design that blocks no thread per call) rather than a blocking ``ray.get``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import ray
@@ -42,7 +44,7 @@ Workload = Callable[[], None]
 
 
 class BareActor:
-    def f(self) -> None:
+    def f(self, data: bytes | None = None) -> None:
         return None
 
 
@@ -170,8 +172,9 @@ def main() -> None:
             "serve_core, batch 100": _ours(batch=True),
             f"serve_core, {PIPELINED} calls/replica": _ours(pipelined=PIPELINED),
         }
-        calls = {"bare actor": bare_call, FLOOR: bare_call} | {name: h.remote for name, (_, h) in instances.items()}
-        waits = {"bare actor": bare_wait, FLOOR: _future_result} | {name: _result for name in instances}
+        bare_rows = {"bare actor": bare_call, WITH_ARG: partial(actor.f.remote, bytes(ARG_BYTES)), FLOOR: bare_call}
+        calls = bare_rows | {name: h.remote for name, (_, h) in instances.items()}
+        waits = {"bare actor": bare_wait, WITH_ARG: bare_wait, FLOOR: _future_result} | {n: _result for n in instances}
         results = {"serve_core": _phase("serve_core on the ray executor vs a bare actor", calls, waits, args)}
         for instance, _ in instances.values():
             instance.shutdown()
@@ -198,6 +201,8 @@ def _result(future: Any) -> Any:
     return future.result()
 
 
+WITH_ARG = "bare actor, one bytes argument"
+ARG_BYTES = 80  # about the size of one pickled no-op call
 FLOOR = "bare actor, ObjectRef.future()"
 
 
