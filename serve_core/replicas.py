@@ -50,6 +50,13 @@ class ReplicaManager:
         default = create_executor(default_executor, **executor_options)
         self._executors[default.name] = default
         self.default_executor = default.name
+        self._hinted: set[tuple[str, str, str]] = set()  # (backend, executor, hints) already warned about
+        if executor_options.get("ray_init_kwargs") and not _places_replicas(default):
+            log.warning(
+                "ray_init_kwargs are only used by the ray executor; the default executor %r ignores them "
+                "(backends with BackendConfig(executor='ray') still use them)",
+                default.name,
+            )
         self._ids = itertools.count(1)
         self._replacers: list[threading.Thread] = []
         self._stopped = False
@@ -64,6 +71,7 @@ class ReplicaManager:
     def start(self, info: BackendInfo, count: int) -> list[Replica]:
         """Start ``count`` replicas; on a failure, stop those started and re-raise."""
         executor = self.executor_for(info.config)
+        self._warn_unused_hints(info, executor)
         started: list[Replica] = []
         try:
             for _ in range(count):
@@ -76,6 +84,19 @@ class ReplicaManager:
                 replica.stop(0)
             raise
         return started
+
+    def _warn_unused_hints(self, info: BackendInfo, executor: Executor) -> None:
+        """Placement hints (``num_gpus``...) mean nothing to an executor that does not place replicas."""
+        if _places_replicas(executor):
+            return
+        hints = {k: v for k, v in info.config.placement().items() if k != "executor" and v is not None}
+        key = (info.tag, executor.name, repr(sorted(hints.items())))
+        if hints and key not in self._hinted:
+            self._hinted.add(key)
+            log.warning(
+                "backend %r: %s only place replicas on the ray executor; the %r executor ignores them",
+                info.tag, ", ".join(f"{k}={v!r}" for k, v in hints.items()), executor.name,
+            )
 
     def scale(self, router: Router, info: BackendInfo, target: int) -> None:
         """Bring the backend to ``target`` replicas; removed ones drain first."""
@@ -147,3 +168,8 @@ class ReplicaManager:
             replica.stop(self._drain_timeout)
         for executor in self._executors.values():
             executor.shutdown()
+
+
+def _places_replicas(executor: Executor) -> bool:
+    """Whether ``executor`` honours placement hints and ``ray_init_kwargs`` (the Ray executor does)."""
+    return bool(getattr(executor, "places_replicas", False))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from serve_core import BackendConfig
@@ -13,6 +15,7 @@ def test_defaults() -> None:
     config = BackendConfig()
     assert (config.num_replicas, config.max_batch_size, config.max_queue_size) == (1, None, DEFAULT_MAX_QUEUE_SIZE)
     assert config.drop_expired is False and config.executor is None
+    assert config.max_concurrent_queries is None  # the executor's default
 
 
 @pytest.mark.parametrize(
@@ -24,6 +27,8 @@ def test_defaults() -> None:
         ({"max_batch_size": 0}, ValidationError),
         ({"max_batch_size": True}, ServeTypeError),
         ({"max_queue_size": 0}, ValidationError),
+        ({"max_concurrent_queries": 0}, ValidationError),
+        ({"max_concurrent_queries": 2.0}, ServeTypeError),
         ({"num_cpus": -1}, ValidationError),
         ({"resources": {"gpu_kind": -1}}, ValidationError),
         ({"resources": ["x"]}, ServeTypeError),
@@ -67,3 +72,23 @@ def test_copy_and_dict_round_trip() -> None:
     assert BackendConfig.from_dict(config.to_dict()) == config
     with pytest.raises(TypeError):
         BackendConfig.from_dict({"bogus": 1})
+
+
+# ------------------------------------------------------------ options other executors ignore
+def test_ray_init_kwargs_on_another_default_executor_are_reported(make_serve, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="serve_core"):
+        make_serve(executor="thread", ray_init_kwargs={"num_cpus": 1})
+    assert "ray_init_kwargs are only used by the ray executor" in caplog.text
+
+
+def test_placement_hints_on_an_executor_that_ignores_them_are_reported_once(make_serve, caplog) -> None:
+    srv = make_serve(executor="thread")
+    with caplog.at_level(logging.WARNING, logger="serve_core"):
+        srv.create_backend(lambda: None, "b", backend_config=BackendConfig(num_gpus=1, resources={"tpu": 1}))
+        srv.create_backend(lambda: None, "plain")
+        config = srv.get_backend_config("b")
+        config.num_replicas = 2  # starts one more replica: no second warning
+        srv.set_backend_config("b", config)
+    warnings = [r.getMessage() for r in caplog.records if "ignores them" in r.getMessage()]
+    assert warnings == ["backend 'b': num_gpus=1, resources={'tpu': 1} only place replicas on the ray "
+                        "executor; the 'thread' executor ignores them"]

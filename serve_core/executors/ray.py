@@ -342,6 +342,7 @@ class RayExecutor:
     """
 
     name = "ray"
+    places_replicas = True  # honours BackendConfig's resource fields and ray_init_kwargs
 
     def __init__(
         self,
