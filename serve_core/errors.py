@@ -19,6 +19,7 @@ Validation errors also subclass the built-in a caller would expect::
     ├── ReplicaDiedError (500)               replica crashed while holding the call
     ├── BackPressureError (503)              queue full, retry later
     ├── DeadlineExceededError (504, TimeoutError)  SLO passed before the call ran
+    │   └── RequestTimeoutError              HTTP request not answered in time
     └── StoreError (500)                     KV store failure
 """
 
@@ -115,6 +116,10 @@ class DeadlineExceededError(ServeError, TimeoutError):
     """The query's deadline passed before it could run."""
 
     status_code = 504
+
+
+class RequestTimeoutError(DeadlineExceededError):
+    """The HTTP front stopped waiting for an answer (``http_request_timeout_s``)."""
 
 
 class StoreError(ServeError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import random
 import threading
 import warnings
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .clock import Clock, SystemClock
 from .config import BackendConfig
-from .errors import NotFoundError, ServeStateError
+from .errors import NotFoundError, ServeStateError, ValidationError
 from .executors.base import Executor, Replica
 from .handle import ServeHandle
 from .metrics import check_stat_args
@@ -40,6 +41,7 @@ DEFAULT_MAX_PENDING_PER_ENDPOINT = 1_000
 DEFAULT_PENDING_TIMEOUT_S = 30.0
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024  # largest HTTP request body (413 past it)
+DEFAULT_HTTP_REQUEST_TIMEOUT_S = 300.0  # how long an HTTP request waits for its answer (504 past it)
 HTTP_READY_TIMEOUT_S = 10.0
 
 
@@ -58,6 +60,8 @@ class Serve:
         pending_timeout_s: how long such a query waits before ``DeadlineExceededError``.
         drain_timeout_s: how long scale-down and shutdown wait for calls in flight.
         max_body_bytes: largest HTTP request body accepted (413 past it).
+        http_request_timeout_s: how long an HTTP request waits for its answer before a 504
+            (a query still queued is withdrawn); ``None`` waits as long as it takes.
         debug: put tracebacks in HTTP 500 bodies (for development only).
 
     The registry is kept in the store named by ``kv_store_connector`` / ``kv_store_path``
@@ -85,6 +89,7 @@ class Serve:
         pending_timeout_s: float = DEFAULT_PENDING_TIMEOUT_S,
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        http_request_timeout_s: float | None = DEFAULT_HTTP_REQUEST_TIMEOUT_S,
         debug: bool = False,
     ) -> None:
         self.init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -92,7 +97,14 @@ class Serve:
         self.clock: Clock = clock or SystemClock()
         self.gc_window_seconds = gc_window_seconds
         self.start_server = start_server
+        if http_request_timeout_s is not None and not (
+            isinstance(http_request_timeout_s, (int, float)) and 0 < http_request_timeout_s < math.inf
+        ):
+            raise ValidationError(
+                f"http_request_timeout_s must be None or a positive number, got {http_request_timeout_s!r}"
+            )
         self.max_body_bytes, self.debug = max_body_bytes, debug
+        self.http_request_timeout_s = http_request_timeout_s
         self._registry = Registry()
         self._admin = threading.RLock()  # serialises registry changes and scaling
         self._router = self._build_router(
@@ -340,7 +352,12 @@ class Serve:
         if self._app is None:
             from .http.app import ServeApp  # lazy: the core does not import Werkzeug
 
-            self._app = ServeApp(self, max_body_bytes=self.max_body_bytes, debug=self.debug)
+            self._app = ServeApp(
+                self,
+                max_body_bytes=self.max_body_bytes,
+                request_timeout_s=self.http_request_timeout_s,
+                debug=self.debug,
+            )
         return self._app
 
     def http_address(self) -> tuple[str, int] | None:

@@ -14,11 +14,12 @@ Built-in routes under the reserved ``/-/`` prefix: ``/-/routes`` (``{route: [end
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
 from werkzeug.wrappers import Response
 
-from ..errors import MethodNotAllowedError, NotFoundError
+from ..errors import MethodNotAllowedError, NotFoundError, RequestTimeoutError
 from .request import ServeRequest, buffer_body, call_method, parse_slo
 from .responses import PlainResponse, encode_result, error_response, json_response, text_response
 from .routing import RouteMap
@@ -37,12 +38,17 @@ class ServeApp:
     Args:
         serve: the instance whose endpoints are served.
         max_body_bytes: largest accepted request body (413 past it).
+        request_timeout_s: how long a request waits for its answer (504 past it; a query
+            still queued then is withdrawn); ``None`` waits as long as it takes.
         debug: put tracebacks of failed calls in 500 bodies (never do this in production).
     """
 
-    def __init__(self, serve: Serve, *, max_body_bytes: int, debug: bool = False) -> None:
+    def __init__(
+        self, serve: Serve, *, max_body_bytes: int, request_timeout_s: float | None = None, debug: bool = False
+    ) -> None:
         self.serve = serve
         self.max_body_bytes = max_body_bytes
+        self.request_timeout_s = request_timeout_s
         self.debug = debug
         self._map = RouteMap(-1, {})
         self._builtins: dict[str, Callable[[ServeRequest], AnyResponse]] = {
@@ -76,7 +82,16 @@ class ServeApp:
         method = call_method(request)
         buffer_body(request, self.max_body_bytes)
         future = self.serve._enqueue(entry.endpoint, {}, request, method, slo, None)
-        return encode_result(future.result())
+        try:
+            result = future.result(self.request_timeout_s)
+        except FutureTimeout:
+            if future.done():
+                raise  # the backend's own TimeoutError: its answer
+            future.cancel()  # withdrawn if still queued; a running call finishes unheard
+            raise RequestTimeoutError(
+                f"no answer from endpoint {entry.endpoint!r} within {self.request_timeout_s} s"
+            ) from None
+        return encode_result(result)
 
     def wsgi_app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """The WSGI entry point (wrap this one with middleware)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,8 @@ from werkzeug.wrappers import Request, Response
 
 import serve_core as serve
 from serve_core import BackendConfig, Serve
+
+from ..conftest import WAIT
 
 MakeApp = Callable[..., tuple[Serve, Any]]
 
@@ -232,6 +235,41 @@ def test_deadline_passed_is_504(make_app: MakeApp) -> None:
     srv.create_endpoint("f", "/f")  # no traffic: the query expires after pending_timeout_s
     reply = client.request("GET", "/f")
     assert reply.status == 504 and "no traffic" in reply.text
+
+
+def test_unanswered_request_is_504_and_withdrawn_from_the_queue(make_app: MakeApp) -> None:
+    srv, client = make_app(http_request_timeout_s=0.05)
+    gate, calls = threading.Event(), []
+
+    def backend(request: Any) -> str:
+        calls.append(request.args["n"] if serve.context.web else "python")
+        gate.wait(WAIT)  # holds the only replica until the test opens the gate
+        return "late"
+
+    _deploy(srv, backend)
+    running = client.request("GET", "/f?n=1")  # runs, but its answer comes too late
+    queued = client.request("GET", "/f?n=2")  # waits behind it, then gives up
+    assert (running.status, queued.status) == (504, 504)
+    assert "within 0.05 s" in queued.text
+    gate.set()
+    assert srv.get_handle("f").remote().result(WAIT) == "late"  # queued after n=2: n=2 never ran
+    assert calls == ["1", "python"]
+
+
+def test_a_backends_own_timeout_error_is_its_answer(make_app: MakeApp) -> None:
+    srv, client = make_app(http_request_timeout_s=60)
+
+    def backend(request: Any) -> None:
+        raise TimeoutError("the database did not answer")
+
+    _deploy(srv, backend)
+    assert client.request("GET", "/f").status == 500
+
+
+@pytest.mark.parametrize("value", [0, -1, float("inf"), "10"])
+def test_request_timeout_is_validated(make_serve: Callable[..., Serve], value: Any) -> None:
+    with pytest.raises(serve.ValidationError, match="http_request_timeout_s"):
+        make_serve(http_request_timeout_s=value)
 
 
 def test_stopped_instance_is_503(make_serve: Callable[..., Serve]) -> None:
