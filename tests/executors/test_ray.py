@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -350,14 +350,19 @@ def test_killed_actor_fails_its_call_and_is_replaced(ray_local: Any, make_serve:
     release.set()
 
 
+def _behind_a_blocked_call(handle: Any, started: RayEvent, values: Iterable[int]) -> list[Any]:
+    """One call that blocks the replica, then one call per value (returning it)."""
+    futures = [handle.remote(block=True)]
+    assert started.wait(WAIT)
+    return futures + [handle.remote(i=i) for i in values]
+
+
 def test_killed_actor_fails_every_call_sent_to_it_and_queued_ones_continue(
     ray_local: Any, make_serve: MakeServe
 ) -> None:
     srv = make_serve(executor="ray")
     handle, started, release = _blocker(srv, BackendConfig(max_concurrent_queries=3))
-    sent = [handle.remote(block=True)]
-    assert started.wait(WAIT)
-    sent += [handle.remote(i=i) for i in (1, 2)]  # in the actor's mailbox and the replica's outbox
+    sent = _behind_a_blocked_call(handle, started, [1, 2])  # 1 in the actor's mailbox, 2 in the outbox
     queued = handle.remote(i=3)  # beyond max_concurrent_queries: still in the router's queue
     (victim,) = _replicas(srv, "blk:v1")
     ray_local.kill(victim.actor)
@@ -374,9 +379,7 @@ def test_ray_replicas_hold_the_executor_default_number_of_calls(ray_local: Any, 
     srv = make_serve(executor="ray")
     handle, started, release = _blocker(srv)
     assert srv.get_backend_config("blk:v1").max_concurrent_queries is None  # left to the executor
-    futures = [handle.remote(block=True)]
-    assert started.wait(WAIT)
-    futures += [handle.remote(i=i) for i in range(1, DEFAULT_MAX_CONCURRENT_QUERIES + 1)]
+    futures = _behind_a_blocked_call(handle, started, range(1, DEFAULT_MAX_CONCURRENT_QUERIES + 1))
     assert srv.stat()["backend_blk:v1_queue_size"] == 1  # one more waits in the router's queue
     release.set()
     assert [f.result(WAIT) for f in futures] == ["done", *range(1, DEFAULT_MAX_CONCURRENT_QUERIES + 1)]
@@ -387,9 +390,7 @@ def test_calls_sent_while_the_actor_is_busy_travel_as_one_actor_call(
 ) -> None:
     srv = make_serve(executor="ray")
     handle, started, release = _blocker(srv, BackendConfig(max_concurrent_queries=12))
-    futures = [handle.remote(block=True)]
-    assert started.wait(WAIT)
-    futures += [handle.remote(i=i) for i in range(1, 12)]
+    futures = _behind_a_blocked_call(handle, started, range(1, 12))
     (replica,) = _replicas(srv, "blk:v1")
     assert replica.actor_calls == 2  # the blocked call and the next; ten wait in the outbox
     release.set()
