@@ -87,9 +87,8 @@ class BackendConfig:
             queries with ``BackPressureError``.
         max_concurrent_queries: calls a replica may hold at once; ``None`` takes the
             executor's default (1, the original's rule, on inline, thread and process; 32
-            on Ray). 1 keeps every waiting query in the deadline-ordered queue. More lets the
-            thread executor run calls side by side, and lets the process and Ray executors
-            send calls ahead while the replica runs the previous one (it still runs them one
+            on Ray). 1 keeps every waiting query in the deadline-ordered queue. More hands
+            a replica calls ahead while it runs the previous one (it still runs them one
             by one, in the order received).
         drop_expired: fail queries whose deadline passed with
             ``DeadlineExceededError`` instead of running them (the original ran them).

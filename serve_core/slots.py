@@ -95,14 +95,15 @@ class BackendState:
 
     def finish(self, slot: Slot, queries: list[Query]) -> None:
         """A call of the slot ended: it has room again, or is drained if retired and idle."""
-        was_full = slot.full
         slot.calls.pop(id(queries), None)
         if not slot.calls:
             self.busy.discard(slot)
         if slot.draining:
             if not slot.calls:
                 slot.mark_drained()
-        elif was_full and slot in self.slots:
+        elif not slot.full and slot in self.slots and slot not in self.idle:
+            # Not "was full": after max_concurrent_queries was lowered a slot can stay full
+            # through several finished calls, and must enter the idle list once.
             self.idle.append(slot)
 
     def drop(self, slot: Slot) -> bool:

@@ -9,12 +9,12 @@ through ``EXECUTORS`` in :mod:`serve_core.executors.base`). Install with
 * Calls: a replica holds up to 32 calls by default (see
   :data:`DEFAULT_MAX_CONCURRENT_QUERIES`) and keeps two actor calls in flight; calls
   submitted while both are out leave together, as one actor call, when one returns.
-  The actor runs them one by one, in order. Each actor call's ``ObjectRef`` is turned
-  into a ``concurrent.futures.Future`` through Ray's completion callback: no thread
-  waits per request.
+  The actor runs them one by one, in order. Each call, and each call's outcomes, is
+  pickled on its own, so one that cannot cross fails alone. An actor call's reply is
+  delivered by Ray's completion callback: no thread waits per request.
 * Web requests travel as they are: the HTTP front's ``ServeRequest`` pickles itself to a
   self-contained copy (see :mod:`serve_core.http.request`).
-* Faults: a dead actor fails its call with :class:`~serve_core.errors.ReplicaDiedError`
+* Faults: a dead actor fails the calls it held with :class:`~serve_core.errors.ReplicaDiedError`
   (the router then replaces the replica). A result or exception that cannot cross the
   process boundary fails that call's queries with :class:`~serve_core.errors.ServeError`
   and leaves the replica running.
@@ -70,18 +70,24 @@ class ReplicaActor:
         """The node this actor runs on, and the constructor's error if it failed."""
         return ray.get_runtime_context().get_node_id(), self._error
 
-    def run(self, data: bytes) -> bytes:
-        """Run pickled calls one by one, in order; returns their pickled outcomes, flattened.
+    def run(self, calls: list[bytes]) -> list[bytes | str]:
+        """Run pickled calls one by one, in order.
 
-        User errors are outcomes: the calls after a failing one still run.
+        Each answer is the call's pickled outcomes (user errors are outcomes, and the
+        calls after a failing one still run), or, for a call that cannot be unpickled
+        here, why not: one bad call never costs the calls travelling with it.
         """
         if self._invoker is None:
             raise ServeError("replica was not constructed")
-        calls: list[Call] = pickle.loads(data)
-        outcomes: list[Outcome] = []
-        for call in calls:
-            outcomes += self._invoker.run(call)
-        return dump_outcomes(outcomes, cloudpickle.dumps)
+        answers: list[bytes | str] = []
+        for data in calls:
+            try:
+                call: Call = pickle.loads(data)
+            except Exception as exc:  # noqa: BLE001 - e.g. a class this process cannot import
+                answers.append(f"{type(exc).__name__}: {exc}")
+            else:
+                answers.append(dump_outcomes(self._invoker.run(call), cloudpickle.dumps))
+        return answers
 
 
 _RemoteReplicaActor = ray.remote(ReplicaActor)
@@ -171,7 +177,6 @@ class RayReplica:
                     self._outbox.append((call, future))
                     return future
                 self._messages += 1
-                self.actor_calls += 1
         if not alive:
             future.set_exception(ReplicaDiedError(f"replica {self.replica_id} was stopped"))
             return future
@@ -179,70 +184,72 @@ class RayReplica:
         return future
 
     def _send(self, message: list[Pending]) -> None:
-        """One actor call for ``message``; calls that cannot be pickled fail on their own."""
+        """One actor call carrying ``message``; never raises (every call gets an answer).
+
+        Each call is pickled on its own, so one that cannot be sent fails alone.
+        """
+        sendable: list[Pending] = []
+        blobs: list[bytes] = []
+        for call, future in message:
+            try:
+                blobs.append(cloudpickle.dumps(call))
+            except Exception as exc:  # noqa: BLE001 - e.g. arguments that cannot be pickled
+                self._resolve(future, _failed(call, f"the call could not be sent to replica {self.replica_id}", exc))
+            else:
+                sendable.append((call, future))
+        if not sendable:
+            self._finish([], [])
+            return
         try:
-            data = dumps_calls([call for call, _ in message])
-        except Exception:  # noqa: BLE001 - find the calls that cannot be sent, one by one
-            message = [entry for entry in message if self._sendable(entry)]
-            if not message:
-                self._finish([], _NO_OUTCOMES)
-                return
-            data = dumps_calls([call for call, _ in message])
-        try:
-            ref = self._actor.run.remote(data)
+            ref = self._actor.run.remote(blobs)
+            when_done(ref, partial(self._finish, sendable))
         except Exception as exc:  # noqa: BLE001 - Ray refused the call (e.g. it was shut down)
             died = ReplicaDiedError(f"replica {self.replica_id} could not be reached: {exc}")
             died.__cause__ = exc
-            self._finish(message, died)
+            self._finish(sendable, died)
             return
-        when_done(ref, partial(self._finish, message))
-
-    def _sendable(self, entry: Pending) -> bool:
-        call, future = entry
-        try:
-            dumps_calls([call])
-        except Exception as exc:  # noqa: BLE001 - e.g. arguments that cannot be pickled
-            self._resolve(future, _failed(call, f"the call could not be sent to replica {self.replica_id}", exc))
-            return False
-        return True
+        with self._lock:
+            self.actor_calls += 1
 
     def _finish(self, message: list[Pending], reply: Any) -> None:
-        """A message came back: ``reply`` is its pickled outcomes, or why it failed.
+        """A message came back: ``reply`` has one answer per call, or is why it failed.
 
         What waited in the outbox leaves first, so the actor stays busy; then the
         message's calls are answered.
         """
-        outcomes: list[Outcome] = []
-        error = reply if isinstance(reply, (ray_errors.RayActorError, ReplicaDiedError)) else None
-        if error is None:
-            try:
-                if isinstance(reply, BaseException):
-                    raise reply
-                outcomes = pickle.loads(reply)
-            except Exception as exc:  # noqa: BLE001 - calls or results not transferable; the actor lives on
-                what = f"replica {self.replica_id} could not read the calls or send back their results"
-                for call, future in message:
-                    self._resolve(future, _failed(call, what, exc))
-                message = []
-        with self._lock:
-            if error is not None:
-                self._dead = True
-            following: list[Pending] = []
-            if self._outbox and not self._dead:
-                following, self._outbox = self._outbox, []
-                self.actor_calls += 1
+        dead = isinstance(reply, (ray_errors.RayActorError, ReplicaDiedError))
+        try:
+            with self._lock:
+                if dead:
+                    self._dead = True
+                following: list[Pending] = []
+                if self._outbox and not self._dead:
+                    following, self._outbox = self._outbox, []
+                else:
+                    self._messages -= 1
+            if following:
+                self._send(following)
+        finally:
+            if dead:
+                self._fail_all(message, reply)
             else:
-                self._messages -= 1
-        if following:
-            self._send(following)
-        if error is not None:
-            self._fail_all(message, error)
+                self._answer(message, reply)
+
+    def _answer(self, message: list[Pending], reply: Any) -> None:
+        if isinstance(reply, BaseException) or len(reply) != len(message):  # run() itself failed
+            error = reply if isinstance(reply, BaseException) else ServeError(f"{len(reply)} answers")
+            for call, future in message:
+                self._resolve(future, _failed(call, f"replica {self.replica_id} could not run the call", error))
             return
-        start = 0
-        for call, future in message:
-            end = start + len(call)
-            self._resolve(future, outcomes[start:end])
-            start = end
+        for (call, future), answer in zip(message, reply):
+            if isinstance(answer, str):
+                outcomes = _failed(call, f"replica {self.replica_id} could not read the call", ServeError(answer))
+            else:
+                try:
+                    outcomes = pickle.loads(answer)
+                except Exception as exc:  # noqa: BLE001 - e.g. a result class this process cannot import
+                    outcomes = _failed(call, f"the results of replica {self.replica_id} could not be read", exc)
+            self._resolve(future, outcomes)
 
     def _fail_all(self, message: list[Pending], error: BaseException) -> None:
         """The actor is gone: this message's calls and every call not sent yet fail."""
@@ -277,38 +284,6 @@ class RayReplica:
         self._on_stop(self)
 
 
-_NO_OUTCOMES = pickle.dumps([])
-
-
-def dumps_calls(calls: list[Call]) -> bytes:
-    """Pickle calls for the actor: the C pickler when its bytes are sure to load there.
-
-    The standard pickler is about ten times faster than cloudpickle, but refers to
-    classes and functions by module and name. That loads in the actor unless the
-    module is the driver's ``__main__`` (a script: the actor has another one) or one
-    registered with ``cloudpickle.register_pickle_by_value``; cloudpickle sends those
-    by value, and anything the standard pickler refuses (lambdas, local classes).
-
-    Raises:
-        Exception: whatever cloudpickle raised when neither pickler could.
-    """
-    if not _pickled_by_value():
-        try:
-            data = pickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
-        except Exception:  # noqa: BLE001 - left to cloudpickle below
-            pass
-        else:
-            if b"__main__" not in data:  # a reference to the driver's script (or, rarely, data)
-                return data
-    return cloudpickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
-
-
-def _pickled_by_value() -> bool:
-    """Whether modules were registered to travel by value (unknown counts as yes)."""
-    registered = getattr(getattr(cloudpickle, "cloudpickle", None), "_PICKLE_BY_VALUE_MODULES", None)
-    return registered is None or bool(registered)
-
-
 def when_done(ref: Any, callback: Callable[[Any], None]) -> None:
     """Call ``callback(value)`` on Ray's callback thread once ``ref`` is ready.
 
@@ -319,9 +294,16 @@ def when_done(ref: Any, callback: Callable[[Any], None]) -> None:
     """
     on_completed = getattr(ref, "_on_completed", None)
     if on_completed is not None:
-        on_completed(callback)
+        # The partial holds the ref until the callback ran: a ref dropped earlier makes Ray
+        # abort the process once a reply is large enough for the shared object store.
+        on_completed(partial(_deliver, ref, callback))
     else:
         ref.future().add_done_callback(lambda done: callback(done.exception() or done.result()))
+
+
+def _deliver(ref: Any, callback: Callable[[Any], None], value: Any) -> None:
+    """Hand ``value`` to ``callback``; ``ref`` only rides along to stay alive until now."""
+    callback(value)
 
 
 def _failed(call: Call, what: str, exc: BaseException) -> list[Outcome]:

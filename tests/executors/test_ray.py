@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import pickle
 import subprocess
 import sys
 import threading
-import types
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
@@ -112,50 +110,6 @@ def test_when_done_passes_the_value(ray_local: Any) -> None:
     when_done(answer.remote(), lambda value: (values.append(value), arrived.set()))
     assert arrived.wait(WAIT)
     assert values == [b"yes"]  # a dead actor's RayActorError arrives the same way (the kill tests)
-
-
-def _call_with(**kwargs: Any) -> Any:
-    from serve_core.invoke import Call
-
-    return Call(method="__call__", web=False, batched=False, requests=(None,), kwargs=(kwargs,))
-
-
-def test_plain_calls_are_pickled_by_the_standard_pickler(ray_local: Any) -> None:
-    from serve_core.executors.ray import dumps_calls
-
-    calls = [_call_with(x=1, text="hi", items=[1.5, None])]
-    data = dumps_calls(calls)
-    assert data == pickle.dumps(calls, pickle.HIGHEST_PROTOCOL)
-    assert pickle.loads(data) == calls
-
-
-def test_what_only_cloudpickle_can_send_goes_by_value(ray_local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray import cloudpickle
-
-    from serve_core.executors.ray import dumps_calls
-
-    class InScript:  # as if defined at the top of the driver's script
-        def __eq__(self, other: object) -> bool:
-            return type(other).__name__ == "InScript"
-
-    InScript.__module__, InScript.__qualname__ = "__main__", "InScript"
-    monkeypatch.setattr(sys.modules["__main__"], "InScript", InScript, raising=False)
-    by_value = [dumps_calls([_call_with(v=value)]) for value in (InScript(), lambda: 7)]
-    module = types.ModuleType("sc_registered_by_value")
-    exec("class Registered:\n    pass\n", module.__dict__)
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    cloudpickle.register_pickle_by_value(module)
-    try:
-        by_value.append(dumps_calls([_call_with(v=module.Registered())]))
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
-    monkeypatch.delattr(sys.modules["__main__"], "InScript")
-    monkeypatch.delitem(sys.modules, module.__name__)
-    # The actor's process has neither the script's class nor the module: every call still loads.
-    script_obj, func, registered = (cloudpickle.loads(data)[0].kwargs[0]["v"] for data in by_value)
-    assert type(script_obj).__name__ == "InScript"
-    assert func() == 7
-    assert type(registered).__name__ == "Registered"
 
 
 # ------------------------------------------------------------------------ calling
@@ -281,6 +235,44 @@ def test_unpicklable_argument_fails_only_that_call(ray_local: Any, make_serve: M
     with pytest.raises(ServeError, match="could not be sent"):
         handle.remote(value=threading.Lock()).result(WAIT)
     assert handle.remote(value=[1, 2]).result(WAIT) == [1, 2]
+
+
+def test_large_results_come_back_also_when_coalesced(ray_local: Any, make_serve: MakeServe) -> None:
+    # Replies this large go through Ray's shared object store (they once aborted the driver).
+    srv = make_serve(executor="ray")
+    srv.create_endpoint("big", None)
+    srv.create_backend(lambda *, n: b"x" * n, "big:v1")
+    srv.link("big", "big:v1")
+    handle = srv.get_handle("big")
+    assert len(handle.remote(n=300_000).result(WAIT)) == 300_000
+    futures = [handle.remote(n=20_000) for _ in range(64)]  # dozens of calls per actor call
+    assert all(len(f.result(WAIT)) == 20_000 for f in futures)
+
+
+def test_an_object_ref_argument_reaches_the_backend(ray_local: Any, make_serve: MakeServe) -> None:
+    srv = make_serve(executor="ray")
+    srv.create_endpoint("deref", None)
+    srv.create_backend(lambda *, ref: ray_local.get(ref) + 1, "deref:v1")
+    srv.link("deref", "deref:v1")
+    assert srv.get_handle("deref").remote(ref=ray_local.put(41)).result(WAIT) == 42
+
+
+def test_an_argument_the_actor_cannot_load_fails_only_its_call(
+    ray_local: Any, make_serve: MakeServe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "sc_driver_only.py").write_text("class OnlyHere:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the actor's process never sees this folder
+    import sc_driver_only
+
+    srv = make_serve(executor="ray")
+    handle, started, release = _blocker(srv)
+    blocked = handle.remote(block=True)
+    assert started.wait(WAIT)
+    before, bad, after = handle.remote(i=1), handle.remote(i=sc_driver_only.OnlyHere()), handle.remote(i=2)
+    release.set()  # the three leave together, as one actor call
+    with pytest.raises(ServeError, match="could not read the call"):
+        bad.result(WAIT)
+    assert [f.result(WAIT) for f in (blocked, before, after)] == ["done", 1, 2]
 
 
 class FailingInit:
