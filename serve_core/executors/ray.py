@@ -22,6 +22,7 @@ through ``EXECUTORS`` in :mod:`serve_core.executors.base`). Install with
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 import threading
@@ -190,9 +191,10 @@ class RayReplica:
         """
         sendable: list[Pending] = []
         blobs: list[bytes] = []
+        pickler = _CallPickler()
         for call, future in message:
             try:
-                blobs.append(cloudpickle.dumps(call))
+                blobs.append(pickler.dumps(call))
             except Exception as exc:  # noqa: BLE001 - e.g. arguments that cannot be pickled
                 self._resolve(future, _failed(call, f"the call could not be sent to replica {self.replica_id}", exc))
             else:
@@ -282,6 +284,32 @@ class RayReplica:
             log.debug("killing the actor of replica %s failed", self.replica_id, exc_info=True)
         self._fail_all([], ReplicaDiedError(f"replica {self.replica_id} was stopped"))
         self._on_stop(self)
+
+
+class _CallPickler:
+    """Pickles calls one by one with Ray's cloudpickle, each loadable on its own.
+
+    One pickler serves a whole message (setting one up costs more than pickling a small
+    call); its memo is cleared between calls so no pickle refers to another.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = io.BytesIO()
+        self._pickler = self._new_pickler()
+
+    def _new_pickler(self) -> Any:
+        return cloudpickle.CloudPickler(self._buffer, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def dumps(self, call: Call) -> bytes:
+        self._buffer.seek(0)
+        self._buffer.truncate()
+        self._pickler.clear_memo()
+        try:
+            self._pickler.dump(call)
+        except BaseException:
+            self._pickler = self._new_pickler()  # a failed dump may leave it mid-frame
+            raise
+        return self._buffer.getvalue()
 
 
 def when_done(ref: Any, callback: Callable[[Any], None]) -> None:
