@@ -17,6 +17,7 @@ Validation errors also subclass the built-in a caller would expect::
     ├── WebOnlyAccessError (500, AttributeError)  request used outside a web call
     ├── BatchResultError (500)               batch backend returned the wrong shape
     ├── ReplicaDiedError (500)               replica crashed while holding the call
+    │   └── NotDeliveredError                replica gone before the call reached it (requeued)
     ├── BackPressureError (503)              queue full, retry later
     ├── DeadlineExceededError (504, TimeoutError)  SLO passed before the call ran
     │   └── RequestTimeoutError              HTTP request not answered in time
@@ -100,6 +101,14 @@ class BatchResultError(ServeError):
 
 class ReplicaDiedError(ServeError):
     """The replica running the call died before answering."""
+
+
+class NotDeliveredError(ReplicaDiedError):
+    """The replica stopped or died before the call reached it: nothing of it ran.
+
+    Executors fail such calls with this error; the router then puts their queries back
+    in the queue for another replica instead of failing them.
+    """
 
 
 class BackPressureError(ServeError):

@@ -24,6 +24,7 @@ from .config import BackendConfig
 from .errors import (
     BackPressureError,
     DeadlineExceededError,
+    NotDeliveredError,
     ReplicaDiedError,
     ServeError,
     ServeStateError,
@@ -266,14 +267,20 @@ class Router:
 
     def _requeue(self, state: BackendState, slot: Slot, queries: list[Query]) -> list[Work]:
         """The replica died before it got the call: the queries go back, the slot goes."""
+        work: list[Work] = []
+        expired: list[Query] = []
         with self._lock:
             replace = state.drop(slot)
-            for query in queries:
-                query.started = True  # its future is already running
-                state.queue.restore(query)
-            work, expired = self._dispatch(state)
+            closed = self._closed
+            if not closed:
+                for query in queries:
+                    query.started = True  # its future is already running
+                    state.queue.restore(query)
+                work, expired = self._dispatch(state)
         if replace:
             self._on_replica_died(state.tag, slot.replica)
+        if closed:  # the queue was already emptied by close(): nothing would run them
+            self._fail(queries, ServeStateError("serve instance shut down before the query ran"))
         if expired:
             self._fail(expired, None)
         return work
@@ -290,6 +297,8 @@ class Router:
         died: BaseException | None = None
         try:
             outcomes = future.result()
+        except NotDeliveredError:
+            return self._requeue(state, slot, queries)  # nothing ran: another replica takes them
         except BaseException as exc:  # noqa: BLE001 - any failure of the future is a dead replica
             died, outcomes = exc, []
         if died is None and len(outcomes) != len(queries):  # an executor bug must not strand callers

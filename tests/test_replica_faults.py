@@ -8,7 +8,7 @@ from concurrent.futures import Future
 import pytest
 
 from serve_core import BackendConfig, Serve
-from serve_core.errors import ReplicaDiedError, ServeError
+from serve_core.errors import NotDeliveredError, ReplicaDiedError, ServeError
 from serve_core.executors.base import ReplicaSpec
 from serve_core.executors.thread import ThreadReplica
 from serve_core.invoke import Call, Outcome
@@ -223,3 +223,39 @@ def test_replica_dying_with_several_calls_is_replaced_once(make_serve) -> None:
     srv.shutdown()  # waits for the replacement under way
     assert len(executor.started) == 2
     assert victim.stops == 1  # one replacement, not one per failed call
+
+
+class UndeliveringReplica(ThreadReplica):
+    """Gone before its first call arrives: fails it with NotDeliveredError, as a stopped replica does."""
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        super().__init__(spec)
+        self.gone = False
+
+    @property
+    def alive(self) -> bool:
+        return not self.gone and super().alive
+
+    def submit(self, call: Call) -> Future[list[Outcome]]:
+        if self.replica_id.endswith("#1"):
+            self.gone = True
+            future: Future[list[Outcome]] = Future()
+            future.set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
+            return future
+        return super().submit(call)
+
+
+class UndeliveringExecutor(CrashingExecutor):
+    def start_replica(self, spec: ReplicaSpec) -> UndeliveringReplica:  # type: ignore[override]
+        replica = UndeliveringReplica(spec)
+        self.started.append(replica)  # type: ignore[arg-type]
+        return replica
+
+
+def test_a_call_that_never_reached_its_replica_runs_on_another(make_serve) -> None:
+    executor = UndeliveringExecutor()
+    srv = make_serve(executor=executor)
+    deploy(srv)
+    assert srv.get_handle("ep").remote(i=4).result(WAIT) == 4  # on the replacement
+    assert len(executor.started) == 2
+    assert srv.stat()["b_error_counter"] == 0

@@ -48,6 +48,10 @@ class Replica(Protocol):
     It holds up to the backend's ``max_concurrent_queries`` calls at once. When the
     config leaves that to the executor (``None``), the router reads the replica's
     optional ``default_max_concurrent_queries`` attribute, else uses 1.
+
+    A call the replica never started (it was stopped, or died before the call reached
+    it) fails with :class:`~serve_core.errors.NotDeliveredError`: the router puts its
+    queries back in the queue. Any other failure fails the call's queries.
     """
 
     replica_id: str

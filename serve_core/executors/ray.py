@@ -38,7 +38,7 @@ from ray import cloudpickle  # Ray's own copy: classes sent by value keep their 
 from ray import exceptions as ray_errors
 
 from ..config import BackendConfig
-from ..errors import ReplicaDiedError, ServeError, ServeTypeError
+from ..errors import NotDeliveredError, ReplicaDiedError, ServeError, ServeTypeError
 from ..invoke import Call, Invoker, Outcome
 from ._outcomes import dump_outcomes
 from .base import ReplicaSpec
@@ -179,7 +179,7 @@ class RayReplica:
                     return future
                 self._messages += 1
         if not alive:
-            future.set_exception(ReplicaDiedError(f"replica {self.replica_id} was stopped"))
+            future.set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
             return future
         self._send([(call, future)])
         return future
@@ -254,13 +254,15 @@ class RayReplica:
             self._resolve(future, outcomes)
 
     def _fail_all(self, message: list[Pending], error: BaseException) -> None:
-        """The actor is gone: this message's calls and every call not sent yet fail."""
+        """The actor is gone: this message's calls fail; those still in the outbox never left."""
         with self._lock:
             unsent, self._outbox = self._outbox, []
-        for _, future in message + unsent:
+        for _, future in message:
             died = ReplicaDiedError(f"replica {self.replica_id} (Ray actor) died during the call: {error}")
             died.__cause__ = error
             self._resolve(future, died)
+        for _, future in unsent:
+            self._resolve(future, NotDeliveredError(f"replica {self.replica_id} is gone: {error}"))
 
     def _resolve(self, future: Future[list[Outcome]], result: list[Outcome] | BaseException) -> None:
         with self._lock:

@@ -11,7 +11,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from ..errors import ReplicaDiedError
+from ..errors import NotDeliveredError, ReplicaDiedError
 from ..invoke import Call, Invoker, Outcome
 from .base import ReplicaSpec
 
@@ -40,7 +40,7 @@ class ThreadReplica:
     def submit(self, call: Call) -> Future[list[Outcome]]:
         future: Future[list[Outcome]] = Future()
         if self._stopping:
-            future.set_exception(ReplicaDiedError(f"replica {self.replica_id} was stopped"))
+            future.set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
         else:
             self._work.put((call, future))
         return future
@@ -74,7 +74,7 @@ class ThreadReplica:
             except queue.Empty:
                 return
             if item is not _STOP and item[1].set_running_or_notify_cancel():
-                item[1].set_exception(ReplicaDiedError(f"replica {self.replica_id} was stopped"))
+                item[1].set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
 
 
 class ThreadExecutor:

@@ -349,19 +349,21 @@ def _behind_a_blocked_call(handle: Any, started: RayEvent, values: Iterable[int]
     return futures + [handle.remote(i=i) for i in values]
 
 
-def test_killed_actor_fails_every_call_sent_to_it_and_queued_ones_continue(
+def test_killed_actor_fails_the_calls_sent_to_it_and_the_rest_run_on_its_replacement(
     ray_local: Any, make_serve: MakeServe
 ) -> None:
     srv = make_serve(executor="ray")
     handle, started, release = _blocker(srv, BackendConfig(max_concurrent_queries=3))
-    sent = _behind_a_blocked_call(handle, started, [1, 2])  # 1 in the actor's mailbox, 2 in the outbox
+    sent = _behind_a_blocked_call(handle, started, [1])  # the blocked call, and one in the actor's mailbox
+    unsent = handle.remote(i=2)  # in the replica's outbox: it never reaches the actor
     queued = handle.remote(i=3)  # beyond max_concurrent_queries: still in the router's queue
     (victim,) = _replicas(srv, "blk:v1")
     ray_local.kill(victim.actor)
     for future in sent:
         with pytest.raises(ReplicaDiedError):
             future.result(WAIT)
-    assert queued.result(WAIT) == 3
+    assert (unsent.result(WAIT), queued.result(WAIT)) == (2, 3)
+    assert srv.stat()["blk:v1_error_counter"] == 2
     release.set()
 
 
