@@ -44,6 +44,7 @@ class Query:
     backend: str = ""
     seq: int = 0  # arrival order within the backend queue, set on push
     started: bool = False  # future already set running (a query put back after a replica died)
+    requeues: int = 0  # times it came back from a replica it never reached
     dispatched: float = 0.0  # monotonic time it was handed to a replica
 
     @property

@@ -40,6 +40,9 @@ from .waiting import WaitingRoom
 
 Work = tuple[BackendState, Slot, list[Query]]
 
+MAX_REQUEUES = 3
+"""Times a query may come back undelivered (``NotDeliveredError``) before it fails."""
+
 
 class _EndpointState:
     def __init__(self, name: str) -> None:
@@ -269,21 +272,35 @@ class Router:
         """The replica died before it got the call: the queries go back, the slot goes."""
         work: list[Work] = []
         expired: list[Query] = []
+        failed: list[Query] = []
         with self._lock:
-            replace = state.drop(slot)
-            closed = self._closed
-            if not closed:
-                for query in queries:
+            replace = state.drop(slot, queries)
+            # Nothing would run them if the instance closed or the backend broke (both emptied
+            # the queue), and a query turned away again and again stops bouncing.
+            error = self._cannot_requeue(state)
+            for query in queries:
+                query.requeues += 1
+                if error is None and query.requeues <= MAX_REQUEUES:
                     query.started = True  # its future is already running
                     state.queue.restore(query)
+                else:
+                    failed.append(query)
+            if error is None:
                 work, expired = self._dispatch(state)
         if replace:
             self._on_replica_died(state.tag, slot.replica)
-        if closed:  # the queue was already emptied by close(): nothing would run them
-            self._fail(queries, ServeStateError("serve instance shut down before the query ran"))
+        if failed:
+            self._fail(failed, error or ReplicaDiedError(
+                f"no replica of backend {state.tag!r} took the query after {MAX_REQUEUES} attempts"
+            ))
         if expired:
             self._fail(expired, None)
         return work
+
+    def _cannot_requeue(self, state: BackendState) -> BaseException | None:
+        if self._closed:
+            return ServeStateError("serve instance shut down before the query ran")
+        return state.broken
 
     def _on_done(
         self, state: BackendState, slot: Slot, queries: list[Query], future: Future[list[Outcome]]
@@ -322,7 +339,7 @@ class Router:
             else:
                 for query in queries:
                     self._count_error(state, query)
-                replace = state.drop(slot)
+                replace = state.drop(slot, queries)
             work, expired = self._dispatch(state) if not self._closed else ([], [])
         if died is None:
             for query, outcome in zip(queries, outcomes, strict=False):
@@ -348,8 +365,11 @@ class Router:
             future = query.future
             if future.done():
                 continue  # cancelled by the caller
-            if future.running() or future.set_running_or_notify_cancel():
-                future.set_exception(exc)
+            try:
+                if future.running() or future.set_running_or_notify_cancel():
+                    future.set_exception(exc)
+            except InvalidStateError:
+                pass  # answered meanwhile by another thread (e.g. shutdown's abandon_in_flight)
 
     # --------------------------------------------------------------- metrics
     def stat(self, percentiles: list[float], windows: list[float]) -> dict[str, float]:

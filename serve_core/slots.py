@@ -106,20 +106,23 @@ class BackendState:
             # through several finished calls, and must enter the idle list once.
             self.idle.append(slot)
 
-    def drop(self, slot: Slot) -> bool:
-        """Forget a slot whose replica died; True the first time, if it was still serving.
+    def drop(self, slot: Slot, queries: list[Query]) -> bool:
+        """Forget a slot whose replica died or turned ``queries`` away.
 
-        A replica holding several calls reports its death once per call: only the
-        first report of a serving replica asks for a replacement.
+        Its other calls stay listed until they are answered (shutdown can still fail
+        them). Returns True the first time, if the slot was still serving: a replica
+        holding several calls reports its death once per call, and only the first report
+        asks for a replacement.
         """
-        slot.calls = {}
-        self.busy.discard(slot)
+        slot.calls.pop(id(queries), None)
+        if not slot.calls:
+            self.busy.discard(slot)
+            slot.mark_drained()
         serving = slot in self.slots
         if serving:
             self.slots.remove(slot)
         if slot in self.idle:
             self.idle.remove(slot)
-        slot.mark_drained()
         return serving
 
     def retire(self, count: int, oldest: bool) -> list[Slot]:

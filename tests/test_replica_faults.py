@@ -8,7 +8,7 @@ from concurrent.futures import Future
 import pytest
 
 from serve_core import BackendConfig, Serve
-from serve_core.errors import NotDeliveredError, ReplicaDiedError, ServeError
+from serve_core.errors import NotDeliveredError, ReplicaDiedError, ServeError, ServeStateError
 from serve_core.executors.base import ReplicaSpec
 from serve_core.executors.thread import ThreadReplica
 from serve_core.invoke import Call, Outcome
@@ -259,3 +259,43 @@ def test_a_call_that_never_reached_its_replica_runs_on_another(make_serve) -> No
     assert srv.get_handle("ep").remote(i=4).result(WAIT) == 4  # on the replacement
     assert len(executor.started) == 2
     assert srv.stat()["b_error_counter"] == 0
+
+
+class AlwaysUndeliveringExecutor(HoldingExecutor):
+    """Every replica turns every call away, as a broken custom executor might."""
+
+    def start_replica(self, spec: ReplicaSpec) -> HoldingReplica:
+        replica = super().start_replica(spec)
+
+        def turn_away(call: Call) -> Future[list[Outcome]]:
+            future: Future[list[Outcome]] = Future()
+            future.set_exception(NotDeliveredError(f"replica {replica.replica_id} turns calls away"))
+            return future
+
+        replica.submit = turn_away  # type: ignore[method-assign]
+        return replica
+
+
+def test_a_query_turned_away_again_and_again_fails_instead_of_bouncing_forever(make_serve) -> None:
+    srv = make_serve(executor=AlwaysUndeliveringExecutor())
+    srv.create_endpoint("ep")
+    srv.create_backend(lambda: None, "b")
+    srv.link("ep", "b")
+    with pytest.raises(ReplicaDiedError, match="after 3 attempts"):
+        srv.get_handle("ep").remote().result(WAIT)
+
+
+def test_calls_beside_a_turned_away_one_are_still_answered_at_shutdown(make_serve) -> None:
+    executor = HoldingExecutor()
+    srv = make_serve(executor=executor, drain_timeout_s=0.01)
+    srv.create_endpoint("ep")
+    srv.create_backend(lambda: None, "b", backend_config=BackendConfig(max_concurrent_queries=2))
+    srv.link("ep", "b")
+    handle = srv.get_handle("ep")
+    turned_away, held = handle.remote(), handle.remote()
+    (first,) = executor.started
+    first.held[0].set_exception(NotDeliveredError("turned away"))  # requeued to a replacement
+    srv.shutdown()  # the held call never ends: shutdown must still answer it (and the requeued one)
+    for future in (turned_away, held):
+        with pytest.raises(ServeStateError):
+            future.result(WAIT)

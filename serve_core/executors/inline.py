@@ -9,7 +9,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Any
 
-from ..errors import ReplicaDiedError
+from ..errors import NotDeliveredError
 from ..invoke import Call, Invoker, Outcome
 from .base import ReplicaSpec
 
@@ -29,7 +29,7 @@ class InlineReplica:
         future: Future[list[Outcome]] = Future()
         future.set_running_or_notify_cancel()
         if self._invoker is None:
-            future.set_exception(ReplicaDiedError(f"replica {self.replica_id} was stopped"))
+            future.set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
         else:
             future.set_result(self._invoker.run(call))
         return future

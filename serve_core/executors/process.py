@@ -32,7 +32,7 @@ from typing import Any
 
 import cloudpickle
 
-from ..errors import ReplicaDiedError, ServeError, ServeTypeError, ValidationError
+from ..errors import NotDeliveredError, ReplicaDiedError, ServeError, ServeTypeError, ValidationError
 from ..invoke import Call, Outcome
 from . import _worker
 from ._wire import Failure, Ready, Stop, WorkerBoot, dumps
@@ -149,7 +149,7 @@ class ProcessReplica:
         with self._send_lock:
             with self._lock:
                 if self._state is not _State.RUNNING:
-                    gone = ReplicaDiedError(f"replica {self.replica_id} is {self._state.value}")
+                    gone = NotDeliveredError(f"replica {self.replica_id} is {self._state.value}")
                     future.set_exception(gone)
                     return future
                 self._inflight.append((future, len(call)))

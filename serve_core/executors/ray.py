@@ -14,10 +14,11 @@ through ``EXECUTORS`` in :mod:`serve_core.executors.base`). Install with
   delivered by Ray's completion callback: no thread waits per request.
 * Web requests travel as they are: the HTTP front's ``ServeRequest`` pickles itself to a
   self-contained copy (see :mod:`serve_core.http.request`).
-* Faults: a dead actor fails the calls it held with :class:`~serve_core.errors.ReplicaDiedError`
-  (the router then replaces the replica). A result or exception that cannot cross the
-  process boundary fails that call's queries with :class:`~serve_core.errors.ServeError`
-  and leaves the replica running.
+* Faults: a dead actor fails the calls sent to it with :class:`~serve_core.errors.ReplicaDiedError`
+  (the router then replaces the replica); calls still in the outbox never left and fail
+  with :class:`~serve_core.errors.NotDeliveredError`, which puts them back in the queue.
+  A result or exception that cannot cross the process boundary fails that call's
+  queries with :class:`~serve_core.errors.ServeError` and leaves the replica running.
 """
 
 from __future__ import annotations
@@ -206,7 +207,7 @@ class RayReplica:
             ref = self._actor.run.remote(blobs)
             when_done(ref, partial(self._finish, sendable))
         except Exception as exc:  # noqa: BLE001 - Ray refused the call (e.g. it was shut down)
-            died = ReplicaDiedError(f"replica {self.replica_id} could not be reached: {exc}")
+            died = NotDeliveredError(f"replica {self.replica_id} could not be reached: {exc}")
             died.__cause__ = exc
             self._finish(sendable, died)
             return
@@ -257,6 +258,8 @@ class RayReplica:
         """The actor is gone: this message's calls fail; those still in the outbox never left."""
         with self._lock:
             unsent, self._outbox = self._outbox, []
+        if isinstance(error, NotDeliveredError):  # the message never left either
+            message, unsent = [], message + unsent
         for _, future in message:
             died = ReplicaDiedError(f"replica {self.replica_id} (Ray actor) died during the call: {error}")
             died.__cause__ = error
