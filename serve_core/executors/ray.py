@@ -240,7 +240,9 @@ class RayReplica:
 
     def _answer(self, message: list[Pending], reply: Any) -> None:
         if isinstance(reply, BaseException) or len(reply) != len(message):  # run() itself failed
-            error = reply if isinstance(reply, BaseException) else ServeError(f"{len(reply)} answers")
+            error = reply if isinstance(reply, BaseException) else ServeError(
+                f"the actor answered {len(reply)} of {len(message)} calls"
+            )
             for call, future in message:
                 self._resolve(future, _failed(call, f"replica {self.replica_id} could not run the call", error))
             return
