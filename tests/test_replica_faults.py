@@ -225,35 +225,28 @@ def test_replica_dying_with_several_calls_is_replaced_once(make_serve) -> None:
     assert victim.stops == 1  # one replacement, not one per failed call
 
 
-class UndeliveringReplica(ThreadReplica):
-    """Gone before its first call arrives: fails it with NotDeliveredError, as a stopped replica does."""
+class TurningAwayExecutor(CrashingExecutor):
+    """Its first ``count`` replicas turn every call away with NotDeliveredError, as a stopped one does."""
 
-    def __init__(self, spec: ReplicaSpec) -> None:
-        super().__init__(spec)
-        self.gone = False
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
 
-    @property
-    def alive(self) -> bool:
-        return not self.gone and super().alive
+    def start_replica(self, spec: ReplicaSpec) -> CrashingReplica:
+        replica = super().start_replica(spec)
+        if len(self.started) <= self.count:
 
-    def submit(self, call: Call) -> Future[list[Outcome]]:
-        if self.replica_id.endswith("#1"):
-            self.gone = True
-            future: Future[list[Outcome]] = Future()
-            future.set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
-            return future
-        return super().submit(call)
+            def turn_away(call: Call) -> Future[list[Outcome]]:
+                future: Future[list[Outcome]] = Future()
+                future.set_exception(NotDeliveredError(f"replica {replica.replica_id} turns calls away"))
+                return future
 
-
-class UndeliveringExecutor(CrashingExecutor):
-    def start_replica(self, spec: ReplicaSpec) -> UndeliveringReplica:  # type: ignore[override]
-        replica = UndeliveringReplica(spec)
-        self.started.append(replica)  # type: ignore[arg-type]
+            replica.submit = turn_away  # type: ignore[method-assign]
         return replica
 
 
 def test_a_call_that_never_reached_its_replica_runs_on_another(make_serve) -> None:
-    executor = UndeliveringExecutor()
+    executor = TurningAwayExecutor(count=1)
     srv = make_serve(executor=executor)
     deploy(srv)
     assert srv.get_handle("ep").remote(i=4).result(WAIT) == 4  # on the replacement
@@ -261,23 +254,8 @@ def test_a_call_that_never_reached_its_replica_runs_on_another(make_serve) -> No
     assert srv.stat()["b_error_counter"] == 0
 
 
-class AlwaysUndeliveringExecutor(HoldingExecutor):
-    """Every replica turns every call away, as a broken custom executor might."""
-
-    def start_replica(self, spec: ReplicaSpec) -> HoldingReplica:
-        replica = super().start_replica(spec)
-
-        def turn_away(call: Call) -> Future[list[Outcome]]:
-            future: Future[list[Outcome]] = Future()
-            future.set_exception(NotDeliveredError(f"replica {replica.replica_id} turns calls away"))
-            return future
-
-        replica.submit = turn_away  # type: ignore[method-assign]
-        return replica
-
-
 def test_a_query_turned_away_again_and_again_fails_instead_of_bouncing_forever(make_serve) -> None:
-    srv = make_serve(executor=AlwaysUndeliveringExecutor())
+    srv = make_serve(executor=TurningAwayExecutor(count=1_000))
     srv.create_endpoint("ep")
     srv.create_backend(lambda: None, "b")
     srv.link("ep", "b")
