@@ -21,17 +21,24 @@ the default config, within 1.5x of the bare call.
 
 Two more rows show what any handle pays on top of that baseline: the bare call with
 one bytes argument (a real call carries data; Ray handles any argument at a cost), and
-the bare call awaited through ``ObjectRef.future()`` (Ray's completion callback, the
-way of any design that blocks no thread per call) rather than a blocking ``ray.get``.
+the same call whose reply is read by another thread (blocked in ``ray.get``, oldest
+call first), as any handle that blocks no thread per call must: the floor of our design.
+
+Garbage is collected before every timed workload, so that no row pays for another's.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import queue
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -120,6 +127,7 @@ def _measure(
     for _ in range(rounds):
         for name, (one, many) in workloads.items():
             for key, workload, count in (("one", one, n), ("many", many, in_flight)):
+                gc.collect()
                 start = time.perf_counter()
                 workload()
                 samples[name][key].append((time.perf_counter() - start) / count * 1e6)
@@ -172,10 +180,12 @@ def main() -> None:
             "serve_core, batch 100": _ours(batch=True),
             f"serve_core, {PIPELINED} calls/replica": _ours(pipelined=PIPELINED),
         }
-        bare_rows = {"bare actor": bare_call, WITH_ARG: partial(actor.f.remote, bytes(ARG_BYTES)), FLOOR: bare_call}
-        calls = bare_rows | {name: h.remote for name, (_, h) in instances.items()}
-        waits = {"bare actor": bare_wait, WITH_ARG: bare_wait, FLOOR: _future_result} | {n: _result for n in instances}
-        results = {"serve_core": _phase("serve_core on the ray executor vs a bare actor", calls, waits, args)}
+        with_arg = partial(actor.f.remote, bytes(ARG_BYTES))
+        with _reply_reader() as read_later:
+            bare_rows = {"bare actor": bare_call, WITH_ARG: with_arg, FLOOR: lambda: read_later(with_arg())}
+            calls = bare_rows | {name: h.remote for name, (_, h) in instances.items()}
+            waits = {"bare actor": bare_wait, WITH_ARG: bare_wait, FLOOR: _result} | {n: _result for n in instances}
+            results = {"serve_core": _phase("serve_core on the ray executor vs a bare actor", calls, waits, args)}
         for instance, _ in instances.values():
             instance.shutdown()
         # Ray Serve's controller keeps working in the background: measure it in its own
@@ -203,12 +213,31 @@ def _result(future: Any) -> Any:
 
 WITH_ARG = "bare actor, one bytes argument"
 ARG_BYTES = 80  # about the size of one pickled no-op call
-FLOOR = "bare actor, ObjectRef.future()"
+FLOOR = "bare actor, argument, reply thread"
 
 
-def _future_result(ref: Any) -> Any:
-    """Wait as any handle that blocks no thread per call must: through Ray's completion callback."""
-    return ref.future().result()
+@contextmanager
+def _reply_reader() -> Iterator[Callable[[Any], Future[Any]]]:
+    """A thread reading replies in the order of the calls; yields ``ref -> Future``."""
+    refs: queue.SimpleQueue[tuple[Any, Future[Any]] | None] = queue.SimpleQueue()
+
+    def read() -> None:
+        while (item := refs.get()) is not None:
+            ref, future = item
+            future.set_result(ray.get(ref))
+
+    def read_later(ref: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        refs.put((ref, future))
+        return future
+
+    reader = threading.Thread(target=read, name="bench-reply-reader")
+    reader.start()
+    try:
+        yield read_later
+    finally:
+        refs.put(None)
+        reader.join()
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def test_endpoint_redefinition(inline: Serve) -> None:
 
 def test_create_backend_rejects(inline: Serve) -> None:
     with pytest.raises(ServeTypeError, match="function or a class"):
-        inline.create_backend(print, "builtin")
+        inline.create_backend(len, "builtin")
     with pytest.raises(ServeTypeError, match="function or a class"):
         inline.create_backend(echo.__call__, "bound")
     with pytest.raises(ServeTypeError, match="init arguments"):

@@ -10,8 +10,8 @@ through ``EXECUTORS`` in :mod:`serve_core.executors.base`). Install with
   :data:`DEFAULT_MAX_CONCURRENT_QUERIES`) and keeps two actor calls in flight; calls
   submitted while both are out leave together, as one actor call, when one returns.
   The actor runs them one by one, in order. Each call, and each call's outcomes, is
-  pickled on its own, so one that cannot cross fails alone. An actor call's reply is
-  delivered by Ray's completion callback: no thread waits per request.
+  pickled on its own, so one that cannot cross fails alone. One reader thread per
+  replica waits for the replies, oldest first: no thread waits per request.
 * Web requests travel as they are: the HTTP front's ``ServeRequest`` pickles itself to a
   self-contained copy (see :mod:`serve_core.http.request`).
 * Faults: a dead actor fails the calls sent to it with :class:`~serve_core.errors.ReplicaDiedError`
@@ -28,10 +28,9 @@ import logging
 import pickle
 import threading
 import uuid
-from collections.abc import Callable
+from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from functools import partial
 from typing import Any
 
 import ray
@@ -73,23 +72,23 @@ class ReplicaActor:
         return ray.get_runtime_context().get_node_id(), self._error
 
     def run(self, calls: list[bytes]) -> list[bytes | str]:
-        """Run pickled calls one by one, in order.
+        """Run pickled calls one by one, in order; one answer each (see :meth:`run_one`)."""
+        return [self.run_one(data) for data in calls]
 
-        Each answer is the call's pickled outcomes (user errors are outcomes, and the
-        calls after a failing one still run), or, for a call that cannot be unpickled
-        here, why not: one bad call never costs the calls travelling with it.
+    def run_one(self, data: bytes) -> bytes | str:
+        """Run one pickled call.
+
+        Returns the call's pickled outcomes (user errors are outcomes), or, for a call
+        that cannot be unpickled here, why not: one bad call never costs the calls
+        travelling with it.
         """
         if self._invoker is None:
             raise ServeError("replica was not constructed")
-        answers: list[bytes | str] = []
-        for data in calls:
-            try:
-                call: Call = pickle.loads(data)
-            except Exception as exc:  # noqa: BLE001 - e.g. a class this process cannot import
-                answers.append(f"{type(exc).__name__}: {exc}")
-            else:
-                answers.append(dump_outcomes(self._invoker.run(call), cloudpickle.dumps))
-        return answers
+        try:
+            call: Call = pickle.loads(data)
+        except Exception as exc:  # noqa: BLE001 - e.g. a class this process cannot import
+            return f"{type(exc).__name__}: {exc}"
+        return dump_outcomes(self._invoker.run(call), cloudpickle.dumps)
 
 
 _RemoteReplicaActor = ray.remote(ReplicaActor)
@@ -114,6 +113,7 @@ def actor_options(config: BackendConfig) -> dict[str, Any]:
 
 
 Pending = tuple[Call, "Future[list[Outcome]]"]
+Sent = tuple[Any, list[Pending]]  # an actor call's ObjectRef and the calls it carries
 
 MESSAGES_IN_FLIGHT = 2
 """Actor calls a replica keeps in flight; calls submitted beyond that are coalesced.
@@ -136,12 +136,21 @@ the original's strict rule.
 """
 
 
+STOP_JOIN_TIMEOUT_S = 30.0
+"""How long ``stop`` waits for a replica's reply reader once the actor is killed."""
+
+
 class RayReplica:
     """One backend replica in a Ray actor.
 
     Calls submitted together travel together: see :data:`MESSAGES_IN_FLIGHT`. The
     actor runs the calls of a message one by one, in the order submitted, exactly as
     it would run separate actor calls.
+
+    Replies are read by one thread per replica, which blocks in ``ray.get`` on the
+    oldest message in flight (an actor answers in order). A blocking ``ray.get`` wakes
+    sooner than Ray's completion callbacks (``bench/bench_ray.py`` shows both), and one
+    thread per replica, not per request, bounds the cost.
     """
 
     default_max_concurrent_queries = DEFAULT_MAX_CONCURRENT_QUERIES
@@ -152,12 +161,16 @@ class RayReplica:
         self._actor = actor
         self._on_stop = on_stop
         self._lock = threading.Lock()
-        self._messages = 0  # actor calls in flight
+        self._replied = threading.Condition(self._lock)  # a message was sent, or the replica stopped
+        self._messages = 0  # actor calls in flight, counted from before they are sent
         self.actor_calls = 0  # actor calls made so far (for diagnostics and tests)
         self._outbox: list[Pending] = []
+        self._sent: deque[Sent] = deque()  # oldest first, as the actor answers them
         self._in_flight: set[Future[list[Outcome]]] = set()
         self._stopped = False
         self._dead = False
+        self._reader = threading.Thread(target=self._read_replies, name=f"serve_core-ray-{replica_id}", daemon=True)
+        self._reader.start()
 
     @property
     def alive(self) -> bool:
@@ -204,8 +217,8 @@ class RayReplica:
             self._finish([], [])
             return
         try:
-            ref = self._actor.run.remote(blobs)
-            when_done(ref, partial(self._finish, sendable))
+            # A lone call travels bare: Ray carries one bytes argument faster than a list.
+            ref = self._actor.run_one.remote(blobs[0]) if len(blobs) == 1 else self._actor.run.remote(blobs)
         except Exception as exc:  # noqa: BLE001 - Ray refused the call (e.g. it was shut down)
             died = NotDeliveredError(f"replica {self.replica_id} could not be reached: {exc}")
             died.__cause__ = exc
@@ -213,6 +226,32 @@ class RayReplica:
             return
         with self._lock:
             self.actor_calls += 1
+            self._sent.append((ref, sendable))
+            self._replied.notify()
+
+    def _read_replies(self) -> None:
+        """The reader thread: hands each message's reply to :meth:`_finish`, oldest first.
+
+        Ends once the replica is stopped and no message is out; ``stop`` kills the actor
+        first, so every reply still awaited then arrives, as the actor's death.
+        """
+        while True:
+            with self._replied:
+                while not self._sent:
+                    if self._stopped and not self._messages:
+                        return
+                    self._replied.wait()
+                ref, message = self._sent[0]
+            reply: Any
+            try:
+                reply = ray.get(ref)
+                if len(message) == 1:  # sent to run_one
+                    reply = [reply]
+            except Exception as exc:  # noqa: BLE001 - the actor died, or Ray itself failed
+                reply = exc
+            with self._lock:
+                self._sent.popleft()
+            self._finish(message, reply)
 
     def _finish(self, message: list[Pending], reply: Any) -> None:
         """A message came back: ``reply`` has one answer per call, or is why it failed.
@@ -230,6 +269,7 @@ class RayReplica:
                     following, self._outbox = self._outbox, []
                 else:
                     self._messages -= 1
+                    self._replied.notify()  # the reader may be waiting for the last message to end
             if following:
                 self._send(following)
         finally:
@@ -282,6 +322,7 @@ class RayReplica:
             if self._stopped:
                 return
             self._stopped = True
+            self._replied.notify()
             pending = list(self._in_flight)
         if pending:
             wait_futures(pending, timeout=drain_timeout)
@@ -290,6 +331,12 @@ class RayReplica:
         except Exception:  # noqa: BLE001 - Ray may already be gone; nothing left to stop
             log.debug("killing the actor of replica %s failed", self.replica_id, exc_info=True)
         self._fail_all([], ReplicaDiedError(f"replica {self.replica_id} was stopped"))
+        if threading.current_thread() is not self._reader:  # stop() may run from a reply's callback
+            self._reader.join(STOP_JOIN_TIMEOUT_S)
+            if self._reader.is_alive():
+                log.warning(
+                    "replica %s: Ray did not report its killed actor within %s s", self.replica_id, STOP_JOIN_TIMEOUT_S
+                )
         self._on_stop(self)
 
 
@@ -317,28 +364,6 @@ class _CallPickler:
             self._pickler = self._new_pickler()  # a failed dump may leave it mid-frame
             raise
         return self._buffer.getvalue()
-
-
-def when_done(ref: Any, callback: Callable[[Any], None]) -> None:
-    """Call ``callback(value)`` on Ray's callback thread once ``ref`` is ready.
-
-    ``value`` is the object, or the exception (a ``RayError``) that stands for it.
-    ``ObjectRef._on_completed`` skips the ``concurrent.futures.Future`` that
-    ``ObjectRef.future()`` builds around it (about 50 µs per call here); Ray versions
-    without it get the public route.
-    """
-    on_completed = getattr(ref, "_on_completed", None)
-    if on_completed is not None:
-        # The partial holds the ref until the callback ran: a ref dropped earlier makes Ray
-        # abort the process once a reply is large enough for the shared object store.
-        on_completed(partial(_deliver, ref, callback))
-    else:
-        ref.future().add_done_callback(lambda done: callback(done.exception() or done.result()))
-
-
-def _deliver(ref: Any, callback: Callable[[Any], None], value: Any) -> None:
-    """Hand ``value`` to ``callback``; ``ref`` only rides along to stay alive until now."""
-    callback(value)
 
 
 def _failed(call: Call, what: str, exc: BaseException) -> list[Outcome]:

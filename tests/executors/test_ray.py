@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -71,45 +70,6 @@ def test_actor_options_leave_out_unset_fields(ray_local: Any) -> None:
     )
     expected = {"num_cpus": 0.5, "num_gpus": 0, "memory": 1_000_000, "resources": {"special": 1}}
     assert actor_options(config) == expected
-
-
-class _RefWithoutOnCompleted:
-    """An ``ObjectRef`` of a Ray version that only has the public ``future()``."""
-
-    def __init__(self, done: Future[Any]) -> None:
-        self._done = done
-
-    def future(self) -> Future[Any]:
-        return self._done
-
-
-@pytest.mark.parametrize("outcome", ["value", "error"])
-def test_when_done_falls_back_to_the_public_future(ray_local: Any, outcome: str) -> None:
-    from serve_core.executors.ray import when_done
-
-    done: Future[Any] = Future()
-    got: list[Any] = []
-    when_done(_RefWithoutOnCompleted(done), got.append)
-    expected: Any = b"outcomes" if outcome == "value" else ray_local.exceptions.RayActorError()
-    if outcome == "value":
-        done.set_result(expected)
-    else:
-        done.set_exception(expected)
-    assert got == [expected]
-
-
-def test_when_done_passes_the_value(ray_local: Any) -> None:
-    from serve_core.executors.ray import when_done
-
-    @ray_local.remote
-    def answer() -> bytes:
-        return b"yes"
-
-    values: list[Any] = []
-    arrived = threading.Event()
-    when_done(answer.remote(), lambda value: (values.append(value), arrived.set()))
-    assert arrived.wait(WAIT)
-    assert values == [b"yes"]  # a dead actor's RayActorError arrives the same way (the kill tests)
 
 
 # ------------------------------------------------------------------------ calling

@@ -23,6 +23,7 @@ from serve_core.http.request import ServeRequest
 
 from ..conftest import WAIT
 from ..net import port_is_free
+from ..procs import wait_until
 from .helpers import base_url
 
 
@@ -132,6 +133,10 @@ def test_connections_past_the_cap_get_503(make_serve: Callable[..., Serve], monk
     monkeypatch.setattr(server, "MAX_CONNECTIONS", 2)
     srv = make_serve(start_server=True, http_port=0, blocking=True)
     host, port = srv.http_address() or ("", 0)
+    assert srv._http is not None
+    connections = srv._http._server._connections
+    # blocking=True probed the server; that connection counts until its thread sees it closed
+    assert wait_until(lambda: not connections, WAIT)
     idle = [socket.create_connection((host, port), timeout=WAIT) for _ in range(2)]
     try:
         for sock in idle:  # each is served (held by a thread) once it has been answered once
