@@ -2,7 +2,7 @@
 
 Run from the repository root (Ray installed)::
 
-    python bench/bench_ray.py [--rounds 7] [--sequential 300] [--in-flight 1000] [--json out.json]
+    python bench/bench_ray.py [--rounds 7] [--sequential 1000] [--in-flight 1000] [--json out.json]
 
 Every workload runs in the same process against the same local Ray, in interleaved
 rounds; the table shows medians per call and the ratio to the bare actor baseline
@@ -166,7 +166,7 @@ def _phase(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--sequential", type=int, default=300)
+    parser.add_argument("--sequential", type=int, default=1000)
     parser.add_argument("--in-flight", type=int, default=1000)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()

@@ -38,7 +38,7 @@ from ray import cloudpickle  # Ray's own copy: classes sent by value keep their 
 from ray import exceptions as ray_errors
 
 from ..config import BackendConfig
-from ..errors import NotDeliveredError, ReplicaDiedError, ServeError, ServeTypeError
+from ..errors import NotDeliveredError, ReplicaDiedError, ServeError, ServeStateError, ServeTypeError
 from ..invoke import Call, Invoker, Outcome
 from ._outcomes import dump_outcomes
 from .base import ReplicaSpec
@@ -138,6 +138,12 @@ the original's strict rule.
 
 STOP_JOIN_TIMEOUT_S = 30.0
 """How long ``stop`` waits for a replica's reply reader once the actor is killed."""
+
+RAY_CHECK_INTERVAL_S = 1.0
+"""How often a reader waiting for a reply checks that Ray is still running.
+
+A ``ray.get`` under way when someone else calls ``ray.shutdown()`` would wait forever.
+"""
 
 
 class RayReplica:
@@ -244,7 +250,7 @@ class RayReplica:
                 ref, message = self._sent[0]
             reply: Any
             try:
-                reply = ray.get(ref)
+                reply = _wait_for(ref)
                 if len(message) == 1:  # sent to run_one
                     reply = [reply]
             except Exception as exc:  # noqa: BLE001 - the actor died, or Ray itself failed
@@ -327,7 +333,8 @@ class RayReplica:
         if pending:
             wait_futures(pending, timeout=drain_timeout)
         try:
-            ray.kill(self._actor, no_restart=True)
+            if ray.is_initialized():  # else ray.kill would start a new Ray, and the actor is gone anyway
+                ray.kill(self._actor, no_restart=True)
         except Exception:  # noqa: BLE001 - Ray may already be gone; nothing left to stop
             log.debug("killing the actor of replica %s failed", self.replica_id, exc_info=True)
         self._fail_all([], ReplicaDiedError(f"replica {self.replica_id} was stopped"))
@@ -364,6 +371,19 @@ class _CallPickler:
             self._pickler = self._new_pickler()  # a failed dump may leave it mid-frame
             raise
         return self._buffer.getvalue()
+
+
+def _wait_for(ref: Any) -> Any:
+    """``ray.get(ref)``, or ``ReplicaDiedError`` once Ray has been shut down meanwhile."""
+    while True:
+        try:
+            return ray.get(ref, timeout=RAY_CHECK_INTERVAL_S)
+        except ray_errors.GetTimeoutError:
+            if ray.is_initialized():
+                continue
+        except SystemExit:  # what a waiting ray.get raises when another thread shuts Ray down
+            pass
+        raise ReplicaDiedError("Ray was shut down while the call was running")
 
 
 def _failed(call: Call, what: str, exc: BaseException) -> list[Outcome]:
@@ -420,6 +440,8 @@ class RayExecutor:
             ServeError: Ray could not place the actor within ``start_timeout_s``
                 (e.g. no node has the requested resources) or it died while starting.
         """
+        if not ray.is_initialized():  # shut down by someone else: do not start a new Ray
+            raise ServeStateError(f"Ray is not running: cannot start a replica of backend {spec.backend_tag!r}")
         options = actor_options(spec.config)
         name = f"{self._prefix}:{spec.replica_id}"
         try:

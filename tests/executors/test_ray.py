@@ -327,6 +327,53 @@ def test_killed_actor_fails_the_calls_sent_to_it_and_the_rest_run_on_its_replace
     release.set()
 
 
+_SHUT_DOWN_UNDER_A_CALL = """
+import pathlib, sys, threading
+import ray
+from serve_core import ReplicaDiedError, Serve
+
+started = pathlib.Path(sys.argv[1])
+
+def slow(request):
+    started.touch()
+    threading.Event().wait(60)
+
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+srv = Serve(executor="ray", start_server=False)
+srv.create_endpoint("slow", None)
+srv.create_backend(slow, "slow:v1")
+srv.link("slow", "slow:v1")
+future = srv.get_handle("slow").remote()
+pause = threading.Event()
+for _ in range(500):
+    if started.exists():
+        break
+    pause.wait(0.02)
+assert started.exists(), "the call did not start"
+ray.shutdown()
+try:
+    future.result(20)
+except ReplicaDiedError as exc:
+    assert "Ray was shut down" in str(exc), exc
+else:
+    raise AssertionError("the call did not fail")
+srv.shutdown()
+assert not ray.is_initialized(), "replacing the replica started a new Ray"
+assert not [t.name for t in threading.enumerate() if t.name.startswith("serve_core")], "a reader thread is left"
+"""
+
+
+def test_ray_shut_down_under_a_running_call_fails_it_and_starts_no_new_ray(
+    ray_local: Any, tmp_path: Path
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    result = subprocess.run(
+        [sys.executable, "-c", _SHUT_DOWN_UNDER_A_CALL, str(tmp_path / "started")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_ray_replicas_hold_the_executor_default_number_of_calls(ray_local: Any, make_serve: MakeServe) -> None:
     from serve_core.executors.ray import DEFAULT_MAX_CONCURRENT_QUERIES
 
