@@ -298,6 +298,7 @@ class RayReplica:
                 self._fail_all(message, reply)
             else:
                 self._answer(message, reply)
+
     def _answer(self, message: list[Pending], reply: Any) -> None:
         if isinstance(reply, BaseException) or len(reply) != len(message):  # run() itself failed
             error = reply if isinstance(reply, BaseException) else ServeError(
@@ -470,6 +471,7 @@ class RayExecutor:
             ServeTypeError: the backend or its init args cannot be sent to Ray.
             ServeError: Ray could not place the actor within ``start_timeout_s``
                 (e.g. no node has the requested resources) or it died while starting.
+            ServeStateError: Ray is no longer running (someone called ``ray.shutdown()``).
         """
         if not ray.is_initialized():  # shut down by someone else: do not start a new Ray
             raise ServeStateError(f"Ray is not running: cannot start a replica of backend {spec.backend_tag!r}")
