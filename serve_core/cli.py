@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import builtins
 import json
+import math
 import signal
 import sys
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .kv import DEFAULT_CLI_STORE
+from .serve import DEFAULT_HTTP_REQUEST_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,10 +38,39 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--blocking", action="store_true", help="wait until the server answers before loading")
     run.add_argument("--server", choices=("werkzeug", "granian"), default="werkzeug", help="HTTP server")
     run.add_argument("--debug", action="store_true", help="tracebacks in HTTP 500 bodies (development only)")
+    run.add_argument(
+        "--max-body-bytes", type=_body_limit, default=DEFAULT_MAX_BODY_BYTES,
+        help="largest request body accepted, 413 past it (default: %(default)s)",
+    )
+    run.add_argument(
+        "--request-timeout", type=_request_timeout, default=DEFAULT_HTTP_REQUEST_TIMEOUT_S, metavar="SECONDS",
+        help="how long a request waits for its answer, 504 past it; 0 for no limit (default: %(default)s)",
+    )
     for name, help_text in (("routes", "print a running server's routes"), ("stat", "print its metrics")):
         query = commands.add_parser(name, help=help_text)
         query.add_argument("--url", default="http://127.0.0.1:8000", help="server URL (default: %(default)s)")
     return parser
+
+
+def _body_limit(text: str) -> int:
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of bytes, not {text!r}")
+    return limit
+
+
+def _request_timeout(text: str) -> float | None:
+    """Seconds; 0 means no limit (``None``)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, or 0 for no limit, not {text!r}")
+    return seconds or None
 
 
 APP_MODULE = "__serve_core_app__"
@@ -94,6 +125,8 @@ def _run(args: argparse.Namespace) -> int:
         kv_store_path=args.kv_store,
         blocking=args.blocking,
         debug=args.debug,
+        max_body_bytes=args.max_body_bytes,
+        http_request_timeout_s=args.request_timeout,
     )
     try:
         load_app(args.app)

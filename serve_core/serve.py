@@ -103,6 +103,8 @@ class Serve:
             raise ValidationError(
                 f"http_request_timeout_s must be None or a positive number, got {http_request_timeout_s!r}"
             )
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+            raise ValidationError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
         self.max_body_bytes, self.debug = max_body_bytes, debug
         self.http_request_timeout_s = http_request_timeout_s
         self._registry = Registry()

@@ -138,6 +138,61 @@ def test_run_with_granian(app_file: Path, tmp_path: Path) -> None:
         assert proc.wait(WAIT) == 0
 
 
+LIMITS_APP = """
+import threading
+import serve_core as serve
+
+gates = {}  # the Event is made on first use: backends are pickled into the store, an Event cannot be
+
+def size(request):
+    return len(request.get_data())
+
+def slow(request):
+    gates.setdefault("slow", threading.Event()).wait(30)
+    return "late"
+
+def release(request):
+    gates.setdefault("slow", threading.Event()).set()
+    return "released"
+
+for backend in (size, slow, release):
+    name = backend.__name__
+    serve.create_endpoint(name, "/" + name, methods=["GET", "POST"])
+    serve.create_backend(backend, name + ":v1")
+    serve.link(name, name + ":v1")
+"""
+
+
+@pytest.mark.parametrize("server", ["werkzeug", "granian"])
+def test_body_limit_and_request_timeout_flags(tmp_path: Path, server: str) -> None:
+    if server == "granian":
+        require(importlib.util.find_spec("granian") is not None, "granian is not installed")
+    app = tmp_path / "limits.py"
+    app.write_text(LIMITS_APP)
+    port = str(free_port() if server == "granian" else 0)
+    flags = ("--max-body-bytes", "10", "--request-timeout", "0.5", "--server", server, "--port", port)
+    with _running(str(app), *flags, cwd=tmp_path) as (proc, url, _):
+        _wait_until_answering(url)
+        assert requests.post(f"{url}/size", data=b"x" * 10, timeout=WAIT).text == "10"
+        assert requests.post(f"{url}/size", data=b"x" * 11, timeout=WAIT).status_code == 413
+        assert requests.get(f"{url}/slow", timeout=WAIT).status_code == 504
+        assert requests.get(f"{url}/release", timeout=WAIT).text == "released"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--max-body-bytes", "0"), ("--max-body-bytes", "ten"), ("--request-timeout", "-1")]
+)
+def test_bad_limit_flags_are_usage_errors(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from serve_core.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "app.py", flag, value])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
 def test_readme_example_serves(tmp_path: Path) -> None:
     with _running(str(REPO / "examples" / "echo.py"), "--port", "0", cwd=tmp_path) as (proc, url, _):
         answers = {requests.get(f"{url}/echo", timeout=WAIT).text for _ in range(40)}

@@ -272,6 +272,12 @@ def test_request_timeout_is_validated(make_serve: Callable[..., Serve], value: A
         make_serve(http_request_timeout_s=value)
 
 
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "10"])
+def test_max_body_bytes_is_validated(make_serve: Callable[..., Serve], value: Any) -> None:
+    with pytest.raises(serve.ValidationError, match="max_body_bytes"):
+        make_serve(max_body_bytes=value)
+
+
 def test_stopped_instance_is_503(make_serve: Callable[..., Serve]) -> None:
     from .helpers import InProcess
 
