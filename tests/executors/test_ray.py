@@ -396,12 +396,12 @@ def test_stop_from_a_reply_callback_returns_at_once_and_the_call_out_still_finis
         stopped_on.append(threading.current_thread().name)
         stop_returned.set()
 
-    replica.submit(call(i=1)).add_done_callback(stop_from_callback)
-    blocked = replica.submit(call(block=True))
-    assert stop_returned.wait(WAIT) and stopped_on == [f"serve_core-ray-{replica.replica_id}"]
-    assert started.wait(WAIT) and not blocked.done()
+    replica.submit(call(block=True)).add_done_callback(stop_from_callback)
+    behind = replica.submit(call(i=2))  # sent too: the first call cannot end before release
+    assert started.wait(WAIT)
     release.set()
-    assert blocked.result(WAIT)[0].value == "done"  # drained, not killed
+    assert stop_returned.wait(WAIT) and stopped_on == [f"serve_core-ray-{replica.replica_id}"]
+    assert behind.result(WAIT)[0].value == 2  # drained, not killed
     replica._reader.join(WAIT)
     assert not replica._reader.is_alive()
     _wait_until(lambda: not _serve_actor_names(ray_local, executor.actor_name_prefix), "the actor to be killed")
