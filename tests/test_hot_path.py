@@ -90,13 +90,21 @@ def blocked_call() -> Iterator[Callable[[ServeHandle], Future[Any]]]:
         thread.join(WAIT)
 
 
+def _held(
+    srv: Serve, blocked_call: Callable[[ServeHandle], Future[Any]], config: BackendConfig | None = None
+) -> tuple[Gate, ServeHandle, Future[Any]]:
+    """Deploy a gated backend; returns the gate, the handle and the call holding the replica."""
+    gate = Gate()
+    handle = _deploy(srv, gate.backend(), config)
+    first = blocked_call(handle)
+    assert gate.entered.wait(WAIT)
+    return gate, handle, first
+
+
 def test_long_queue_drains_without_recursion(
     make_serve: Callable[..., Serve], executor: str, blocked_call: Callable[[ServeHandle], Future[Any]]
 ) -> None:
-    gate = Gate()
-    handle = _deploy(make_serve(executor=executor), gate.backend())
-    first = blocked_call(handle)
-    assert gate.entered.wait(WAIT)
+    gate, handle, first = _held(make_serve(executor=executor), blocked_call)
     queued = [handle.remote(x=i) for i in range(3000)]  # deeper than the recursion limit
     gate.release.set()
     assert first.result(WAIT) == "first"
@@ -107,11 +115,8 @@ def test_expired_single_calls_are_dropped(
     make_serve: Callable[..., Serve], executor: str, blocked_call: Callable[[ServeHandle], Future[Any]]
 ) -> None:
     clock = FakeClock()
-    gate = Gate()
     srv = make_serve(executor=executor, clock=clock)
-    handle = _deploy(srv, gate.backend(), BackendConfig(drop_expired=True))
-    first = blocked_call(handle)
-    assert gate.entered.wait(WAIT)
+    gate, handle, first = _held(srv, blocked_call, BackendConfig(drop_expired=True))
     late = handle.options(relative_slo_ms=10).remote(x="late")
     kept = handle.remote(x="kept")
     clock.advance(1.0)
@@ -126,10 +131,7 @@ def test_expired_single_calls_are_dropped(
 def test_cancelled_queued_query_is_skipped(
     make_serve: Callable[..., Serve], executor: str, blocked_call: Callable[[ServeHandle], Future[Any]]
 ) -> None:
-    gate = Gate()
-    handle = _deploy(make_serve(executor=executor), gate.backend())
-    first = blocked_call(handle)
-    assert gate.entered.wait(WAIT)
+    gate, handle, first = _held(make_serve(executor=executor), blocked_call)
     dropped = handle.remote(x="dropped")
     kept = handle.remote(x="kept")
     assert dropped.cancel()

@@ -7,7 +7,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from serve_core import BackendConfig, Serve
+from serve_core import BackendConfig, Serve, ServeHandle
 from serve_core.errors import NotDeliveredError, ReplicaDiedError, ServeError, ServeStateError
 from serve_core.executors.base import ReplicaSpec
 from serve_core.executors.thread import ThreadReplica
@@ -78,12 +78,17 @@ def test_dead_replica_fails_its_call_and_is_replaced(make_serve) -> None:
     assert srv.stat()["b_error_counter"] == 1
 
 
-def test_queued_queries_continue_on_the_replacement(make_serve) -> None:
+def _not_yet_linked(make_serve) -> tuple[CrashingExecutor, Serve, ServeHandle]:
+    """Endpoint ``ep`` and backend ``b`` on a CrashingExecutor, not linked yet: calls wait."""
     executor = CrashingExecutor()
     srv = make_serve(executor=executor)
     srv.create_endpoint("ep")
     srv.create_backend(lambda *, crash=False, i=0: i, "b")
-    handle = srv.get_handle("ep")
+    return executor, srv, srv.get_handle("ep")
+
+
+def test_queued_queries_continue_on_the_replacement(make_serve) -> None:
+    _, srv, handle = _not_yet_linked(make_serve)
     crash = handle.remote(crash=True, i=0)
     queued = [handle.remote(crash=False, i=n) for n in range(1, 6)]
     srv.link("ep", "b")
@@ -93,11 +98,7 @@ def test_queued_queries_continue_on_the_replacement(make_serve) -> None:
 
 
 def test_queued_queries_fail_when_no_replica_can_be_restarted(make_serve) -> None:
-    executor = CrashingExecutor()
-    srv = make_serve(executor=executor)
-    srv.create_endpoint("ep")
-    srv.create_backend(lambda *, crash=False, i=0: i, "b")
-    handle = srv.get_handle("ep")
+    executor, srv, handle = _not_yet_linked(make_serve)
     crash = handle.remote(crash=True)
     queued = handle.remote(crash=False)
     executor.fail_starts = True

@@ -209,23 +209,24 @@ def test_shutdown_resolves_queued_queries(make_serve, executor: str) -> None:
     srv.shutdown()  # idempotent
 
 
-def test_split_serves_both_backends(srv: Serve) -> None:
+def _split_half_and_half(srv: Serve) -> serve.ServeHandle:
+    """Endpoint ``ep`` split evenly between backends answering "a" and "b"."""
     srv.create_endpoint("ep")
     srv.create_backend(lambda: "a", "a")
     srv.create_backend(lambda: "b", "b")
     srv.split("ep", {"a": 0.5, "b": 0.5})
-    handle = srv.get_handle("ep")
+    return srv.get_handle("ep")
+
+
+def test_split_serves_both_backends(srv: Serve) -> None:
+    handle = _split_half_and_half(srv)
     answers = results([handle.remote() for _ in range(200)])
     assert 50 < answers.count("a") < 150
     assert srv.stat()["endpoint_ep_request_counter"] == 200
 
 
 def test_shard_key_sticks_to_one_backend(srv: Serve) -> None:
-    srv.create_endpoint("ep")
-    srv.create_backend(lambda: "a", "a")
-    srv.create_backend(lambda: "b", "b")
-    srv.split("ep", {"a": 0.5, "b": 0.5})
-    handle = srv.get_handle("ep")
+    handle = _split_half_and_half(srv)
     for user in ("alice", "bob", "carol"):
         sticky = handle.options(shard_key=user)
         assert len(set(results([sticky.remote() for _ in range(20)]))) == 1
