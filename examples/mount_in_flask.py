@@ -34,7 +34,7 @@ def index():
     return "the host Flask app; serving lives under /models"
 
 
-app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {"/models": serve.wsgi_app()})
+app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {"/models": serve.wsgi_app()})  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     try:

@@ -60,7 +60,7 @@ class RayEvent:
     def __init__(self) -> None:
         import ray
 
-        self._actor = ray.remote(num_cpus=0)(_EventActor).remote()
+        self._actor: Any = ray.remote(num_cpus=0)(_EventActor).remote()
 
     def set(self) -> None:
         import ray

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from serve_core.errors import MethodNotFoundError, ServeError, ServeTypeError, W
 from .conftest import WAIT
 
 
-def deploy(srv: Serve, target: object, *init_args: object, **config: object) -> serve.ServeHandle:
+def deploy(srv: Serve, target: object, *init_args: object, **config: Any) -> serve.ServeHandle:
     srv.create_endpoint("ep")
     srv.create_backend(target, "b", *init_args, backend_config=serve.BackendConfig(**config))
     srv.link("ep", "b")

@@ -46,7 +46,7 @@ def test_unknown_field_is_a_type_error() -> None:
         BackendConfig(num_replica=2)  # type: ignore[call-arg]
     config = BackendConfig()
     with pytest.raises(TypeError):
-        config.num_replica = 2  # type: ignore[attr-defined]
+        config.num_replica = 2
 
 
 def test_assignment_is_validated() -> None:
@@ -60,7 +60,7 @@ def test_assignment_is_validated() -> None:
 
 def test_keyword_only() -> None:
     with pytest.raises(TypeError):
-        BackendConfig(2)  # type: ignore[misc]
+        BackendConfig(2)  # type: ignore[call-arg]
 
 
 def test_copy_and_dict_round_trip() -> None:

@@ -63,11 +63,11 @@ def test_create_backend_rejects(inline: Serve) -> None:
     with pytest.raises(ServeTypeError, match="function or a class"):
         inline.create_backend(len, "builtin")
     with pytest.raises(ServeTypeError, match="function or a class"):
-        inline.create_backend(echo.__call__, "bound")
+        inline.create_backend(echo.__call__, "bound")  # type: ignore[operator]
     with pytest.raises(ServeTypeError, match="init arguments"):
         inline.create_backend(echo, "args", 1)
     with pytest.raises(ServeTypeError, match="BackendConfig"):
-        inline.create_backend(echo, "cfg", backend_config={"num_replicas": 2})
+        inline.create_backend(echo, "cfg", backend_config={"num_replicas": 2})  # type: ignore[arg-type]
     with pytest.raises(BatchAnnotationError, match="accept_batch"):
         inline.create_backend(echo, "batch", backend_config=BackendConfig(max_batch_size=2))
 
@@ -104,7 +104,7 @@ def test_set_backend_config_validation(inline: Serve) -> None:
     with pytest.raises(BatchAnnotationError):
         inline.set_backend_config("b", BackendConfig(max_batch_size=2))
     with pytest.raises(ServeTypeError):
-        inline.set_backend_config("b", {"num_replicas": 2})
+        inline.set_backend_config("b", {"num_replicas": 2})  # type: ignore[arg-type]
     with pytest.raises(NotFoundError):
         inline.set_backend_config("missing", BackendConfig())
     with pytest.raises(KeyError):

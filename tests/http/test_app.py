@@ -216,7 +216,12 @@ def test_debug_puts_the_traceback_in_the_body(make_app: MakeApp) -> None:
 def test_body_larger_than_limit_is_413(make_app: MakeApp) -> None:
     srv, client = make_app(max_body_bytes=10)
     calls: list[int] = []
-    _deploy(srv, lambda request: calls.append(1) or request.get_data(), methods=("POST",))
+
+    def count_and_echo(request):
+        calls.append(1)
+        return request.get_data()
+
+    _deploy(srv, count_and_echo, methods=("POST",))
     assert client.request("POST", "/f", data=b"x" * 10).body == b"x" * 10
     reply = client.request("POST", "/f", data=b"x" * 11)
     assert reply.status == 413 and "limit of 10" in reply.text

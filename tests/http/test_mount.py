@@ -44,7 +44,7 @@ def test_mounted_inside_flask(make_serve: Callable[..., Serve]) -> None:
     def index() -> str:
         return "flask index"
 
-    app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {"/serve": srv.wsgi_app()})  # type: ignore[method-assign]
+    app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {"/serve": srv.wsgi_app()})
     client = app.test_client()
     assert client.get("/").get_data() == b"flask index"
     assert client.post("/serve/echo").get_json() == {"path": "/echo", "root": "/serve"}

@@ -105,7 +105,7 @@ def test_module_api() -> None:
 
 def test_request_pickles_with_its_body() -> None:
     environ = EnvironBuilder(
-        path="/f", query_string="a=1", method="POST", json={"k": 1}, headers={"X-H": "v"}
+        path="/f", query_string="a=1", method="POST", json={"k": 1}, headers=[("X-H", "v")]
     ).get_environ()
     request = ServeRequest(environ)
     request.get_data()
