@@ -1,18 +1,27 @@
 """Metrics: counters and windowed latency histograms, aggregated by ``stat()``.
 
-Recording is O(1): a sample goes into the one-second bucket of its completion time;
-each bucket keeps at most ``BUCKET_CAPACITY`` samples (reservoir sampling beyond
-that), and buckets older than ``gc_window_seconds`` are dropped, so memory is bounded
-whatever the load. Percentiles are computed with numpy only when ``stat()`` asks.
-The owner serialises access (the router records under its lock).
+Recording is O(1): a sample goes into the open one-second bucket of its completion
+time; a bucket keeps at most ``BUCKET_CAPACITY`` samples (reservoir sampling beyond
+that). When a later second starts, the open bucket is sealed: appended to an
+append-only list and never changed again. Buckets older than ``gc_window_seconds``
+expire by moving a start index; once the dead prefix outgrows the live part, the live
+tail is copied into a *new* list, so memory stays within about twice the window.
+
+``stat()`` takes a ``HistogramSnapshot`` under the owner's lock, which costs O(1)
+(references to the sealed list, two indices and a copy of the open bucket), and
+computes percentiles with numpy after releasing it (``percentile_keys``). The owner
+serialises ``record`` and ``snapshot`` (the router calls both under its lock); a
+snapshot is immutable and can be read from any thread.
+
+Times are non-negative monotonic seconds.
 """
 
 from __future__ import annotations
 
-import collections
 import math
 import random
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -35,13 +44,85 @@ class Counter:
         self.value += amount
 
 
-class _Bucket:
-    __slots__ = ("second", "samples", "seen")
+class _Sealed:
+    """Sealed buckets in time order, in parallel append-only lists.
 
-    def __init__(self, second: int) -> None:
-        self.second = second
-        self.samples = array("d")
-        self.seen = 0
+    Nothing is ever removed or changed: snapshots hold a reference and an end index,
+    so what the histogram appends later, or drops by compacting into a new
+    ``_Sealed``, does not affect them.
+    """
+
+    __slots__ = ("seconds", "samples", "firsts")
+
+    def __init__(self) -> None:
+        self.seconds: list[int] = []  # the second each bucket covers, increasing
+        self.samples: list[array[float]] = []
+        self.firsts: list[int] = []  # running count of sealed samples before each bucket
+
+    def tail(self, start: int) -> _Sealed:
+        """A new ``_Sealed`` with the buckets from ``start`` on (self is left intact)."""
+        copy = _Sealed()
+        copy.seconds = self.seconds[start:]
+        copy.samples = self.samples[start:]
+        copy.firsts = self.firsts[start:]
+        return copy
+
+
+class HistogramSnapshot:
+    """The samples of a ``WindowedHistogram`` at one instant; immutable.
+
+    Sealed buckets ``start:end`` of ``sealed`` are shared with the histogram (never
+    copied); the open bucket is a copy.
+    """
+
+    __slots__ = ("taken_at", "sealed", "start", "end", "total", "open_second", "open")
+
+    def __init__(
+        self,
+        taken_at: float,
+        sealed: _Sealed,
+        start: int,
+        total: int,
+        open_second: float,
+        open_samples: array[float],
+    ) -> None:
+        self.taken_at = taken_at
+        self.sealed = sealed
+        self.start = start
+        self.end = len(sealed.seconds)
+        self.total = total  # running count of sealed samples after bucket end - 1
+        self.open_second = open_second
+        self.open = open_samples
+
+    def window(self, seconds: float, now: float | None = None) -> np.ndarray:
+        """Samples since ``now - seconds`` (``now`` defaults to ``taken_at``), oldest first.
+
+        One-second granularity: a bucket counts if any part of its second is after
+        ``now - seconds``.
+        """
+        now = self.taken_at if now is None else now
+        index, _ = self._first(seconds, now)
+        chunks = self.sealed.samples[index : self.end]
+        if self._open_in(seconds, now):
+            chunks.append(self.open)
+        # bytearray.join copies the buffers in one C loop: ~25x faster than np.concatenate of
+        # views. The result is writable, so percentile_keys can partition it in place.
+        return np.frombuffer(bytearray().join(chunks), dtype=np.float64)
+
+    def _first(self, seconds: float, now: float) -> tuple[int, int]:
+        """Index of the first sealed bucket in the window, and the running count before it."""
+        # Bucket s covers [s, s + 1): it is in the window iff s + 1 > now - seconds, i.e. s >= floor(now - seconds).
+        index = bisect_left(self.sealed.seconds, math.floor(now - seconds), self.start, self.end)
+        return index, self.sealed.firsts[index] if index < self.end else self.total
+
+    def _open_in(self, seconds: float, now: float) -> bool:
+        return self.open_second >= math.floor(now - seconds)
+
+    def _count(self, seconds: float, now: float) -> int:
+        """How many samples the window holds (no copy)."""
+        if not self._open_in(seconds, now):
+            return 0  # the open bucket is the newest: every sealed one is older still
+        return self.total - self._first(seconds, now)[1] + len(self.open)
 
 
 class WindowedHistogram:
@@ -49,47 +130,66 @@ class WindowedHistogram:
 
     def __init__(self, gc_window_seconds: float, rng: random.Random | None = None) -> None:
         self.gc_window_seconds = gc_window_seconds
-        self._buckets: collections.deque[_Bucket] = collections.deque()
         self._rng = rng or random.Random(0)
+        self._sealed = _Sealed()
+        self._start = 0  # sealed buckets before it have expired
+        self._total = 0  # running count of sealed samples
+        self._open_second: float = -math.inf
+        self._open: array[float] = array("d")
+        self._seen = 0  # samples offered to the open bucket (for reservoir sampling)
 
     def record(self, value: float, now: float) -> None:
         second = int(now)
-        if not self._buckets or self._buckets[-1].second != second:
-            self._buckets.append(_Bucket(second))
-            self._expire(now)
-        bucket = self._buckets[-1]
-        bucket.seen += 1
-        if len(bucket.samples) < BUCKET_CAPACITY:
-            bucket.samples.append(value)
+        if second > self._open_second:
+            self._roll(second, now)
+        # A sample whose second is older than the open bucket's (its thread read the clock
+        # before another one recorded) goes into the open bucket: buckets stay in time order.
+        self._seen += 1
+        samples = self._open
+        if len(samples) < BUCKET_CAPACITY:
+            samples.append(value)
         else:
-            slot = int(self._rng.random() * bucket.seen)  # uniform in [0, seen); randrange is 10x slower
+            slot = int(self._rng.random() * self._seen)  # uniform in [0, seen); randrange is 10x slower
             if slot < BUCKET_CAPACITY:
-                bucket.samples[slot] = value
+                samples[slot] = value
 
-    def snapshot(self, seconds: float, now: float) -> WindowedHistogram:
-        """A copy holding the samples of the last ``seconds`` seconds (cheap: buffer copies)."""
-        copy = WindowedHistogram(self.gc_window_seconds, self._rng)
-        start = now - seconds
-        for bucket in self._buckets:
-            if bucket.second + 1 > start:
-                kept = _Bucket(bucket.second)
-                kept.samples = array("d", bucket.samples)
-                copy._buckets.append(kept)
-        return copy
+    def snapshot(self, now: float) -> HistogramSnapshot:
+        """The samples as of ``now``, in O(1): sealed buckets are shared, the open one copied.
+
+        Expires what is older than ``gc_window_seconds`` first (amortised O(1)).
+        """
+        self._expire(now)
+        return HistogramSnapshot(now, self._sealed, self._start, self._total, self._open_second, array("d", self._open))
 
     def window(self, seconds: float, now: float) -> np.ndarray:
-        """Samples recorded in the last ``seconds`` seconds (one-second granularity)."""
+        """Samples recorded in the last ``seconds`` seconds (one-second granularity), oldest first."""
+        return self.snapshot(now).window(seconds)
+
+    def _roll(self, second: int, now: float) -> None:
+        """Seal the open bucket and open one for ``second``."""
+        if self._open:
+            sealed = self._sealed
+            sealed.seconds.append(int(self._open_second))
+            sealed.samples.append(self._open)
+            sealed.firsts.append(self._total)
+            self._total += len(self._open)
+        self._open = array("d")
+        self._seen = 0
+        self._open_second = second
         self._expire(now)
-        start = now - seconds
-        chunks = [b.samples for b in self._buckets if b.second + 1 > start]
-        if not chunks:
-            return np.empty(0)
-        return np.concatenate([np.frombuffer(c, dtype=np.float64) for c in chunks])
 
     def _expire(self, now: float) -> None:
-        horizon = now - self.gc_window_seconds
-        while self._buckets and self._buckets[0].second + 1 <= horizon:
-            self._buckets.popleft()
+        horizon = math.floor(now - self.gc_window_seconds)  # bucket s is kept iff s + 1 > now - gc, i.e. s >= horizon
+        sealed = self._sealed
+        self._start = bisect_left(sealed.seconds, horizon, self._start)
+        if self._start * 2 > len(sealed.seconds):
+            # The dead prefix outgrew the live part: copy the live tail into a new list (amortised
+            # O(1) per bucket) rather than deleting in place, which snapshots holding this one would see.
+            self._sealed = sealed.tail(self._start)
+            self._start = 0
+        if self._open_second < horizon:
+            self._open = array("d")
+            self._seen = 0
 
 
 def check_stat_args(
@@ -119,18 +219,41 @@ def _label(number: float) -> str:
 
 def percentile_keys(
     name: str,
-    hist: WindowedHistogram,
+    snapshot: HistogramSnapshot,
     percentiles: Sequence[float],
     windows: Sequence[float],
-    now: float,
+    now: float | None = None,
 ) -> dict[str, float]:
-    """``{<name>_<p>th_perc_<w>_window: value}``; empty windows are left out."""
+    """Percentiles of a snapshot over trailing windows; call it outside the owner's lock.
+
+    Args:
+        name: the key prefix, e.g. ``"<backend>_latency_s"``.
+        snapshot: from ``WindowedHistogram.snapshot``.
+        percentiles: in [0, 100].
+        windows: window lengths in seconds.
+        now: where the windows end; defaults to the snapshot's ``taken_at``. A window
+            has no upper bound: it holds whatever the snapshot holds after ``now - w``.
+
+    Returns:
+        ``{<name>_<p>th_perc_<w>_window: value}``, in the order of ``windows`` then
+        ``percentiles``; windows without samples are left out.
+    """
+    if not windows:
+        return {}
+    now = snapshot.taken_at if now is None else now
+    # Buckets are in time order, so every window is a suffix of the longest: copy that once.
+    samples = snapshot.window(max(windows), now)
+    counts = {window: snapshot._count(window, now) for window in windows}
+    values: dict[float, np.ndarray] = {}
+    # Shortest first: the whole buffer goes last and is partitioned in place (it is ours),
+    # which saves a copy of the largest window (and its page faults).
+    for window, count in sorted(counts.items(), key=lambda item: item[1]):
+        if count:
+            part = samples[samples.size - count :]
+            values[window] = np.percentile(part, percentiles, overwrite_input=count == samples.size)
     out: dict[str, float] = {}
     for window in windows:
-        samples = hist.window(window, now)
-        if samples.size == 0:
-            continue
-        values = np.percentile(samples, percentiles)
-        for pct, value in zip(percentiles, values):
-            out[f"{name}_{_label(pct)}th_perc_{_label(window)}_window"] = float(value)
+        if window in values:
+            for pct, value in zip(percentiles, values[window]):
+                out[f"{name}_{_label(pct)}th_perc_{_label(window)}_window"] = float(value)
     return out
