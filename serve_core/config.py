@@ -65,6 +65,7 @@ _VALIDATORS: dict[str, Callable[[str, Any], None]] = {
     "max_batch_size": lambda n, v: _positive_int(n, v, allow_none=True),
     "max_queue_size": _positive_int,
     "max_concurrent_queries": lambda n, v: _positive_int(n, v, allow_none=True),
+    "batch_wait_timeout_s": lambda n, v: _non_negative_number(n, v, allow_none=False),
     "drop_expired": _boolean,
     "executor": _executor_name,
     "num_cpus": _non_negative_number,
@@ -83,6 +84,10 @@ class BackendConfig:
         num_replicas: replicas to run (>= 1).
         max_batch_size: ``None`` for single calls, else the largest batch (>= 1);
             requires an ``@accept_batch`` target.
+        batch_wait_timeout_s: how long a batch that is not full may wait to fill,
+            counted from its oldest query's arrival (0: it leaves at once, the original's
+            rule). It leaves earlier when waiting longer would make its tightest deadline
+            miss, judged by the execution time observed for batches of its size.
         max_queue_size: bound of the backend queue; a full queue rejects new
             queries with ``BackPressureError``.
         max_concurrent_queries: calls a replica may hold at once; ``None`` takes the
@@ -99,6 +104,7 @@ class BackendConfig:
 
     num_replicas: int = 1
     max_batch_size: int | None = None
+    batch_wait_timeout_s: float = 0.0
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
     max_concurrent_queries: int | None = None
     drop_expired: bool = False

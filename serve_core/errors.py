@@ -6,6 +6,7 @@ Validation errors also subclass the built-in a caller would expect::
 
     ServeError (500)                         alias: RayServeException
     ├── ServeStateError (500, RuntimeError)  instance not running / already stopped
+    │   └── ShuttingDownError (503)          shutdown under way: no new calls, queued ones cut at the drain's end
     ├── ValidationError (400, ValueError)    bad argument value
     │   ├── BatchAnnotationError             max_batch_size on a non-batch backend
     │   └── ConflictError (409)              redefinition of a tag, name or route
@@ -38,6 +39,13 @@ RayServeException = ServeError
 
 class ServeStateError(ServeError, RuntimeError):
     """The instance is not in a state that allows the call (e.g. it was shut down)."""
+
+
+class ShuttingDownError(ServeStateError):
+    """The instance is shutting down: it takes no new calls (HTTP 503), and fails what is
+    still queued or in flight when the drain time is over."""
+
+    status_code = 503
 
 
 class ValidationError(ServeError, ValueError):

@@ -51,8 +51,8 @@ class ServeHandle:
             raise ServeTypeError(
                 "handle.remote() takes keyword arguments only, e.g. handle.remote(x=1)"
             )
-        return self._serve._enqueue(
-            self.endpoint_name, kwargs, None, self.method_name, self.slo, self.shard_key
+        return self._serve.enqueue(
+            self.endpoint_name, kwargs=kwargs, method_name=self.method_name, slo=self.slo, shard_key=self.shard_key
         )
 
     def options(

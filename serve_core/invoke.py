@@ -18,47 +18,13 @@ escapes, so a replica is never lost to a bad call.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 from .context import call_context
 from .errors import BatchResultError, MethodNotFoundError, ServeTypeError, WebOnlyAccessError
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Call:
-    """One unit of work for a replica: a single query or a batch of queries.
-
-    ``requests[i]`` is query i's web request (``None`` for Python calls) and
-    ``kwargs[i]`` its keyword arguments.
-    """
-
-    method: str
-    web: bool
-    batched: bool
-    requests: tuple[Any, ...]
-    kwargs: tuple[dict[str, Any], ...]
-
-    def __len__(self) -> int:
-        return len(self.kwargs)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Rebuilt through __init__: several times faster to unpickle than the field-by-field
-        # default of frozen slotted dataclasses.
-        return Call, (self.method, self.web, self.batched, self.requests, self.kwargs)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Outcome:
-    """The answer to one query: a value, or the exception it raised."""
-
-    ok: bool
-    value: Any
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return Outcome, (self.ok, self.value)  # fast to unpickle, as for Call
+from .executors.base import Call, Outcome
 
 
 class PythonCallRequest:

@@ -87,7 +87,7 @@ class RegistryStore:
     def save_endpoint(self, info: EndpointInfo) -> None:
         self._write({ENDPOINT + info.name: {"route": info.route, "methods": list(info.methods)}})
 
-    def encode_backend(self, info: BackendInfo) -> dict[str, Any]:
+    def encode_backend(self, info: BackendInfo, config: BackendConfig) -> dict[str, Any]:
         """The keys to write for a new backend (pure: call before starting replicas).
 
         Raises:
@@ -99,7 +99,7 @@ class RegistryStore:
             "target": self.code.encode_target(info.tag, info.target),
             "init_args": self.code.encode_args(info.tag, info.init_args),
         })
-        return {BACKEND + info.tag: code, CONFIG + info.tag: info.config.to_dict()}
+        return {BACKEND + info.tag: code, CONFIG + info.tag: config.to_dict()}
 
     def save_backend(self, items: dict[str, Any]) -> None:
         self._write(items)

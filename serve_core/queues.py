@@ -1,5 +1,10 @@
 """Queries and the per-backend queue, ordered by deadline then arrival.
 
+A :class:`Query` has one owner at a time (the waiting room, a backend queue, or the
+replica call it is part of); the owner takes it out of its container under its lock
+before it answers it, and :meth:`Query.settle` is the only code that resolves a
+query's future. So a future is resolved once, or the second attempt raises.
+
 The queue is a bounded binary heap keyed by ``(deadline, sequence)``: earliest
 deadline first, and equal deadlines (including "no deadline", which is +inf) keep
 arrival order.
@@ -43,13 +48,32 @@ class Query:
     arrival: float
     backend: str = ""
     seq: int = 0  # arrival order within the backend queue, set on push
-    started: bool = False  # future already set running (a query put back after a replica died)
+    started: bool = False  # future set running: the caller can no longer cancel it
     requeues: int = 0  # times it came back from a replica it never reached
     dispatched: float = 0.0  # monotonic time it was handed to a replica
 
     @property
     def web(self) -> bool:
         return self.request is not None
+
+    def claim(self) -> bool:
+        """Set the future running before the query runs or is answered; False if the caller cancelled it."""
+        if self.started:
+            return True
+        self.started = self.future.set_running_or_notify_cancel()
+        return self.started
+
+    def settle(self, ok: bool, value: Any) -> None:
+        """Answer the query (the only place that resolves its future): a result, or an exception.
+
+        A query the caller cancelled while it was queued is dropped silently.
+        """
+        if not self.claim():
+            return
+        if ok:
+            self.future.set_result(value)
+        else:
+            self.future.set_exception(value)
 
     def batch_key(self) -> Hashable:
         """Queries that may share one batch call have equal keys."""
@@ -82,6 +106,17 @@ class BackendQueue:
 
     def pop(self) -> Query:
         return heapq.heappop(self._heap)[2]
+
+    def earliest_deadline(self) -> float:
+        """The deadline of the head of the queue (``NO_DEADLINE`` when empty)."""
+        return self._heap[0][0] if self._heap else NO_DEADLINE
+
+    def pop_expired(self, now: float) -> list[Query]:
+        """Remove and return the queries whose deadline is at or before ``now`` (the head of the heap)."""
+        expired = []
+        while self._heap and self._heap[0][0] <= now:
+            expired.append(heapq.heappop(self._heap)[2])
+        return expired
 
     def drain(self) -> list[Query]:
         """Remove and return every query, in order."""

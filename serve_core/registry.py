@@ -39,10 +39,11 @@ class EndpointInfo:
 
 @dataclasses.dataclass(frozen=True)
 class BackendInfo:
+    """A backend's definition: its code and init arguments (its live config is its runtime's)."""
+
     tag: str
     target: Any
     init_args: tuple[Any, ...]
-    config: BackendConfig
     accepts_batch: bool
 
 
@@ -138,46 +139,47 @@ class Registry:
     # backends ------------------------------------------------------------
     def check_backend(
         self, target: Any, tag: Any, init_args: tuple[Any, ...], config: Any
-    ) -> BackendInfo | None:
+    ) -> tuple[BackendInfo, BackendConfig]:
+        """Validate a backend definition and its config.
+
+        Returns:
+            The definition, and a detached copy of the config.
+
+        Raises:
+            ServeTypeError, BatchAnnotationError: a bad target, init args or config.
+            ConflictError: the tag is taken by a different definition.
+        """
         _name("backend tag", tag)
-        if config is None:
-            config = BackendConfig()
-        if not isinstance(config, BackendConfig):
-            raise ServeTypeError(f"backend_config must be a BackendConfig, got {type(config).__name__}")
         if not (inspect.isfunction(target) or inspect.isclass(target)):
             raise ServeTypeError(f"a backend must be a function or a class, got {type(target).__name__}")
         if inspect.isclass(target) and not any("__call__" in vars(k) for k in target.__mro__[:-1]):
             raise ServeTypeError(f"backend class {target.__qualname__} must define __call__")
         if inspect.isfunction(target) and init_args:
             raise ServeTypeError("init arguments are only accepted for class backends")
-        info = BackendInfo(tag, target, tuple(init_args), config.copy(), accepts_batch(target))
-        self.check_batching(info, config)
+        info = BackendInfo(tag, target, tuple(init_args), accepts_batch(target))
+        config = self.check_config(info, BackendConfig() if config is None else config)
         existing = self.backends.get(tag)
-        if existing is None:
-            return info
-        if same_target(existing.target, target) and existing.init_args == info.init_args:
-            # Identical code: a no-op that keeps the live config, so a deployment script can
-            # run again after a restart (or after an operator scaled the backend).
-            if existing.config != info.config:
-                log.warning(
-                    "backend %r already exists with identical code; keeping its live config "
-                    "(use set_backend_config to change it)",
-                    tag,
-                )
-            return None
-        raise ConflictError(
-            f"backend {tag!r} already exists with different code or init arguments; to replace "
-            f"it, create the new definition under a new tag (e.g. {tag + ':v2'!r}) and move traffic "
-            "with split(); to change only its config use set_backend_config()"
-        )
+        if existing is not None and not (
+            same_target(existing.target, target) and existing.init_args == info.init_args
+        ):
+            raise ConflictError(
+                f"backend {tag!r} already exists with different code or init arguments; to replace "
+                f"it, create the new definition under a new tag (e.g. {tag + ':v2'!r}) and move traffic "
+                "with split(); to change only its config use set_backend_config()"
+            )
+        return info, config
 
     @staticmethod
-    def check_batching(info: BackendInfo, config: BackendConfig) -> None:
+    def check_config(info: BackendInfo, config: Any) -> BackendConfig:
+        """Validate a config for a backend; returns a detached copy."""
+        if not isinstance(config, BackendConfig):
+            raise ServeTypeError(f"backend_config must be a BackendConfig, got {type(config).__name__}")
         if config.max_batch_size is not None and not info.accepts_batch:
             raise BatchAnnotationError(
                 f"backend {info.tag!r} sets max_batch_size but its function or __call__ does "
                 "not accept batching; mark it with @serve.accept_batch"
             )
+        return config.copy()
 
     def backend(self, tag: str) -> BackendInfo:
         info = self.backends.get(tag)
@@ -187,14 +189,6 @@ class Registry:
 
     def add_backend(self, info: BackendInfo) -> None:
         self.backends[info.tag] = info
-
-    def check_config(self, tag: str, config: Any) -> BackendInfo:
-        """Validate a new config; returns the updated backend info."""
-        info = self.backend(tag)
-        if not isinstance(config, BackendConfig):
-            raise ServeTypeError(f"backend_config must be a BackendConfig, got {type(config).__name__}")
-        self.check_batching(info, config)
-        return dataclasses.replace(info, config=config.copy())
 
     # traffic -------------------------------------------------------------
     def check_split(self, endpoint: str, weights: Any) -> dict[str, float]:

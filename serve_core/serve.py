@@ -1,8 +1,11 @@
-"""``Serve``: one serving instance — registry, router, replicas, lifecycle.
+"""``Serve``: one serving instance — composition, validation against the registry, persistence.
 
-A ``Serve`` is running once constructed and stopped by :meth:`Serve.shutdown` (or by
-leaving its ``with`` block). Several instances can live side by side in one process;
-the module-level API of ``serve_core`` forwards to a default one.
+A ``Serve`` is running once constructed. :meth:`Serve.shutdown` (or leaving its
+``with`` block) drains it: no new calls, what is queued and in flight is served for up
+to ``drain_timeout_s``, then the rest fails and everything stops. Several instances can
+live side by side in one process; the module-level API of ``serve_core`` forwards to a
+default one. Each backend's running state is its :class:`~serve_core.runtime.BackendRuntime`;
+the :class:`~serve_core.router.Router` admits queries from endpoints to them.
 """
 
 from __future__ import annotations
@@ -14,21 +17,22 @@ import random
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from .clock import Clock, SystemClock
+from .clock import Clock, SystemClock, wait_for
 from .config import BackendConfig
-from .errors import NotFoundError, ServeStateError, ValidationError
-from .executors.base import Executor, Replica
+from .errors import NotFoundError, ServeStateError, ShuttingDownError, ValidationError
+from .executors.base import Executor, ExecutorPool, Replica
 from .handle import ServeHandle
 from .metrics import check_stat_args
 from .persistence import RestoreReport, open_registry_store, restore
 from .policy import PolicySpec, RoutePolicy
-from .queues import Query, ServeFuture
-from .registry import BackendInfo, Registry
-from .replicas import ReplicaManager
+from .queues import NO_DEADLINE, Query, ServeFuture
+from .registry import Registry
 from .router import Router
-from .slo import SLO
+from .runtime import BackendRuntime
+from .slo import NO_SLO, SLO
 from .split import Traffic
 
 if TYPE_CHECKING:
@@ -47,6 +51,7 @@ HTTP_READY_TIMEOUT_S = 10.0
 
 class State(enum.Enum):
     RUNNING = "running"
+    DRAINING = "draining"  # shutdown() under way: no new calls, queued ones still served
     STOPPED = "stopped"
 
 
@@ -54,11 +59,11 @@ class Serve:
     """A serving instance. Takes the same keyword arguments as :func:`serve_core.init`.
 
     Extra keyword-only arguments (not in the original API):
-        clock: time source (tests pass a fake clock).
+        clock: time source and timers (tests pass a :class:`serve_core.testing.FakeClock`).
         rng: random source of the routing policies (tests pass a seeded one).
         max_pending_per_endpoint: queries that may wait for an endpoint without traffic.
         pending_timeout_s: how long such a query waits before ``DeadlineExceededError``.
-        drain_timeout_s: how long scale-down and shutdown wait for calls in flight.
+        drain_timeout_s: how long scale-down and shutdown wait for queued and running calls.
         max_body_bytes: largest HTTP request body accepted (413 past it).
         http_request_timeout_s: how long an HTTP request waits for its answer before a 504
             (a query still queued is withdrawn); ``None`` waits as long as it takes.
@@ -94,35 +99,35 @@ class Serve:
     ) -> None:
         self.init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_stat_args((), (), gc_window_seconds)
-        self.clock: Clock = clock or SystemClock()
+        _check_http_options(max_body_bytes, http_request_timeout_s)
+        self._own_clock = SystemClock() if clock is None else None
+        self.clock: Clock = clock or self._own_clock  # type: ignore[assignment]
         self.gc_window_seconds = gc_window_seconds
         self.start_server = start_server
-        if http_request_timeout_s is not None and not (
-            isinstance(http_request_timeout_s, (int, float)) and 0 < http_request_timeout_s < math.inf
-        ):
-            raise ValidationError(
-                f"http_request_timeout_s must be None or a positive number, got {http_request_timeout_s!r}"
-            )
-        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
-            raise ValidationError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
         self.max_body_bytes, self.debug = max_body_bytes, debug
         self.http_request_timeout_s = http_request_timeout_s
+        self.drain_timeout_s = drain_timeout_s
         self._registry = Registry()
-        self._admin = threading.RLock()  # serialises registry changes and scaling
+        self._runtimes: dict[str, BackendRuntime] = {}
+        self._admin = threading.RLock()  # serialises registry changes, scaling and shutdown
         self._router = self._build_router(
             queueing_policy, dict(policy_kwargs or {}), rng, max_pending_per_endpoint, pending_timeout_s
         )
-        self._replicas = ReplicaManager(
-            executor, {"ray_init_kwargs": ray_init_kwargs}, drain_timeout_s, self._admin, self._live_backend
-        )
-        try:
-            self._store = open_registry_store(kv_store_path, kv_store_connector)
-        except BaseException:
-            self._replicas.shutdown([])
-            raise
+        self._executors = ExecutorPool(executor, {"ray_init_kwargs": ray_init_kwargs})
+        for option in self._executors.unused_options():
+            log.warning(
+                "%s are only used by the ray executor; the default executor %r ignores them "
+                "(backends with BackendConfig(executor='ray') still use them)",
+                option, self._executors.default,
+            )
         self._app: Any = None
         self._http: HTTPServer | None = None
         self._state = State.RUNNING
+        try:
+            self._store = open_registry_store(kv_store_path, kv_store_connector)
+        except BaseException:
+            self._stop(())
+            raise
         self.restored: RestoreReport = self._restore()
         if start_server:
             self._start_http(http_host, http_port, blocking)
@@ -142,10 +147,8 @@ class Serve:
             policy=policy,
             policy_kwargs=policy_kwargs,
             rng=rng or random.Random(),
-            gc_window_seconds=self.gc_window_seconds,
             max_pending_per_endpoint=max_pending_per_endpoint,
             pending_timeout_s=pending_timeout_s,
-            on_replica_died=self._on_replica_died,
         )
 
     # ------------------------------------------------------------ lifecycle
@@ -161,27 +164,63 @@ class Serve:
             raise
 
     def _check_running(self) -> None:
+        if self._state is State.DRAINING:
+            raise ShuttingDownError("this serve instance is shutting down; no new calls or changes")
         if self._state is not State.RUNNING:
             raise ServeStateError("this serve instance was shut down; create a new one")
 
     def shutdown(self) -> None:
-        """Fail queued queries, drain and stop replicas. Idempotent."""
+        """Drain, then stop. Idempotent.
+
+        New calls are refused at once (``ShuttingDownError``, HTTP 503); what is queued
+        and in flight is served for up to ``drain_timeout_s``; what is left then fails
+        with ``ShuttingDownError``; then replicas, HTTP server and store stop.
+        """
         with self._admin:
-            if self._state is State.STOPPED:
+            if self._state is not State.RUNNING:
                 return
-            self._state = State.STOPPED
-        if self._http is not None:
-            self._http.stop_accepting()
+            self._state = State.DRAINING
+            runtimes = list(self._runtimes.values())
         self._router.close()
-        self._replicas.stop_replacing()
-        replicas: list[Replica] = []
-        for tag in list(self._registry.backends):
-            replicas += self._router.replicas(tag)
-        self._replicas.shutdown(replicas)
-        self._router.abandon_in_flight()  # calls that outlived drain_timeout_s
+        for runtime in runtimes:
+            runtime.stop_admitting()
+        started = self.clock.monotonic()
+        self._drain(runtimes)
+        left = max(0.0, self.drain_timeout_s - (self.clock.monotonic() - started))
+        self._stop(runtimes, left)
+
+    def _drain(self, runtimes: list[BackendRuntime]) -> None:
+        """Wait until every runtime is idle, or ``drain_timeout_s`` has passed."""
+        if not runtimes:
+            return
+        all_idle: Future[None] = Future()
+        remaining = [len(runtimes)]
+        lock = threading.Lock()
+
+        def one_idle() -> None:
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    all_idle.set_result(None)
+
+        for runtime in runtimes:
+            runtime.when_idle(one_idle)
+        if not wait_for(self.clock, all_idle, self.drain_timeout_s):
+            log.warning("shutdown: calls still queued or running after %s s; failing them", self.drain_timeout_s)
+
+    def _stop(self, runtimes: Iterable[BackendRuntime], stop_timeout: float = 0.0) -> None:
+        with self._admin:
+            self._state = State.STOPPED
+        for runtime in runtimes:
+            runtime.close(stop_timeout)
+        self._executors.shutdown()
         if self._http is not None:
             self._http.close()
-        self._store.close()
+        store = getattr(self, "_store", None)
+        if store is not None:
+            store.close()
+        if self._own_clock is not None:
+            self._own_clock.close()
 
     def __enter__(self) -> Serve:
         return self
@@ -221,53 +260,77 @@ class Serve:
         """
         with self._admin:
             self._check_running()
-            info = self._registry.check_backend(func_or_class, backend_tag, actor_init_args, backend_config)
-            if info is None:
+            info, config = self._registry.check_backend(func_or_class, backend_tag, actor_init_args, backend_config)
+            existing = self._runtimes.get(info.tag)
+            if existing is not None:
+                # Identical code: a no-op that keeps the live config, so a deployment script can
+                # run again after a restart (or after an operator scaled the backend).
+                if existing.config != config:
+                    log.warning(
+                        "backend %r already exists with identical code; keeping its live config "
+                        "(use set_backend_config to change it)",
+                        info.tag,
+                    )
                 return
-            record = self._store.encode_backend(info)  # fails before any replica starts
-            replicas = self._replicas.start(info, info.config.num_replicas)
+            record = self._store.encode_backend(info, config)  # fails before any replica starts
+            runtime = BackendRuntime(
+                info,
+                config,
+                executors=self._executors,
+                clock=self.clock,
+                gc_window_seconds=self.gc_window_seconds,
+                drain_timeout_s=self.drain_timeout_s,
+                count_error=self._router.count_error,
+            )
+            runtime.start()
             try:  # written once the replicas are up, before the backend is visible
                 self._store.save_backend(record)
             except BaseException:
-                for replica in replicas:
-                    replica.stop(0)
+                runtime.close(0)
                 raise
-            self._router.add_backend(info.tag, info.config)
-            for replica in replicas:
-                self._router.add_replica(info.tag, replica)
+            self._runtimes[info.tag] = runtime
+            self._router.add_backend(runtime)
             self._registry.add_backend(info)
+
+    def _runtime(self, backend_tag: str) -> BackendRuntime:
+        runtime = self._runtimes.get(backend_tag)
+        if runtime is None:
+            raise NotFoundError(f"backend {backend_tag!r} is not registered; create it with create_backend")
+        return runtime
 
     def get_backend_config(self, backend_tag: str) -> BackendConfig:
         """A detached copy of the backend's config."""
-        return self._registry.backend(backend_tag).config.copy()
+        return self._runtime(backend_tag).config.copy()
 
     def set_backend_config(self, backend_tag: str, backend_config: BackendConfig) -> None:
-        """Apply a config live: replica count, batch size, queue bound, placement."""
+        """Apply a config live: replica count, batching, queue bound, placement.
+
+        If a replica fails to start, the old config stays in force (and in the store)
+        and the error is raised.
+        """
         with self._admin:
             self._check_running()
-            old = self._registry.backend(backend_tag)
-            info = self._registry.check_config(backend_tag, backend_config)
-            self._store.save_config(backend_tag, info.config)
-            self._registry.add_backend(info)
-            self._router.set_config(backend_tag, info.config)
+            runtime = self._runtime(backend_tag)
+            config = self._registry.check_config(self._registry.backend(backend_tag), backend_config)
+            old = runtime.config
+            self._store.save_config(backend_tag, config)  # written first: a failed write changes nothing
             try:
-                if info.config.placement() != old.config.placement():
-                    self._replicas.replace_all(self._router, info)
-                self._replicas.scale(self._router, info, info.config.num_replicas)
+                runtime.reconfigure(config)
             except BaseException:
-                # A replica failed to start: keep the old config; replicas already replaced stay.
-                self._store.save_config(backend_tag, old.config)
-                self._registry.add_backend(old)
-                self._router.set_config(backend_tag, old.config)
-                self._replicas.scale(self._router, old, min(old.config.num_replicas, info.config.num_replicas))
+                self._store.save_config(backend_tag, old)
                 raise
 
-    def _on_replica_died(self, tag: str, replica: Replica) -> None:
-        if self.running:
-            self._replicas.replace_dead(self._router, tag, replica)
+    def replicas(self, backend_tag: str) -> list[Replica]:
+        """The backend's replicas in service, oldest first."""
+        return self._runtime(backend_tag).replicas()
 
-    def _live_backend(self, tag: str) -> BackendInfo | None:
-        return self._registry.backends.get(tag) if self.running else None
+    def replica_ids(self, backend_tag: str) -> list[str]:
+        """The ids of the backend's replicas in service, oldest first."""
+        return [replica.replica_id for replica in self.replicas(backend_tag)]
+
+    def executor(self, name: str | None = None) -> Executor:
+        """The executor named ``name`` (``None``: the instance's default), built now if needed."""
+        return self._executors.get(name)
 
     # -------------------------------------------------------------- traffic
     def link(self, endpoint_name: str, backend_tag: str) -> None:
@@ -318,22 +381,41 @@ class Serve:
             self._registry.endpoint(endpoint_name)
         return ServeHandle(self, endpoint_name, slo=SLO.parse(relative_slo_ms, absolute_slo_ms))
 
-    def _enqueue(
+    def enqueue(
         self,
-        endpoint: str,
-        kwargs: dict[str, Any],
-        request: Any,
-        method: str,
-        slo: SLO,
-        shard_key: str | None,
+        endpoint_name: str,
+        *,
+        kwargs: dict[str, Any] | None = None,
+        request: Any = None,
+        method_name: str = "__call__",
+        slo: SLO = NO_SLO,
+        shard_key: str | None = None,
     ) -> ServeFuture:
-        """Build a query and hand it to the router (used by handles and the HTTP front)."""
+        """Call an endpoint: the one entry that handles and the HTTP front use.
+
+        Args:
+            endpoint_name: the endpoint to call (it may have no traffic yet).
+            kwargs: the keyword arguments of a Python call.
+            request: the web request of an HTTP call (``None`` for Python calls).
+            method_name: the backend method to call.
+            slo: the call's deadline (:meth:`SLO.parse`).
+            shard_key: pins the call to one backend of a split while the weights stay.
+
+        Returns:
+            A future (also awaitable) of the backend's result.
+
+        Raises:
+            BackPressureError: the backend's queue is full. ServeStateError: the instance
+            is shut down (``ShuttingDownError`` while it drains).
+        """
         if self._state is not State.RUNNING:
-            raise ServeStateError("this serve instance was shut down")
+            self._check_running()
         future = ServeFuture()
         arrival = self.clock.monotonic()
-        deadline = slo.deadline(self.clock)
-        self._router.submit(Query(endpoint, method, kwargs, request, deadline, shard_key, future, arrival))
+        deadline = NO_DEADLINE if slo is NO_SLO else slo.deadline(self.clock)
+        self._router.submit(
+            Query(endpoint_name, method_name, kwargs or {}, request, deadline, shard_key, future, arrival)
+        )
         return future
 
     def route(self, url_route: str) -> Callable[[Any], ServeHandle]:
@@ -394,6 +476,17 @@ class Serve:
     def __repr__(self) -> str:
         registry = self._registry
         return f"<Serve {self._state.value} endpoints={len(registry.endpoints)} backends={len(registry.backends)}>"
+
+
+def _check_http_options(max_body_bytes: Any, http_request_timeout_s: Any) -> None:
+    if http_request_timeout_s is not None and not (
+        isinstance(http_request_timeout_s, (int, float)) and 0 < http_request_timeout_s < math.inf
+    ):
+        raise ValidationError(
+            f"http_request_timeout_s must be None or a positive number, got {http_request_timeout_s!r}"
+        )
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise ValidationError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
 
 
 def warn_if_different(running: Serve, requested: dict[str, Any]) -> None:

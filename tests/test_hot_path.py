@@ -18,9 +18,8 @@ from serve_core import (
     accept_batch,
     context,
 )
-from serve_core.clock import FakeClock
-from serve_core.executors.base import ReplicaSpec
-from serve_core.invoke import Call, Outcome
+from serve_core.executors.base import Call, Outcome, ReplicaSpec
+from serve_core.testing import FakeClock
 
 from .conftest import WAIT
 
@@ -177,6 +176,8 @@ def test_nested_call_from_a_backend(srv: Serve) -> None:
 
 
 class _BrokenReplica:
+    default_max_concurrent_queries = 1
+
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
         self.alive = True
@@ -190,6 +191,7 @@ class _BrokenReplica:
 
 class _BrokenExecutor:
     name = "broken"
+    places_replicas = False
 
     def start_replica(self, spec: ReplicaSpec) -> _BrokenReplica:
         return _BrokenReplica(spec)

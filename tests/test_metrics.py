@@ -152,4 +152,4 @@ def test_stat_argument_checks() -> None:
     with pytest.raises(ValidationError):
         check_stat_args([150], [10], 3600)
     with pytest.raises(ServeTypeError):
-        check_stat_args(["p50"], [10], 3600)
+        check_stat_args(["p50"], [10], 3600)  # type: ignore[list-item]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from serve_core.batching import form_batch
-from serve_core.clock import FakeClock
 from serve_core.errors import BackPressureError, ValidationError
 from serve_core.queues import NO_DEADLINE, BackendQueue, Query, ServeFuture
 from serve_core.slo import SLO
+from serve_core.testing import FakeClock
 
 
 def query(deadline: float = NO_DEADLINE, method: str = "__call__", **kwargs: object) -> Query:

@@ -9,9 +9,8 @@ import pytest
 
 from serve_core import BackendConfig, Serve, ServeHandle
 from serve_core.errors import NotDeliveredError, ReplicaDiedError, ServeError, ServeStateError
-from serve_core.executors.base import ReplicaSpec
+from serve_core.executors.base import Call, Outcome, ReplicaSpec
 from serve_core.executors.thread import ThreadReplica
-from serve_core.invoke import Call, Outcome
 
 from .conftest import WAIT
 
@@ -39,6 +38,7 @@ class CrashingReplica(ThreadReplica):
 
 class CrashingExecutor:
     name = "crashing"
+    places_replicas = False
 
     def __init__(self) -> None:
         self.started: list[CrashingReplica] = []
@@ -168,6 +168,8 @@ def test_replica_found_dead_before_the_call_costs_no_query(make_serve) -> None:
 class HoldingReplica:
     """Holds every call unanswered until :meth:`die` fails them all, as a dead actor would."""
 
+    default_max_concurrent_queries = 1
+
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
         self.held: list[Future[list[Outcome]]] = []
@@ -195,6 +197,7 @@ class HoldingReplica:
 
 class HoldingExecutor:
     name = "holding"
+    places_replicas = False
 
     def __init__(self) -> None:
         self.started: list[HoldingReplica] = []

@@ -18,7 +18,7 @@ from typing import Any
 import cloudpickle
 
 from ..errors import ServeError
-from ..invoke import Outcome
+from .base import Outcome
 
 
 class RemoteTraceback(Exception):

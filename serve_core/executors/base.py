@@ -1,13 +1,14 @@
 """The executor contract: where replicas run and how calls reach them.
 
 Shaped after ``concurrent.futures``: :meth:`Executor.start_replica` builds a replica,
-:meth:`Replica.submit` runs one :class:`~serve_core.invoke.Call` and returns a stdlib
-``Future`` resolving to one :class:`~serve_core.invoke.Outcome` per query. User
-exceptions are outcomes, not failures of the future; the future fails only when the
-replica itself broke (then with :class:`~serve_core.errors.ReplicaDiedError`).
+:meth:`Replica.submit` runs one :class:`Call` and returns a stdlib ``Future`` resolving
+to one :class:`Outcome` per query. User exceptions are outcomes, not failures of the
+future; the future fails only when the replica itself broke (then with
+:class:`~serve_core.errors.ReplicaDiedError`).
 
-Executors are named; :func:`create_executor` imports the implementation lazily, so
-``import serve_core`` never imports Ray.
+Executors are named; :class:`ExecutorPool` builds them on first use through
+:func:`create_executor`, which imports the implementation lazily (so ``import
+serve_core`` never imports Ray) and hands each executor only the options it takes.
 """
 
 from __future__ import annotations
@@ -19,15 +20,57 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..config import BackendConfig
 from ..errors import NotFoundError, ServeStateError, ServeTypeError
-from ..invoke import Call, Outcome
 
-EXECUTORS: dict[str, str] = {
-    "inline": "serve_core.executors.inline:InlineExecutor",
-    "thread": "serve_core.executors.thread:ThreadExecutor",
-    "process": "serve_core.executors.process:ProcessExecutor",
-    "ray": "serve_core.executors.ray:RayExecutor",
+
+@dataclasses.dataclass(frozen=True)
+class ExecutorEntry:
+    """A registered executor: ``module:Class``, and the ``Serve`` options it takes."""
+
+    path: str
+    options: tuple[str, ...] = ()
+
+
+EXECUTORS: dict[str, ExecutorEntry] = {
+    "inline": ExecutorEntry("serve_core.executors.inline:InlineExecutor"),
+    "thread": ExecutorEntry("serve_core.executors.thread:ThreadExecutor"),
+    "process": ExecutorEntry("serve_core.executors.process:ProcessExecutor"),
+    "ray": ExecutorEntry("serve_core.executors.ray:RayExecutor", ("ray_init_kwargs",)),
 }
 """Executor names and the classes that implement them (imported on first use)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Call:
+    """One unit of work for a replica: a single query or a batch of queries.
+
+    ``requests[i]`` is query i's web request (``None`` for Python calls) and
+    ``kwargs[i]`` its keyword arguments.
+    """
+
+    method: str
+    web: bool
+    batched: bool
+    requests: tuple[Any, ...]
+    kwargs: tuple[dict[str, Any], ...]
+
+    def __len__(self) -> int:
+        return len(self.kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt through __init__: several times faster to unpickle than the field-by-field
+        # default of frozen slotted dataclasses.
+        return Call, (self.method, self.web, self.batched, self.requests, self.kwargs)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """The answer to one query: a value, or the exception it raised."""
+
+    ok: bool
+    value: Any
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Outcome, (self.ok, self.value)  # fast to unpickle, as for Call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,16 +88,16 @@ class ReplicaSpec:
 class Replica(Protocol):
     """One running copy of a backend.
 
-    It holds up to the backend's ``max_concurrent_queries`` calls at once. When the
-    config leaves that to the executor (``None``), the router reads the replica's
-    optional ``default_max_concurrent_queries`` attribute, else uses 1.
+    It holds up to the backend's ``max_concurrent_queries`` calls at once; when the
+    config leaves that to the executor (``None``), ``default_max_concurrent_queries``.
 
     A call the replica never started (it was stopped, or died before the call reached
-    it) fails with :class:`~serve_core.errors.NotDeliveredError`: the router puts its
-    queries back in the queue. Any other failure fails the call's queries.
+    it) fails with :class:`~serve_core.errors.NotDeliveredError`: the backend's runtime
+    puts its queries back in the queue. Any other failure fails the call's queries.
     """
 
     replica_id: str
+    default_max_concurrent_queries: int
 
     @property
     def alive(self) -> bool: ...
@@ -67,27 +110,39 @@ class Replica(Protocol):
 
 @runtime_checkable
 class Executor(Protocol):
-    """Places replicas. ``start_replica`` raises if the user's constructor fails."""
+    """Places replicas. ``start_replica`` raises if the user's constructor fails.
+
+    ``places_replicas`` is True for executors that honour the placement hints of
+    ``BackendConfig`` (``num_cpus``, ``num_gpus``, ``resources``...): the Ray executor.
+    """
 
     name: str
+    places_replicas: bool
 
     def start_replica(self, spec: ReplicaSpec) -> Replica: ...
 
     def shutdown(self) -> None: ...
 
 
-def create_executor(name_or_executor: str | Executor, **options: Any) -> Executor:
-    """Build an executor from its registered name, or pass an executor object through."""
+def create_executor(name_or_executor: str | Executor, options: dict[str, Any] | None = None) -> Executor:
+    """Build an executor from its registered name (with the options it takes), or pass one through.
+
+    Args:
+        name_or_executor: a name of :data:`EXECUTORS`, or an executor object.
+        options: ``Serve``-level options; each executor gets only those its entry names.
+    """
     if not isinstance(name_or_executor, str):
         if not isinstance(name_or_executor, Executor):
-            raise ServeTypeError("executor must be a name or an object with start_replica/shutdown")
+            raise ServeTypeError(
+                "executor must be a name or an object with name, places_replicas, start_replica and shutdown"
+            )
         return name_or_executor
-    path = EXECUTORS.get(name_or_executor)
-    if path is None:
+    entry = EXECUTORS.get(name_or_executor)
+    if entry is None:
         raise NotFoundError(
             f"unknown executor {name_or_executor!r}; choose one of {sorted(EXECUTORS)}"
         )
-    module_name, _, class_name = path.partition(":")
+    module_name, _, class_name = entry.path.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -95,5 +150,38 @@ def create_executor(name_or_executor: str | Executor, **options: Any) -> Executo
             f"executor {name_or_executor!r} is not available: {exc}; install its extra, "
             f"e.g. pip install 'serve-core[{name_or_executor}]'"
         ) from exc
-    cls = getattr(module, class_name)
-    return cls(**options)  # type: ignore[no-any-return, unused-ignore]
+    taken = {key: value for key, value in (options or {}).items() if key in entry.options}
+    return getattr(module, class_name)(**taken)  # type: ignore[no-any-return, unused-ignore]
+
+
+class ExecutorPool:
+    """The executors of one ``Serve`` instance, built by name on first use.
+
+    Args:
+        default: the instance's executor (a name or an object).
+        options: ``Serve``-level executor options (today ``ray_init_kwargs``).
+    """
+
+    def __init__(self, default: str | Executor, options: dict[str, Any]) -> None:
+        self._options = {key: value for key, value in options.items() if value is not None}
+        executor = create_executor(default, self._options)
+        self.default = executor.name
+        self._executors: dict[str, Executor] = {executor.name: executor}
+
+    def unused_options(self) -> list[str]:
+        """Options given that the default executor does not take."""
+        entry = EXECUTORS.get(self.default)
+        taken = entry.options if entry is not None else ()
+        return sorted(key for key in self._options if key not in taken)
+
+    def get(self, name: str | None) -> Executor:
+        """The executor named ``name`` (``None``: the default), built now if needed."""
+        name = name or self.default
+        executor = self._executors.get(name)
+        if executor is None:
+            executor = self._executors[name] = create_executor(name, self._options)
+        return executor
+
+    def shutdown(self) -> None:
+        for executor in self._executors.values():
+            executor.shutdown()

@@ -7,15 +7,16 @@ resolved future.
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import Any
 
 from ..errors import NotDeliveredError
-from ..invoke import Call, Invoker, Outcome
-from .base import ReplicaSpec
+from ..invoke import Invoker
+from .base import Call, Outcome, ReplicaSpec
 
 
 class InlineReplica:
     """A backend object called directly by whoever submits."""
+
+    default_max_concurrent_queries = 1
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
@@ -44,9 +45,7 @@ class InlineExecutor:
     """Runs every replica in the caller's thread."""
 
     name = "inline"
-
-    def __init__(self, **_: Any) -> None:
-        pass
+    places_replicas = False
 
     def start_replica(self, spec: ReplicaSpec) -> InlineReplica:
         return InlineReplica(spec)

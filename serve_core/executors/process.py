@@ -33,10 +33,9 @@ from typing import Any
 import cloudpickle
 
 from ..errors import NotDeliveredError, ReplicaDiedError, ServeError, ServeTypeError, ValidationError
-from ..invoke import Call, Outcome
 from . import _worker
 from ._wire import Failure, Ready, Stop, WorkerBoot, dumps
-from .base import ReplicaSpec
+from .base import Call, Outcome, ReplicaSpec
 
 log = logging.getLogger("serve_core")
 
@@ -60,6 +59,8 @@ class _State(enum.Enum):
 
 class ProcessReplica:
     """A backend served by its own worker process."""
+
+    default_max_concurrent_queries = 1  # the original's rule: every waiting query stays in the EDF queue
 
     def __init__(self, spec: ReplicaSpec, context: BaseContext, start_timeout_s: float) -> None:
         self.replica_id = spec.replica_id
@@ -254,9 +255,10 @@ class ProcessExecutor:
     """
 
     name = "process"
+    places_replicas = False
 
     def __init__(
-        self, start_method: str | None = None, start_timeout_s: float = DEFAULT_START_TIMEOUT_S, **_: Any
+        self, start_method: str | None = None, start_timeout_s: float = DEFAULT_START_TIMEOUT_S
     ) -> None:
         self._start_timeout = start_timeout_s
         available = multiprocessing.get_all_start_methods()

@@ -39,9 +39,9 @@ from ray import exceptions as ray_errors
 
 from ..config import BackendConfig
 from ..errors import NotDeliveredError, ReplicaDiedError, ServeError, ServeStateError, ServeTypeError
-from ..invoke import Call, Invoker, Outcome
+from ..invoke import Invoker
 from ._outcomes import dump_outcomes
-from .base import ReplicaSpec
+from .base import Call, Outcome, ReplicaSpec
 
 log = logging.getLogger("serve_core")
 
@@ -443,7 +443,6 @@ class RayExecutor:
         ray_init_kwargs: dict[str, Any] | None = None,
         *,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
-        **_: Any,
     ) -> None:
         self._started_ray = False
         if ray.is_initialized():

@@ -9,24 +9,31 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import Future
-from typing import Any
 
 from ..errors import NotDeliveredError, ReplicaDiedError
-from ..invoke import Call, Invoker, Outcome
-from .base import ReplicaSpec
+from ..invoke import Invoker
+from .base import Call, Outcome, ReplicaSpec
 
 _STOP = None  # sentinel on a replica's work queue
 
+Work = tuple[Call, "Future[list[Outcome]]"]
+
 
 class ThreadReplica:
-    """A backend object served by its own worker thread."""
+    """A backend object served by its own worker thread.
+
+    Every call is either put on the work queue before the stop sentinel, so the worker
+    runs it, or refused with ``NotDeliveredError``: ``submit`` and ``stop`` decide that
+    under one lock, and a worker that dies refuses what comes after.
+    """
+
+    default_max_concurrent_queries = 1
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
         self._invoker = Invoker(spec.target, spec.init_args)
-        self._work: queue.SimpleQueue[tuple[Call, Future[list[Outcome]]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._work: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(
             target=self._loop, name=f"serve-replica-{spec.replica_id}", daemon=True
@@ -39,16 +46,18 @@ class ThreadReplica:
 
     def submit(self, call: Call) -> Future[list[Outcome]]:
         future: Future[list[Outcome]] = Future()
-        if self._stopping:
-            future.set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
-        else:
-            self._work.put((call, future))
+        with self._lock:
+            if not self._stopping:
+                self._work.put((call, future))
+                return future
+        future.set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
         return future
 
     def stop(self, drain_timeout: float | None = None) -> None:
-        if not self._stopping:
-            self._stopping = True
-            self._work.put(_STOP)
+        with self._lock:
+            if not self._stopping:
+                self._stopping = True
+                self._work.put(_STOP)
         if threading.current_thread() is not self._thread:
             self._thread.join(drain_timeout)
 
@@ -63,11 +72,13 @@ class ThreadReplica:
                         future.set_exception(ReplicaDiedError(f"replica {self.replica_id} failed: {exc!r}"))
                         raise
         finally:
+            with self._lock:  # nothing new lands on the queue from here on
+                self._stopping = True
             self._invoker.close()
-            self._fail_leftovers()
+            self._refuse_leftovers()
 
-    def _fail_leftovers(self) -> None:
-        # A submit racing with stop() may land behind the sentinel: answer it.
+    def _refuse_leftovers(self) -> None:
+        # Calls queued behind a call that killed the worker never ran.
         while True:
             try:
                 item = self._work.get_nowait()
@@ -81,9 +92,7 @@ class ThreadExecutor:
     """Starts a worker thread per replica."""
 
     name = "thread"
-
-    def __init__(self, **_: Any) -> None:
-        pass
+    places_replicas = False
 
     def start_replica(self, spec: ReplicaSpec) -> ThreadReplica:
         return ThreadReplica(spec)

@@ -81,7 +81,7 @@ class ServeApp:
         slo = parse_slo(request)
         method = call_method(request)
         buffer_body(request, self.max_body_bytes)
-        future = self.serve._enqueue(entry.endpoint, {}, request, method, slo, None)
+        future = self.serve.enqueue(entry.endpoint, request=request, method_name=method, slo=slo)
         try:
             result = future.result(self.request_timeout_s)
         except FutureTimeout:

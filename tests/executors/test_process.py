@@ -23,10 +23,9 @@ from werkzeug.test import EnvironBuilder
 from serve_core import BackendConfig, Serve, accept_batch
 from serve_core.errors import ReplicaDiedError, ServeError, ServeTypeError, ValidationError
 from serve_core.executors._outcomes import RemoteTraceback
-from serve_core.executors.base import ReplicaSpec
+from serve_core.executors.base import Call, ReplicaSpec
 from serve_core.executors.process import ProcessExecutor
 from serve_core.http.request import ServeRequest
-from serve_core.invoke import Call
 
 from ..conftest import WAIT
 from ..procs import descendants, is_running, wait_until

@@ -26,7 +26,12 @@ MakeServe = Callable[..., Serve]
 
 
 def _replicas(srv: Serve, tag: str) -> list[Any]:
-    return srv._router.replicas(tag)
+    return srv.replicas(tag)
+
+
+def _actor_name_prefix(srv: Serve, config: BackendConfig) -> str:
+    executor: Any = srv.executor(config.executor)  # a RayExecutor: the Executor protocol has no prefix
+    return executor.actor_name_prefix
 
 
 def _serve_actor_names(ray: Any, prefix: str) -> list[str]:
@@ -74,7 +79,7 @@ def test_actor_options_leave_out_unset_fields(ray_local: Any) -> None:
 
 # ------------------------------------------------------------------------ calling
 class WhoAmI:
-    def __call__(self, request: Any) -> tuple[str, int]:
+    def __call__(self, request: Any) -> tuple[str | None, int]:
         import ray
 
         return ray.get_runtime_context().get_actor_id(), os.getpid()
@@ -247,7 +252,7 @@ def test_constructor_error_reaches_create_backend(ray_local: Any, make_serve: Ma
     srv = make_serve(executor="ray")
     with pytest.raises(ValueError, match="bad flag x"):
         srv.create_backend(FailingInit, "f:v1", "x")
-    prefix = srv._replicas.executor_for(BackendConfig(executor="ray")).actor_name_prefix
+    prefix = _actor_name_prefix(srv, BackendConfig(executor="ray"))
     _wait_until(lambda: not _serve_actor_names(ray_local, prefix), "the failed actor to go away")
 
 
@@ -377,9 +382,8 @@ def test_ray_shut_down_under_running_calls_fails_them_and_starts_no_new_ray(
 
 
 def test_stop_from_a_reply_callback_returns_at_once_and_the_call_out_still_finishes(ray_local: Any) -> None:
-    from serve_core.executors.base import ReplicaSpec
+    from serve_core.executors.base import Call, ReplicaSpec
     from serve_core.executors.ray import RayExecutor
-    from serve_core.invoke import Call
 
     started, release = RayEvent(), RayEvent()
     executor = RayExecutor()
@@ -485,7 +489,7 @@ def test_shutdown_kills_its_actors_and_leaves_ray_running(ray_local: Any, make_s
     srv.create_endpoint("who", None)
     srv.create_backend(WhoAmI, "who:v1", backend_config=BackendConfig(num_replicas=2))
     srv.link("who", "who:v1")
-    prefix = srv._replicas.executor_for(srv.get_backend_config("who:v1")).actor_name_prefix
+    prefix = _actor_name_prefix(srv, srv.get_backend_config("who:v1"))
     assert len(_serve_actor_names(ray_local, prefix)) == 2
     srv.shutdown()
     _wait_until(lambda: not _serve_actor_names(ray_local, prefix), "serve actors to be gone")
@@ -500,13 +504,14 @@ def test_placement_change_replaces_replicas_one_by_one(ray_local: Any, make_serv
     old = _replicas(srv, "who:v1")
     handle = srv.get_handle("who")
     counts: list[int] = []
-    original_start = srv._replicas.start
+    executor: Any = srv.executor("ray")
+    original_start = executor.start_replica
 
-    def start_and_count(info: Any, count: int) -> list[Any]:
-        counts.append(srv._router.replica_count("who:v1"))  # replicas serving when a new one starts
-        return original_start(info, count)
+    def start_and_count(spec: Any) -> Any:
+        counts.append(len(srv.replica_ids("who:v1")))  # replicas serving when a new one starts
+        return original_start(spec)
 
-    srv._replicas.start = start_and_count  # type: ignore[method-assign]
+    executor.start_replica = start_and_count
     config = srv.get_backend_config("who:v1")
     config.num_cpus = 0.25
     srv.set_backend_config("who:v1", config)

@@ -140,7 +140,7 @@ def test_a_failed_write_changes_nothing(make_serve: MakeServe, secret: str) -> N
     with pytest.raises(NotFoundError):
         srv.get_backend_config("echo:v2")
     assert srv.get_backend_config("echo:v1").num_replicas == 1
-    assert srv._router.replica_count("echo:v1") == 1
+    assert len(srv.replica_ids("echo:v1")) == 1
     assert "echo:v2" not in srv._registry.backends
     store.fail = False
     srv.create_backend(echo, "echo:v2")  # nothing was half-registered
@@ -237,7 +237,7 @@ def test_a_backend_that_no_longer_imports_is_skipped(
 ) -> None:
     (tmp_path / "vanishing_backend.py").write_text("def hello(request):\n    return 'hi'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    import vanishing_backend  # type: ignore[import-not-found]
+    import vanishing_backend
 
     path = tmp_path / "r.db"
     _sqlite_registry(make_serve, path, monkeypatch)

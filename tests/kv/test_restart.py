@@ -114,7 +114,7 @@ def _check_deployment(srv: Serve) -> None:
     assert srv.route_table() == {"/api": ["api", ["GET", "POST"]]}
     config = srv.get_backend_config("greet:v1")
     assert (config.num_replicas, config.max_batch_size) == (2, 4)
-    assert srv._router.replica_count("greet:v1") == 2
+    assert len(srv.replica_ids("greet:v1")) == 2
     assert srv.get_traffic_policy("api") == pytest.approx({"greet:v1": 0.7, "shout:v1": 0.3})
     handle = srv.get_handle("api")
     answers = {handle.remote(name="bob").result(WAIT) for _ in range(60)}

@@ -1,0 +1,650 @@
+"""``BackendRuntime``: one backend while it runs.
+
+A runtime owns everything of its backend that changes at run time: the config (held
+here only), the deadline-ordered queue, one :class:`Slot` per replica, the metrics,
+and the replica lifecycle (start, scale up and down with drain, replace a dead
+replica, replace all on a placement change, drain and close on shutdown).
+
+Who owns a query, and so who may answer it: the queue while it is queued, then the
+slot's call it was dispatched in (keyed by a token). Whoever takes it out of its
+container under the runtime's lock answers it (:meth:`Query.settle`), outside the lock.
+
+Dispatch is event-driven and runs in one thread at a time, the *pump*: an admission, a
+finished call, a timer (deadline, batch wait) or a config change each pump once; a
+thread that finds the pump taken leaves a note (``_again``) for the pumping thread
+instead of recursing, so an inline replica that completes inside ``submit`` iterates.
+Waits are timers on the instance's clock.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from functools import partial
+from typing import Any
+
+from .batching import ExecutionTimes, form_batch
+from .clock import Clock, Timer, wait_for
+from .config import BackendConfig
+from .errors import (
+    DeadlineExceededError,
+    NotDeliveredError,
+    ReplicaDiedError,
+    ServeError,
+    ShuttingDownError,
+)
+from .executors.base import Call, ExecutorPool, Outcome, Replica, ReplicaSpec
+from .metrics import Counter, WindowedHistogram
+from .queues import NO_DEADLINE, BackendQueue, Query
+from .registry import BackendInfo
+
+log = logging.getLogger("serve_core")
+
+MAX_REQUEUES = 3
+"""Times a query may come back undelivered (``NotDeliveredError``) before it fails."""
+
+HISTOGRAMS = ("latency_s", "queue_wait_s", "execution_s", "batch_size")
+"""Per-backend windowed histograms: arrival to answer, time queued, time of a call, batch sizes."""
+
+
+class Slot:
+    """A replica and the calls it holds (at most ``capacity`` at once), by token."""
+
+    __slots__ = ("replica", "capacity", "calls", "retired", "drained")
+
+    def __init__(self, replica: Replica, capacity: int) -> None:
+        self.replica = replica
+        self.capacity = capacity
+        self.calls: dict[int, list[Query]] = {}
+        self.retired = False  # taken out of service: finishes its calls, gets no new ones
+        self.drained: Future[None] = Future()  # resolves once retired (or dropped) with no call left
+
+    @property
+    def full(self) -> bool:
+        return len(self.calls) >= self.capacity
+
+    def mark_drained(self) -> None:
+        if not self.drained.done():
+            self.drained.set_result(None)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeStats:
+    """What ``stat()`` reads of a backend, taken in O(1) per histogram under its lock."""
+
+    requests: int
+    errors: int
+    queue_size: int
+    replicas: int
+    histograms: dict[str, Any]  # name -> the histogram's snapshot
+
+
+def capacity(config: BackendConfig, replica: Replica) -> int:
+    """Calls ``replica`` may hold: the config's ``max_concurrent_queries``, else its executor's default."""
+    if config.max_concurrent_queries is not None:
+        return config.max_concurrent_queries
+    return replica.default_max_concurrent_queries
+
+
+Work = tuple[Slot, int, list[Query]]
+
+
+class BackendRuntime:
+    """The running state and lifecycle of one backend.
+
+    Args:
+        definition: the backend's code and init arguments.
+        config: its config (this object keeps the only live copy).
+        executors: where replicas are built.
+        clock: time source and timers.
+        gc_window_seconds: how much metric history to keep.
+        drain_timeout_s: how long a retired replica may take to finish its calls.
+        count_error: called with the endpoint of each query answered with an error.
+    """
+
+    def __init__(
+        self,
+        definition: BackendInfo,
+        config: BackendConfig,
+        *,
+        executors: ExecutorPool,
+        clock: Clock,
+        gc_window_seconds: float,
+        drain_timeout_s: float,
+        count_error: Callable[[str], None],
+    ) -> None:
+        self.tag = definition.tag
+        self.definition = definition
+        self._config = config.copy()
+        self._executors = executors
+        self._clock = clock
+        self._drain_timeout = drain_timeout_s
+        self._count_error = count_error
+        self._lock = threading.Lock()  # the state below; never held while calling out
+        self._lifecycle = threading.RLock()  # serialises start, scale, reconfigure, replace, close
+        self._queue = BackendQueue(config.max_queue_size)
+        self._slots: list[Slot] = []  # in service, oldest first
+        self._idle: collections.deque[Slot] = collections.deque()  # in service with room, in turn
+        self._active: set[Slot] = set()  # holding calls (in service, retired or dropped)
+        self._tokens = itertools.count()
+        self._replica_ids = itertools.count(1)
+        self._broken: str | None = None  # why it has no replica, when restarting one failed
+        self._admitting = True
+        self._closed = False
+        self._pumping = False
+        self._again = False
+        self._deadline_timer: Timer | None = None
+        self._batch_timer: Timer | None = None
+        self._idle_waiters: list[Callable[[], None]] = []
+        self._replacers: list[threading.Thread] = []
+        self._times = ExecutionTimes()
+        self._hinted: set[tuple[str, str]] = set()
+        self.requests = Counter()
+        self.errors = Counter()
+        self.histograms = {name: WindowedHistogram(gc_window_seconds) for name in HISTOGRAMS}
+        self._latency, self._queue_wait, self._execution, self._batch_size = (
+            self.histograms[name] for name in HISTOGRAMS
+        )
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def config(self) -> BackendConfig:
+        """The live config (do not mutate: :meth:`reconfigure` changes it)."""
+        return self._config
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    @property
+    def replica_count(self) -> int:
+        return len(self._slots)
+
+    def replicas(self) -> list[Replica]:
+        """The replicas in service, oldest first."""
+        with self._lock:
+            return [slot.replica for slot in self._slots]
+
+    def stats(self) -> RuntimeStats:
+        now = self._clock.monotonic()
+        with self._lock:
+            return RuntimeStats(
+                self.requests.value,
+                self.errors.value,
+                len(self._queue),
+                len(self._slots),
+                {name: hist.snapshot(now) for name, hist in self.histograms.items()},
+            )
+
+    # ---------------------------------------------------------------- admission
+    def admit(self, query: Query, *, dispatch: bool = True) -> None:
+        """Queue a query and dispatch what can run (with ``dispatch=False``, the caller calls :meth:`dispatch`).
+
+        Raises:
+            BackPressureError: the queue is full.
+            ReplicaDiedError: the backend has no replica and could not restart one.
+            ShuttingDownError: the instance is shutting down.
+        """
+        with self._lock:
+            if not self._admitting:
+                raise ShuttingDownError(f"backend {self.tag!r} is shutting down; no new calls")
+            if self._broken is not None:
+                raise ReplicaDiedError(self._broken)
+            query.backend = self.tag
+            self._queue.push(query)
+            if self._pumping:
+                self._again = True
+                return
+            if not (dispatch and self._idle):
+                if self._config.drop_expired and query.deadline != NO_DEADLINE:
+                    self._arm_deadline()
+                return
+            self._pumping = True
+            work, expired = self._take()
+        self._run(work, expired)
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self) -> None:
+        """Run what can run now (after admissions with ``dispatch=False``)."""
+        self._pump()
+
+    def _pump(self) -> None:
+        with self._lock:
+            if self._pumping:
+                self._again = True
+                return
+            self._pumping = True
+            work, expired = self._take()
+        self._run(work, expired)
+
+    def _take(self) -> tuple[list[Work], list[Query]]:
+        """Pair slots with room with batches, split out expired queries, arm timers (under the lock)."""
+        config = self._config
+        now = self._clock.monotonic()
+        expired = self._queue.pop_expired(now) if config.drop_expired else []
+        work: list[Work] = []
+        idle, queue = self._idle, self._queue
+        wait_s = config.batch_wait_timeout_s if self._admitting else 0.0  # a drain waits for nothing
+        while idle and queue:
+            batch = form_batch(queue, config.max_batch_size, now, config.drop_expired, wait_s, self._times.estimate)
+            expired += batch.expired
+            if batch.wait_until is not None:
+                self._arm_batch(batch.wait_until)
+                break
+            queries = [query for query in batch.queries if query.claim()]  # cancelled ones are dropped
+            if not queries:
+                continue
+            slot = idle.popleft()
+            token = next(self._tokens)
+            slot.calls[token] = queries
+            self._active.add(slot)
+            if not slot.full:
+                idle.append(slot)
+            for query in queries:
+                query.dispatched = now
+            work.append((slot, token, queries))
+        if config.drop_expired and queue:
+            self._arm_deadline()
+        return work, expired
+
+    def _run(self, work: list[Work], expired: list[Query]) -> None:
+        """Submit work and answer expired queries outside the lock, until no pump was asked for."""
+        while True:
+            for query in expired:
+                query.settle(False, DeadlineExceededError(
+                    f"deadline of the query to backend {self.tag!r} passed before it ran"
+                ))
+            for slot, token, queries in work:
+                self._submit(slot, token, queries)
+            with self._lock:
+                if not self._again:
+                    self._pumping = False
+                    waiters = self._idle_now()
+                    break
+                self._again = False
+                work, expired = self._take()
+        for waiter in waiters:
+            waiter()
+
+    def _submit(self, slot: Slot, token: int, queries: list[Query]) -> None:
+        head = queries[0]
+        call = Call(
+            method=head.method,
+            web=head.request is not None,
+            batched=self._config.max_batch_size is not None,
+            requests=tuple(query.request for query in queries),
+            kwargs=tuple(query.kwargs for query in queries),
+        )
+        future: Future[list[Outcome]]
+        try:
+            if not slot.replica.alive:
+                raise NotDeliveredError(f"replica {slot.replica.replica_id} is not running")
+            future = slot.replica.submit(call)
+        except BaseException as exc:  # noqa: BLE001 - a broken executor is a dead replica
+            future = Future()
+            future.set_exception(exc)
+        future.add_done_callback(partial(self._on_done, slot, token))
+
+    def _on_done(self, slot: Slot, token: int, future: Future[list[Outcome]]) -> None:
+        """A call ended: answer its queries, free the slot, pump (runs on the executor's thread)."""
+        outcomes, died = _outcomes_of(future)
+        now = self._clock.monotonic()
+        replace = False
+        failed: list[Query] = []
+        error: BaseException | None = None
+        with self._lock:
+            queries = slot.calls.pop(token, None)
+            if queries is None:
+                return  # abandoned by shutdown, which answered its queries
+            if not slot.calls:
+                self._active.discard(slot)
+            if isinstance(died, NotDeliveredError):
+                replace, failed, error = self._requeue(slot, queries)
+                outcomes = []
+            elif died is not None:
+                replace = self._drop(slot)
+                failed, error, outcomes = queries, _as_replica_death(slot.replica, died), []
+                self.requests.inc(len(queries))
+                self.errors.inc(len(queries))
+            else:
+                outcomes = _checked(slot, queries, outcomes)
+                self._record(slot, queries, outcomes, now)
+            if self._pumping:
+                self._again = True
+                pump = False
+            else:
+                self._pumping = pump = True
+                work, expired = self._take()
+        for query, outcome in zip(queries, outcomes):
+            if not outcome.ok:
+                self._count_error(query.endpoint)
+            query.settle(outcome.ok, outcome.value)
+        if failed and error is not None:
+            if not isinstance(died, NotDeliveredError):
+                for query in failed:
+                    self._count_error(query.endpoint)
+            for query in failed:
+                query.settle(False, error)
+        if replace:
+            self._replace_later(slot.replica)
+        if pump:
+            self._run(work, expired)
+
+    def _record(self, slot: Slot, queries: list[Query], outcomes: list[Outcome], now: float) -> None:
+        """Metrics of a finished call, and its slot freed (under the lock)."""
+        self.requests.inc(len(queries))
+        for query, outcome in zip(queries, outcomes):
+            self._latency.record(now - query.arrival, now)
+            self._queue_wait.record(query.dispatched - query.arrival, now)
+            if not outcome.ok:
+                self.errors.inc()
+        seconds = now - queries[0].dispatched
+        self._execution.record(seconds, now)
+        self._batch_size.record(len(queries), now)
+        self._times.observe(len(queries), seconds)
+        if slot.retired:
+            if not slot.calls:
+                slot.mark_drained()
+        elif not slot.full and slot not in self._idle and slot in self._slots:
+            # Not "was full": after max_concurrent_queries was lowered a slot can stay full
+            # through several finished calls, and must enter the idle list once.
+            self._idle.append(slot)
+
+    def _requeue(self, slot: Slot, queries: list[Query]) -> tuple[bool, list[Query], BaseException | None]:
+        """The replica never got the call: the queries go back in the queue, the slot goes (under the lock)."""
+        replace = self._drop(slot)
+        error: BaseException | None = None
+        if self._closed:
+            error = ShuttingDownError("serve instance shut down before the query ran")
+        elif self._broken is not None:
+            error = ReplicaDiedError(self._broken)
+        failed = []
+        for query in queries:
+            query.requeues += 1
+            if error is None and query.requeues <= MAX_REQUEUES:
+                self._queue.restore(query)
+            else:
+                failed.append(query)
+        if failed and error is None:
+            error = ReplicaDiedError(
+                f"no replica of backend {self.tag!r} took the query after {MAX_REQUEUES} attempts"
+            )
+        return replace, failed, error
+
+    def _drop(self, slot: Slot) -> bool:
+        """Take a slot whose replica died out of service; True the first time (replace it then)."""
+        if not slot.calls:
+            slot.mark_drained()
+        if slot in self._idle:
+            self._idle.remove(slot)
+        if slot in self._slots:
+            self._slots.remove(slot)
+            return True
+        return False
+
+    # -------------------------------------------------------------------- timers
+    def _arm_deadline(self) -> None:
+        """A timer at the earliest queued deadline, unless one is armed for then or sooner (under the lock)."""
+        due = self._queue.earliest_deadline()
+        timer = self._deadline_timer
+        if due == NO_DEADLINE or (timer is not None and timer.when <= due):
+            return
+        if timer is not None:
+            timer.cancel()
+        self._deadline_timer = self._clock.call_at(due, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        with self._lock:
+            timer = self._deadline_timer
+            if timer is not None and timer.when <= self._clock.monotonic():
+                self._deadline_timer = None
+        self._pump()
+
+    def _arm_batch(self, when: float) -> None:
+        timer = self._batch_timer
+        if timer is not None and timer.when <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._batch_timer = self._clock.call_at(when, self._on_batch_due)
+
+    def _on_batch_due(self) -> None:
+        with self._lock:
+            timer = self._batch_timer
+            if timer is not None and timer.when <= self._clock.monotonic():
+                self._batch_timer = None
+        self._pump()
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start ``num_replicas`` replicas; returns when they are ready (raises if one fails)."""
+        with self._lifecycle:
+            for replica in self._start_replicas(self._config.num_replicas):
+                self._add(replica)
+
+    def reconfigure(self, config: BackendConfig) -> None:
+        """Apply a config live: queue bound, batching, concurrency, placement, replica count.
+
+        A placement change replaces the replicas one by one (the new one is ready before
+        an old one drains). If a replica fails to start, the old config comes back (the
+        replicas already replaced stay) and the error is raised.
+        """
+        with self._lifecycle:
+            old = self._config
+            self._apply(config)
+            try:
+                if config.placement() != old.placement():
+                    self._replace_all()
+                self._scale(config.num_replicas)
+            except BaseException:
+                self._apply(old)
+                self._scale(min(old.num_replicas, config.num_replicas))
+                raise
+
+    def _apply(self, config: BackendConfig) -> None:
+        with self._lock:
+            self._config = config = config.copy()
+            self._queue.max_size = config.max_queue_size
+            for slot in self._slots:
+                slot.capacity = capacity(config, slot.replica)
+            self._idle = collections.deque(slot for slot in self._slots if not slot.full)
+        self._pump()
+
+    def _scale(self, target: int) -> None:
+        current = len(self._slots)
+        if target > current:
+            for replica in self._start_replicas(target - current):
+                self._add(replica)
+        elif target < current:
+            self._retire(current - target, oldest=False)
+
+    def _replace_all(self) -> None:
+        for _ in range(len(self._slots)):
+            (replica,) = self._start_replicas(1)
+            self._add(replica)
+            self._retire(1, oldest=True)
+
+    def _start_replicas(self, count: int) -> list[Replica]:
+        """Start ``count`` replicas with the live config; on a failure, stop those started and re-raise."""
+        config = self._config
+        executor = self._executors.get(config.executor)
+        self._warn_unused_hints(executor.name, executor.places_replicas, config)
+        started: list[Replica] = []
+        try:
+            for _ in range(count):
+                spec = ReplicaSpec(
+                    self.tag, f"{self.tag}#{next(self._replica_ids)}",
+                    self.definition.target, self.definition.init_args, config,
+                )
+                started.append(executor.start_replica(spec))
+        except BaseException:
+            for replica in started:
+                replica.stop(0)
+            raise
+        return started
+
+    def _warn_unused_hints(self, executor: str, places_replicas: bool, config: BackendConfig) -> None:
+        """Placement hints (``num_gpus``...) mean nothing to an executor that does not place replicas."""
+        if places_replicas:
+            return
+        hints = {k: v for k, v in config.placement().items() if k != "executor" and v is not None}
+        key = (executor, repr(sorted(hints.items())))
+        if hints and key not in self._hinted:
+            self._hinted.add(key)
+            log.warning(
+                "backend %r: %s only place replicas on the ray executor; the %r executor ignores them",
+                self.tag, ", ".join(f"{k}={v!r}" for k, v in hints.items()), executor,
+            )
+
+    def _add(self, replica: Replica) -> None:
+        with self._lock:
+            if self._closed:
+                stop = True
+            else:
+                stop = False
+                slot = Slot(replica, capacity(self._config, replica))
+                self._slots.append(slot)
+                self._idle.append(slot)
+                self._broken = None
+        if stop:
+            replica.stop(0)
+        else:
+            self._pump()
+
+    def _retire(self, count: int, oldest: bool) -> None:
+        """Take ``count`` replicas out of service (the newest unless ``oldest``), drain, stop them."""
+        with self._lock:
+            cut = slice(0, count) if oldest else slice(len(self._slots) - count, None)
+            retired = self._slots[cut]
+            del self._slots[cut]
+            for slot in retired:
+                slot.retired = True
+                if slot in self._idle:
+                    self._idle.remove(slot)
+                if not slot.calls:
+                    slot.mark_drained()
+        for slot in retired:
+            if not wait_for(self._clock, slot.drained, self._drain_timeout):
+                log.warning("replica %s did not drain in time; stopping it", slot.replica.replica_id)
+            slot.replica.stop(self._drain_timeout)
+
+    def _replace_later(self, dead: Replica) -> None:
+        """Replace a replica that died, from a helper thread (never on the caller's)."""
+        thread = threading.Thread(
+            target=self._replace, args=(dead,), name=f"serve-replace-{dead.replica_id}", daemon=True
+        )
+        with self._lock:
+            if self._closed:
+                return
+            self._replacers = [t for t in self._replacers if t.is_alive()] + [thread]
+        thread.start()
+
+    def _replace(self, dead: Replica) -> None:
+        try:
+            dead.stop(0)
+        except Exception:  # noqa: BLE001 - it is already dead; cleanup is best effort
+            log.debug("stopping dead replica %s failed", dead.replica_id, exc_info=True)
+        with self._lifecycle:
+            if self._closed or len(self._slots) >= self._config.num_replicas:
+                return
+            try:
+                (replica,) = self._start_replicas(1)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("could not replace dead replica %s of %s", dead.replica_id, self.tag)
+                self._mark_broken(
+                    f"backend {self.tag!r} has no replica left: restarting one failed with {exc!r}; "
+                    "fix the cause, then set_backend_config() starts replicas again"
+                )
+                return
+            log.warning("replaced dead replica %s of %s with %s", dead.replica_id, self.tag, replica.replica_id)
+            self._add(replica)
+
+    def _mark_broken(self, reason: str) -> None:
+        """No replica left and none could start: queued and new queries fail with ``reason``."""
+        with self._lock:
+            if self._slots:
+                return
+            self._broken = reason
+            leftovers = self._queue.drain()
+            waiters = self._idle_now()
+        for query in leftovers:
+            query.settle(False, ReplicaDiedError(reason))
+        for waiter in waiters:
+            waiter()
+
+    # ------------------------------------------------------------------ shutdown
+    def stop_admitting(self) -> None:
+        """Refuse new queries; what is queued and in flight goes on (batches no longer wait to fill)."""
+        with self._lock:
+            self._admitting = False
+        self._pump()
+
+    def when_idle(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once nothing is queued nor in flight (now, if so already)."""
+        with self._lock:
+            self._idle_waiters.append(callback)
+            waiters = self._idle_now()
+        for waiter in waiters:
+            waiter()
+
+    def _idle_now(self) -> list[Callable[[], None]]:
+        """The idle waiters to call, if the runtime is idle (under the lock)."""
+        if self._queue or self._active or self._pumping or not self._idle_waiters:
+            return []
+        waiters, self._idle_waiters = self._idle_waiters, []
+        return waiters
+
+    def close(self, stop_timeout: float) -> None:
+        """Fail what is still queued or in flight with ``ShuttingDownError`` and stop the replicas."""
+        with self._lifecycle:
+            with self._lock:
+                self._admitting, self._closed = False, True
+                leftovers = self._queue.drain()
+                slots, self._slots = self._slots, []
+                self._idle.clear()
+                for timer in (self._deadline_timer, self._batch_timer):
+                    if timer is not None:
+                        timer.cancel()
+                replacers = self._replacers
+            for query in leftovers:
+                query.settle(False, ShuttingDownError("serve instance shut down before the query ran"))
+            for slot in slots:
+                slot.replica.stop(stop_timeout)
+        for thread in replacers:
+            thread.join(self._drain_timeout)
+        with self._lock:  # calls that outlived the drain: shutdown answers them, their replies are dropped
+            abandoned = [query for slot in self._active for call in slot.calls.values() for query in call]
+            for slot in self._active:
+                slot.calls.clear()
+            self._active.clear()
+        for query in abandoned:
+            query.settle(False, ShuttingDownError("serve instance shut down before the call finished"))
+
+
+def _outcomes_of(future: Future[list[Outcome]]) -> tuple[list[Outcome], BaseException | None]:
+    try:
+        return future.result(), None
+    except BaseException as exc:  # noqa: BLE001 - any failure of the future is a dead replica
+        return [], exc
+
+
+def _checked(slot: Slot, queries: list[Query], outcomes: list[Outcome]) -> list[Outcome]:
+    """Outcomes that match the queries one to one (an executor bug must not strand callers)."""
+    if len(outcomes) == len(queries):
+        return outcomes
+    error = ServeError(f"replica {slot.replica.replica_id} answered {len(outcomes)} of {len(queries)} queries")
+    return [Outcome(False, error)] * len(queries)
+
+
+def _as_replica_death(replica: Replica, error: BaseException) -> BaseException:
+    if isinstance(error, ReplicaDiedError):
+        return error
+    died = ReplicaDiedError(f"replica {replica.replica_id} failed: {error!r}")
+    died.__cause__ = error
+    return died
+

@@ -1,0 +1,201 @@
+"""Every call resolves exactly once: a randomized interleaving of everything that can happen to a query.
+
+A Hypothesis state machine drives one ``Serve`` on a fake clock: calls (with and without
+deadlines, to a split endpoint, a batched backend and an endpoint without traffic yet),
+completions, user errors, replica crashes, failing replacements, scale up and down,
+link and split, time passing (deadlines, batch waits, the waiting room's timeout),
+cancellation by the caller, and shutdown. After every step no future has been resolved
+twice and nothing was logged as a failure of the scheduler; after ``shutdown()`` no
+future is pending.
+
+The backends run on the thread-free :class:`~tests.scripted.ScriptedExecutor` (calls wait
+until a step answers them) and on the inline executor (calls complete inside submit).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import serve_core as serve
+from serve_core import BackendConfig, Serve
+from serve_core.errors import ServeError
+from serve_core.testing import FakeClock
+
+from .conftest import WAIT
+from .procs import wait_until
+from .scripted import ScriptedExecutor
+
+
+def answer(*, i: int = 0, fail: bool = False) -> int:
+    if fail:
+        raise ValueError(f"user error {i}")
+    return i
+
+
+@serve.accept_batch
+def batched(requests: Any, *, i: list[int], fail: list[bool]) -> list[int]:
+    if any(fail):
+        raise ValueError("user error in a batch")
+    return i
+
+
+class _Failures(logging.Handler):
+    """Records what the scheduler logged as broken (a replacement that could not start is expected)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.getMessage().startswith("could not replace dead replica"):
+            self.records.append(record)
+
+
+def _wait_for_replacements() -> None:
+    """Replacements run on helper threads: wait until they are over, so every run is the same."""
+    wait_until(lambda: not any(t.name.startswith("serve-replace-") for t in threading.enumerate()), WAIT)
+
+
+class Scheduler(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = FakeClock()
+        self.executor = ScriptedExecutor()
+        self.failures = _Failures()
+        for name in ("serve_core", "concurrent.futures"):
+            logging.getLogger(name).addHandler(self.failures)
+        self.srv = Serve(
+            executor=self.executor,
+            clock=self.clock,
+            rng=random.Random(0),  # the split's draws: the same in every run
+            start_server=False,
+            drain_timeout_s=0.05,  # scale-down and shutdown waits (real seconds bound them too)
+            pending_timeout_s=2.0,
+            max_pending_per_endpoint=4,
+        )
+        self.srv.create_endpoint("split")
+        self.srv.create_endpoint("batch")
+        self.srv.create_endpoint("later")
+        self.srv.create_backend(answer, "s", backend_config=BackendConfig(max_queue_size=6, drop_expired=True))
+        self.srv.create_backend(answer, "i", backend_config=BackendConfig(executor="inline"))
+        self.srv.create_backend(
+            batched, "bt",
+            backend_config=BackendConfig(max_batch_size=3, batch_wait_timeout_s=0.1, drop_expired=True),
+        )
+        self.srv.split("split", {"s": 0.5, "i": 0.5})
+        self.srv.link("batch", "bt")
+        self.futures: list[Future[Any]] = []
+        self.resolutions: dict[int, int] = {}
+        self.stopped = False
+        self.replicas = {"s": 1, "bt": 1}
+        self.calls = 0
+
+    # --------------------------------------------------------------- calls
+    @precondition(lambda self: not self.stopped)
+    @rule(
+        endpoint=st.sampled_from(["split", "batch", "later"]),
+        slo=st.sampled_from([None, 20, 150, 1000]),
+        fail=st.booleans(),
+    )
+    def call(self, endpoint: str, slo: int | None, fail: bool) -> None:
+        self.calls += 1
+        handle = self.srv.get_handle(endpoint, missing_ok=True, relative_slo_ms=slo)
+        try:
+            future = handle.remote(i=self.calls, fail=fail)
+        except ServeError:
+            return  # refused at once (back pressure, broken backend): the caller got its answer
+        index = len(self.futures)
+        self.resolutions[index] = 0
+        future.add_done_callback(functools.partial(self._resolved, index))
+        self.futures.append(future)
+
+    def _resolved(self, index: int, future: Future[Any]) -> None:
+        self.resolutions[index] += 1
+
+    @precondition(lambda self: self.futures)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        data.draw(st.sampled_from(self.futures)).cancel()
+
+    # ---------------------------------------------------------- replicas
+    @precondition(lambda self: self.executor.held())
+    @rule(data=st.data())
+    def complete(self, data: st.DataObject) -> None:
+        replica = data.draw(st.sampled_from(self.executor.held()))
+        replica.complete(data.draw(st.integers(0, len(replica.held) - 1)))
+
+    @precondition(lambda self: not self.stopped and self.executor.live())
+    @rule(data=st.data(), replacement_fails=st.booleans())
+    def crash(self, data: st.DataObject, replacement_fails: bool) -> None:
+        replica = data.draw(st.sampled_from(self.executor.live()))
+        self.executor.failing_starts = int(replacement_fails)
+        replica.crash()
+        _wait_for_replacements()
+        self.executor.failing_starts = 0
+
+    @precondition(lambda self: not self.stopped)
+    @rule(tag=st.sampled_from(["s", "bt"]), replicas=st.integers(1, 3), start_fails=st.booleans())
+    def scale(self, tag: str, replicas: int, start_fails: bool) -> None:
+        self.executor.failing_starts = int(start_fails)
+        config = self.srv.get_backend_config(tag)
+        config.num_replicas = replicas
+        try:
+            self.srv.set_backend_config(tag, config)
+        except RuntimeError as exc:
+            assert "scripted" in str(exc)
+        self.executor.failing_starts = 0
+
+    # ----------------------------------------------------------- traffic
+    @precondition(lambda self: not self.stopped)
+    @rule(weights=st.sampled_from([{"s": 1.0}, {"i": 1.0}, {"s": 0.5, "i": 0.5}, {"bt": 1.0}]))
+    def link_later(self, weights: dict[str, float]) -> None:
+        self.srv.split("later", weights)
+
+    # -------------------------------------------------------------- time
+    @rule(seconds=st.sampled_from([0.005, 0.03, 0.1, 0.5, 2.5]))
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    @precondition(lambda self: not self.stopped)
+    @rule()
+    def shutdown(self) -> None:
+        self.srv.shutdown()
+        self.stopped = True
+        self._check_all_done()
+
+    # ------------------------------------------------------------ checks
+    @invariant()
+    def resolved_at_most_once(self) -> None:
+        _wait_for_replacements()  # a dead replica found by any step is replaced before the next one
+        assert all(count <= 1 for count in self.resolutions.values()), self.resolutions
+        assert not self.failures.records, [r.getMessage() for r in self.failures.records]
+
+    def _check_all_done(self) -> None:
+        pending = [i for i, future in enumerate(self.futures) if not future.done()]
+        assert not pending, f"futures still pending after shutdown: {pending}"
+        assert all(count == 1 for count in self.resolutions.values()), self.resolutions
+
+    def teardown(self) -> None:
+        self.srv.shutdown()
+        for name in ("serve_core", "concurrent.futures"):
+            logging.getLogger(name).removeHandler(self.failures)
+        self._check_all_done()
+        assert not self.failures.records, [r.getMessage() for r in self.failures.records]
+
+
+Scheduler.TestCase.settings = settings(
+    max_examples=150,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestScheduler = Scheduler.TestCase
