@@ -17,9 +17,11 @@ The old approach is re-implemented below (``_OldHistogram``, ``_old_percentile_k
 so both sides run in the same process on the same data; rounds alternate between them
 so both see the same machine load. Only the ratios mean something.
 
-(c) is measured by ``contention(stat_once, hot_call, stats)``, which takes any two
-callables: the end-to-end row "handle call latency during stat()" is that function with
-``Serve.stat`` and ``handle.remote(...).result`` (see ``report_contention``).
+(d) end to end: a ``Serve`` on a fake clock whose no-op backend holds a full hour of
+    samples (filled by real handle calls); handle calls from another thread while
+    ``Serve.stat()`` loops, and ``stat()``'s own duration.
+
+(c) and (d) are measured by ``contention(stat_once, hot_call, stats)``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from serve_core import Serve
 from serve_core.metrics import HistogramSnapshot, WindowedHistogram, percentile_keys
+from serve_core.testing import FakeClock
+
+from . import core_cases as cases
 
 NAMES = ("latency_s", "queue_wait_s", "execution_s", "batch_size")
 WINDOW_S = 3600
@@ -223,15 +229,41 @@ def report_contention(backend: _Backend, rounds: int) -> None:
             f"    {label:<20} median {_ms(statistics.median(lat))}   p99 {_ms(_quantile(lat, 0.99))}"
             f"   max {_ms(max(lat))}   ({len(lat)} calls)"
         )
-    # The end-to-end row goes here once the new runtime lands: a Serve with one no-op
-    # backend whose histograms hold a full window, then
-    #   contention(srv.stat, lambda: handle.remote().result(), rounds)
-    # printed like the rows above.
+
+
+def report_end_to_end(rounds: int) -> None:
+    """Row (d): handle calls on a ``Serve`` whose no-op backend holds a full hour of samples.
+
+    The window is filled through the public API on a fake clock (130 calls, then one
+    second), then a thread makes handle calls while the main thread loops ``Serve.stat()``
+    with its default windows, against the same calls with no ``stat()`` running.
+    """
+    clock = FakeClock()
+    with Serve(executor="thread", start_server=False, clock=clock) as srv:
+        handle = cases.noop_handle(srv)
+        start = time.perf_counter()
+        for _ in range(WINDOW_S):
+            cases.settle([handle.remote() for _ in range(RATE)])
+            clock.advance(1.0)
+        print(f"(d) filled one backend by {WINDOW_S * RATE:,} handle calls in {time.perf_counter() - start:.1f} s;")
+        print("    a handle call every 0.5 ms while Serve.stat() loops; its latency:")
+        durations: list[float] = []
+        for label, stat_once in (
+            ("no stat() running", lambda: time.sleep(0.05)),
+            ("Serve.stat()", lambda: durations.append(_timed(srv.stat))),
+        ):
+            lat = contention(stat_once, lambda: handle.remote().result(cases.WAIT), rounds)
+            print(
+                f"    {label:<20} median {_ms(statistics.median(lat))}   p99 {_ms(_quantile(lat, 0.99))}"
+                f"   max {_ms(max(lat))}   ({len(lat)} calls)"
+            )
+        print(f"    Serve.stat() itself: median {_ms(statistics.median(durations))}   max {_ms(max(durations))}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="rounds of each stat() measurement")
+    parser.add_argument("--no-end-to-end", action="store_true", help="skip row (d) (it fills a Serve: ~30 s)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     backend = _Backend()
@@ -244,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     report_stat(backend, args.rounds)
     print()
     report_contention(backend, args.rounds)
+    if not args.no_end_to_end:
+        print()
+        report_end_to_end(args.rounds)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ class Query:
 
         A query the caller cancelled while it was queued is dropped silently.
         """
-        if not self.claim():
+        if not (self.started or self.claim()):
             return
         if ok:
             self.future.set_result(value)

@@ -89,8 +89,8 @@ class Router:
         with self._lock:
             if self._closed:
                 raise ShuttingDownError("serve instance is shutting down; no new calls")
-            ep = self._endpoint(query.endpoint)
-            ep.requests.inc()
+            ep = self._endpoints.get(query.endpoint) or self._endpoint(query.endpoint)
+            ep.requests.value += 1
             if ep.policy is None:
                 self._waiting.hold(ep.name, query)
                 return

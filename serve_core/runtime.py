@@ -9,11 +9,11 @@ Who owns a query, and so who may answer it: the queue while it is queued, then t
 slot's call it was dispatched in (keyed by a token). Whoever takes it out of its
 container under the runtime's lock answers it (:meth:`Query.settle`), outside the lock.
 
-Dispatch is event-driven and runs in one thread at a time, the *pump*: an admission, a
-finished call, a timer (deadline, batch wait) or a config change each pump once; a
-thread that finds the pump taken leaves a note (``_again``) for the pumping thread
-instead of recursing, so an inline replica that completes inside ``submit`` iterates.
-Waits are timers on the instance's clock.
+Dispatch is event-driven: an admission, a finished call, a timer (deadline, batch wait)
+or a config change each take the work that can start under the lock and submit it
+outside. A call that is already answered when ``submit`` returns (an inline replica, a
+refused call) is finished in the same loop, and the work it frees joins that loop, so a
+chain of such calls iterates instead of recursing. Waits are timers on the instance's clock.
 """
 
 from __future__ import annotations
@@ -136,8 +136,6 @@ class BackendRuntime:
         self._broken: str | None = None  # why it has no replica, when restarting one failed
         self._admitting = True
         self._closed = False
-        self._pumping = False
-        self._again = False
         self._deadline_timer: Timer | None = None
         self._batch_timer: Timer | None = None
         self._idle_waiters: list[Callable[[], None]] = []
@@ -197,29 +195,21 @@ class BackendRuntime:
                 raise ReplicaDiedError(self._broken)
             query.backend = self.tag
             self._queue.push(query)
-            if self._pumping:
-                self._again = True
-                return
             if not (dispatch and self._idle):
                 if self._config.drop_expired and query.deadline != NO_DEADLINE:
                     self._arm_deadline()
                 return
-            self._pumping = True
             work, expired = self._take()
         self._run(work, expired)
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self) -> None:
-        """Run what can run now (after admissions with ``dispatch=False``)."""
-        self._pump()
-
-    def _pump(self) -> None:
+        """Run what can run now (after admissions with ``dispatch=False``, a timer, a new replica)."""
         with self._lock:
-            if self._pumping:
-                self._again = True
-                return
-            self._pumping = True
             work, expired = self._take()
+            waiters = self._idle_now()
+        for waiter in waiters:
+            waiter()
         self._run(work, expired)
 
     def _take(self) -> tuple[list[Work], list[Query]]:
@@ -236,14 +226,20 @@ class BackendRuntime:
             if batch.wait_until is not None:
                 self._arm_batch(batch.wait_until)
                 break
-            queries = [query for query in batch.queries if query.claim()]  # cancelled ones are dropped
-            if not queries:
-                continue
+            queries = batch.queries
+            if len(queries) == 1:
+                if not queries[0].claim():
+                    continue  # cancelled by its caller: dropped
+            else:
+                queries = [query for query in queries if query.claim()]
+                if not queries:
+                    continue
             slot = idle.popleft()
             token = next(self._tokens)
-            slot.calls[token] = queries
+            calls = slot.calls
+            calls[token] = queries
             self._active.add(slot)
-            if not slot.full:
+            if len(calls) < slot.capacity:
                 idle.append(slot)
             for query in queries:
                 query.dispatched = now
@@ -253,45 +249,51 @@ class BackendRuntime:
         return work, expired
 
     def _run(self, work: list[Work], expired: list[Query]) -> None:
-        """Submit work and answer expired queries outside the lock, until no pump was asked for."""
+        """Answer expired queries and submit work, outside the lock; calls answered at once loop here."""
         while True:
             for query in expired:
                 query.settle(False, DeadlineExceededError(
                     f"deadline of the query to backend {self.tag!r} passed before it ran"
                 ))
+            freed: list[Work] = []
+            expired = []
             for slot, token, queries in work:
-                self._submit(slot, token, queries)
-            with self._lock:
-                if not self._again:
-                    self._pumping = False
-                    waiters = self._idle_now()
-                    break
-                self._again = False
-                work, expired = self._take()
-        for waiter in waiters:
-            waiter()
+                future = self._submit(slot, queries)
+                if not future.done():
+                    future.add_done_callback(partial(self._on_done, slot, token))
+                    continue
+                more, old = self._finish(slot, token, future)
+                freed += more
+                expired += old
+            if not (freed or expired):
+                return
+            work = freed
 
-    def _submit(self, slot: Slot, token: int, queries: list[Query]) -> None:
+    def _submit(self, slot: Slot, queries: list[Query]) -> Future[list[Outcome]]:
         head = queries[0]
-        call = Call(
-            method=head.method,
-            web=head.request is not None,
-            batched=self._config.max_batch_size is not None,
-            requests=tuple(query.request for query in queries),
-            kwargs=tuple(query.kwargs for query in queries),
-        )
-        future: Future[list[Outcome]]
+        if len(queries) == 1:
+            requests: tuple[Any, ...] = (head.request,)
+            kwargs: tuple[dict[str, Any], ...] = (head.kwargs,)
+        else:
+            requests = tuple([query.request for query in queries])
+            kwargs = tuple([query.kwargs for query in queries])
+        call = Call(head.method, head.request is not None, self._config.max_batch_size is not None, requests, kwargs)
         try:
-            if not slot.replica.alive:
-                raise NotDeliveredError(f"replica {slot.replica.replica_id} is not running")
-            future = slot.replica.submit(call)
+            if slot.replica.alive:
+                return slot.replica.submit(call)
+            error: BaseException = NotDeliveredError(f"replica {slot.replica.replica_id} is not running")
         except BaseException as exc:  # noqa: BLE001 - a broken executor is a dead replica
-            future = Future()
-            future.set_exception(exc)
-        future.add_done_callback(partial(self._on_done, slot, token))
+            error = exc
+        future: Future[list[Outcome]] = Future()
+        future.set_exception(error)
+        return future
 
     def _on_done(self, slot: Slot, token: int, future: Future[list[Outcome]]) -> None:
-        """A call ended: answer its queries, free the slot, pump (runs on the executor's thread)."""
+        """A call ended on the executor's thread: finish it and run the work it frees."""
+        self._run(*self._finish(slot, token, future))
+
+    def _finish(self, slot: Slot, token: int, future: Future[list[Outcome]]) -> tuple[list[Work], list[Query]]:
+        """Answer a finished call's queries and free its slot; returns the work that can start now."""
         outcomes, died = _outcomes_of(future)
         now = self._clock.monotonic()
         replace = False
@@ -300,7 +302,7 @@ class BackendRuntime:
         with self._lock:
             queries = slot.calls.pop(token, None)
             if queries is None:
-                return  # abandoned by shutdown, which answered its queries
+                return [], []  # abandoned by shutdown, which answered its queries
             if not slot.calls:
                 self._active.discard(slot)
             if isinstance(died, NotDeliveredError):
@@ -314,26 +316,22 @@ class BackendRuntime:
             else:
                 outcomes = _checked(slot, queries, outcomes)
                 self._record(slot, queries, outcomes, now)
-            if self._pumping:
-                self._again = True
-                pump = False
-            else:
-                self._pumping = pump = True
-                work, expired = self._take()
+            work, expired = self._take() if self._idle and self._queue else ([], [])
+            waiters = self._idle_now() if self._idle_waiters else []
         for query, outcome in zip(queries, outcomes):
             if not outcome.ok:
                 self._count_error(query.endpoint)
             query.settle(outcome.ok, outcome.value)
         if failed and error is not None:
-            if not isinstance(died, NotDeliveredError):
-                for query in failed:
-                    self._count_error(query.endpoint)
             for query in failed:
+                if not isinstance(died, NotDeliveredError):
+                    self._count_error(query.endpoint)
                 query.settle(False, error)
         if replace:
             self._replace_later(slot.replica)
-        if pump:
-            self._run(work, expired)
+        for waiter in waiters:
+            waiter()
+        return work, expired
 
     def _record(self, slot: Slot, queries: list[Query], outcomes: list[Outcome], now: float) -> None:
         """Metrics of a finished call, and its slot freed (under the lock)."""
@@ -403,7 +401,7 @@ class BackendRuntime:
             timer = self._deadline_timer
             if timer is not None and timer.when <= self._clock.monotonic():
                 self._deadline_timer = None
-        self._pump()
+        self.dispatch()
 
     def _arm_batch(self, when: float) -> None:
         timer = self._batch_timer
@@ -418,7 +416,7 @@ class BackendRuntime:
             timer = self._batch_timer
             if timer is not None and timer.when <= self._clock.monotonic():
                 self._batch_timer = None
-        self._pump()
+        self.dispatch()
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -453,7 +451,7 @@ class BackendRuntime:
             for slot in self._slots:
                 slot.capacity = capacity(config, slot.replica)
             self._idle = collections.deque(slot for slot in self._slots if not slot.full)
-        self._pump()
+        self.dispatch()
 
     def _scale(self, target: int) -> None:
         current = len(self._slots)
@@ -514,7 +512,7 @@ class BackendRuntime:
         if stop:
             replica.stop(0)
         else:
-            self._pump()
+            self.dispatch()
 
     def _retire(self, count: int, oldest: bool) -> None:
         """Take ``count`` replicas out of service (the newest unless ``oldest``), drain, stop them."""
@@ -582,7 +580,7 @@ class BackendRuntime:
         """Refuse new queries; what is queued and in flight goes on (batches no longer wait to fill)."""
         with self._lock:
             self._admitting = False
-        self._pump()
+        self.dispatch()
 
     def when_idle(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once nothing is queued nor in flight (now, if so already)."""
@@ -594,7 +592,7 @@ class BackendRuntime:
 
     def _idle_now(self) -> list[Callable[[], None]]:
         """The idle waiters to call, if the runtime is idle (under the lock)."""
-        if self._queue or self._active or self._pumping or not self._idle_waiters:
+        if self._queue or self._active or not self._idle_waiters:
             return []
         waiters, self._idle_waiters = self._idle_waiters, []
         return waiters

@@ -47,6 +47,8 @@ class SLO:
         absolute = _milliseconds("absolute_slo_ms", absolute_slo_ms)
         if relative is not None and absolute is not None:
             raise ValidationError("give relative_slo_ms or absolute_slo_ms, not both")
+        if relative is None and absolute is None:
+            return NO_SLO  # one object: callers test ``slo is NO_SLO`` to skip the deadline math
         return cls(relative, absolute)
 
     def deadline(self, clock: Clock) -> float:

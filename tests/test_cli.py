@@ -13,7 +13,9 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -213,3 +215,80 @@ def test_restart_restores_the_deployment_file_on_the_process_executor(tmp_path: 
             assert proc.wait(WAIT) == 0
     assert "restored 1 endpoints, 2 backends" in banner
     assert (tmp_path / "serve_core.db").exists()
+
+
+DRAIN_APP = """
+import os
+
+import serve_core as serve
+
+GATES = {gates!r}
+
+
+def slow(request):
+    with open(os.path.join(GATES, request.args["gate"])) as gate:  # blocks until the test opens it to write
+        return gate.read()
+
+
+serve.create_endpoint("slow", "/slow")
+serve.create_backend(slow, "slow:v1")
+serve.link("slow", "slow:v1")
+"""
+
+
+def _poll(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)  # polling a condition under a deadline, not synchronisation
+
+
+def test_sigterm_drains_queued_requests_under_granian(tmp_path: Path) -> None:
+    """Granian stops accepting on SIGTERM and lets its running requests finish: queued calls are served."""
+    require(importlib.util.find_spec("granian") is not None, "granian is not installed")
+    for name in ("a", "b"):
+        os.mkfifo(tmp_path / name)
+    app = tmp_path / "drain.py"
+    app.write_text(DRAIN_APP.format(gates=str(tmp_path)))
+    port = free_port()
+    args = (str(app), "--port", str(port), "--server", "granian", "--kv-store", str(tmp_path / "s.db"))
+    with _running(*args, cwd=tmp_path) as (proc, url, _):
+        _wait_until_answering(url)
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(requests.get, f"{url}/slow?gate=a", timeout=WAIT)
+            with open(tmp_path / "a", "w") as gate_a:
+                queued = pool.submit(requests.get, f"{url}/slow?gate=b", timeout=WAIT)
+                queue_size = "backend_slow:v1_queue_size"
+                _poll(lambda: requests.get(f"{url}/-/stat", timeout=WAIT).json()[queue_size] == 1, "a queued call")
+                proc.send_signal(signal.SIGTERM)
+                gate_a.write("first")
+            with open(tmp_path / "b", "w") as gate_b:
+                gate_b.write("second")
+            assert (running.result(WAIT).status_code, running.result(WAIT).text) == (200, "first")
+            assert (queued.result(WAIT).status_code, queued.result(WAIT).text) == (200, "second")
+        assert proc.wait(WAIT) == 0
+
+
+def test_sigterm_drains_queued_requests(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        os.mkfifo(tmp_path / name)
+    app = tmp_path / "drain.py"
+    app.write_text(DRAIN_APP.format(gates=str(tmp_path)))
+    with _running(str(app), "--port", "0", "--kv-store", str(tmp_path / "s.db"), cwd=tmp_path) as (proc, url, _):
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(requests.get, f"{url}/slow?gate=a", timeout=WAIT)
+            with open(tmp_path / "a", "w") as gate_a:  # opens once the backend runs the first call
+                queued = pool.submit(requests.get, f"{url}/slow?gate=b", timeout=WAIT)
+                queue_size = "backend_slow:v1_queue_size"
+                _poll(lambda: requests.get(f"{url}/-/stat", timeout=WAIT).json()[queue_size] == 1, "a queued call")
+                proc.send_signal(signal.SIGTERM)
+                _poll(lambda: requests.get(f"{url}/-/healthz", timeout=WAIT).status_code == 503, "the drain")
+                assert requests.get(f"{url}/slow?gate=c", timeout=WAIT).status_code == 503  # no new calls...
+                gate_a.write("first")
+            with open(tmp_path / "b", "w") as gate_b:
+                gate_b.write("second")
+            # ... but what was accepted is served.
+            assert (running.result(WAIT).status_code, running.result(WAIT).text) == (200, "first")
+            assert (queued.result(WAIT).status_code, queued.result(WAIT).text) == (200, "second")
+        assert proc.wait(WAIT) == 0
