@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 log = logging.getLogger("serve_core")
 
-Callback = Callable[[], None]
+Callback = Callable[[], object]
 
 
 class Timer:

@@ -9,6 +9,7 @@ import pytest
 from serve_core import BackendConfig
 from serve_core.config import DEFAULT_MAX_QUEUE_SIZE
 from serve_core.errors import ServeTypeError, ValidationError
+from serve_core.executors.base import EXECUTORS, ExecutorEntry, create_executor
 
 
 def test_defaults() -> None:
@@ -92,3 +93,30 @@ def test_placement_hints_on_an_executor_that_ignores_them_are_reported_once(make
     warnings = [r.getMessage() for r in caplog.records if "ignores them" in r.getMessage()]
     assert warnings == ["backend 'b': num_gpus=1, resources={'tpu': 1} only place replicas on the ray "
                         "executor; the 'thread' executor ignores them"]
+
+
+class OptionProbe:
+    """An executor that records the options it was built with."""
+
+    name = "probe"
+    places_replicas = False
+    built: list[dict[str, object]] = []
+
+    def __init__(self, **options: object) -> None:
+        OptionProbe.built.append(options)
+
+    def start_replica(self, spec: object) -> object:
+        raise AssertionError("not started in this test")
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_executors_built_by_name_get_only_the_options_they_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(EXECUTORS, "probe", ExecutorEntry(f"{__name__}:OptionProbe", ("ray_init_kwargs",)))
+    monkeypatch.setitem(EXECUTORS, "bare-probe", ExecutorEntry(f"{__name__}:OptionProbe"))
+    monkeypatch.setattr(OptionProbe, "built", [])
+    options = {"ray_init_kwargs": {"num_cpus": 1}, "other": 1}
+    create_executor("probe", options)
+    create_executor("bare-probe", options)
+    assert OptionProbe.built == [{"ray_init_kwargs": {"num_cpus": 1}}, {}]

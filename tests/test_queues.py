@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
-from serve_core.batching import form_batch
+from serve_core.batching import ExecutionTimes, form_batch
+from serve_core.clock import SystemClock
 from serve_core.errors import BackPressureError, ValidationError
 from serve_core.queues import NO_DEADLINE, BackendQueue, Query, ServeFuture
 from serve_core.slo import SLO
 from serve_core.testing import FakeClock
 
 
-def query(deadline: float = NO_DEADLINE, method: str = "__call__", **kwargs: object) -> Query:
-    return Query("e", method, dict(kwargs), None, deadline, None, ServeFuture(), 0.0, backend="b")
+def query(deadline: float = NO_DEADLINE, method: str = "__call__", arrival: float = 0.0, **kwargs: object) -> Query:
+    return Query("e", method, dict(kwargs), None, deadline, None, ServeFuture(), arrival, backend="b")
 
 
 def test_earliest_deadline_first_then_arrival() -> None:
@@ -84,6 +87,74 @@ def test_expired_queries_are_split_out_when_dropping() -> None:
     assert [q.kwargs["i"] for q in batch.queries] == [1]
     queue.push(query(1.0, i=2))
     assert [q.kwargs["i"] for q in form_batch(queue, 5, now=2.0, drop_expired=False).queries] == [2]
+
+
+def test_batch_waits_until_its_oldest_query_waited_long_enough() -> None:
+    queue = BackendQueue(100)
+    queue.push(query(arrival=1.0, i=0))
+    queue.push(query(arrival=1.5, i=1))
+    waiting = form_batch(queue, 4, now=1.6, drop_expired=False, wait_s=1.0)
+    assert (waiting.queries, waiting.wait_until, len(queue)) == ([], 2.0, 2)  # both still queued
+    leaving = form_batch(queue, 4, now=2.0, drop_expired=False, wait_s=1.0)
+    assert [q.kwargs["i"] for q in leaving.queries] == [0, 1] and leaving.wait_until is None
+
+
+def test_full_batch_and_zero_wait_leave_at_once() -> None:
+    queue = BackendQueue(100)
+    for n in range(3):
+        queue.push(query(arrival=1.0, i=n))
+    assert len(form_batch(queue, 3, now=1.0, drop_expired=False, wait_s=5.0).queries) == 3
+    queue.push(query(arrival=1.0, i=3))
+    assert len(form_batch(queue, 3, now=1.0, drop_expired=False, wait_s=0.0).queries) == 1
+
+
+def test_batch_leaves_early_for_its_tightest_deadline_and_execution_time() -> None:
+    queue = BackendQueue(100)
+    queue.push(query(deadline=1.2, arrival=1.0, i=0))
+    queue.push(query(arrival=1.0, i=1))
+    assert form_batch(queue, 8, now=1.0, drop_expired=False, wait_s=1.0).wait_until == pytest.approx(1.2)
+    slow = form_batch(queue, 8, now=1.0, drop_expired=False, wait_s=1.0, execution_time=lambda n: 0.05 * n)
+    assert slow.wait_until == pytest.approx(1.1)  # 1.2 minus 50 ms for each of 2 queries
+    assert len(form_batch(queue, 8, now=1.1, drop_expired=False, wait_s=1.0, execution_time=lambda n: 0.1).queries) == 2
+
+
+def test_execution_times_per_size_bucket() -> None:
+    times = ExecutionTimes()
+    assert times.estimate(5) == 0.0  # nothing seen: as if instant
+    times.observe(1, 0.010)
+    assert times.estimate(1) == 0.010 and times.estimate(6) == 0.010  # borrows the nearest smaller bucket
+    times.observe(4, 0.040)
+    assert times.estimate(7) == 0.040 and times.estimate(3) == 0.010  # 4-7 share a bucket; 2-3 borrow 1
+    times.observe(5, 0.080)
+    assert 0.040 < times.estimate(4) < 0.080  # a moving average, not the last sample
+
+
+def test_fake_clock_fires_timers_in_time_order_in_the_calling_thread() -> None:
+    clock = FakeClock(start=0.0)
+    fired: list[tuple[str, float]] = []
+    clock.call_at(2.0, lambda: fired.append(("b", clock.monotonic())))
+    clock.call_later(1.0, lambda: fired.append(("a", clock.monotonic())))
+    cancelled = clock.call_at(1.5, lambda: fired.append(("x", clock.monotonic())))
+    cancelled.cancel()
+    clock.call_at(2.5, lambda: clock.call_later(0.2, lambda: fired.append(("c", clock.monotonic()))))
+    assert clock.pending == 3
+    clock.advance(1.9)
+    assert fired == [("a", 1.0)] and clock.monotonic() == 1.9
+    clock.advance(1.0)
+    assert fired == [("a", 1.0), ("b", 2.0), ("c", 2.7)]  # one armed by a timer fired in the same step
+    assert clock.monotonic() == pytest.approx(2.9) and clock.pending == 0
+    with pytest.raises(ValueError):
+        clock.advance(-1)
+
+
+def test_system_clock_timers_fire_on_one_thread() -> None:
+    clock = SystemClock()
+    fired = threading.Event()
+    clock.call_later(3600, fired.set).cancel()
+    clock.call_later(0.0, fired.set)
+    assert fired.wait(10.0)
+    clock.close()
+    assert not any(thread.name == "serve-clock" for thread in threading.enumerate())
 
 
 def test_slo_to_deadline() -> None:

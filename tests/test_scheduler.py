@@ -233,3 +233,24 @@ def test_shutdown_fails_what_outlives_the_drain_time(make_serve: MakeServe) -> N
     assert not stopper.is_alive()
     for future in (running, queued):
         assert isinstance(future.exception(0), ShuttingDownError)
+
+
+# ---------------------------------------------------------------- capacity
+def test_a_lowered_max_concurrent_queries_applies_once_calls_drain(make_serve: MakeServe) -> None:
+    srv, executor, clock = _scripted(make_serve)
+    _backend(srv, config=BackendConfig(max_concurrent_queries=4))
+    handle = srv.get_handle("ep")
+    futures = [handle.remote(i=n) for n in range(6)]
+    (replica,) = executor.started
+    assert len(replica.held) == 4  # the config's number, not the replica's default of 1
+    config = srv.get_backend_config("b")
+    config.max_concurrent_queries = 1
+    srv.set_backend_config("b", config)
+    for held in (3, 2, 1):  # still at or above the new capacity: nothing new is handed over
+        replica.complete()
+        assert (len(replica.held), srv.stat()["backend_b_queue_size"]) == (held, 2)
+    replica.complete()  # none in flight: room for exactly one call again
+    assert (len(replica.held), srv.stat()["backend_b_queue_size"]) == (1, 1)
+    replica.complete()
+    replica.complete()
+    assert [f.result(0) for f in futures] == list(range(6))
