@@ -55,8 +55,14 @@ def form_batch(
         wait_s: how long a batch that is not full may wait for its oldest query's sake.
         execution_time: expected seconds to run a batch of a given size.
     """
-    if max_batch_size is None:
-        return _single(queue, now, drop_expired)
+    if max_batch_size is None:  # single calls: the head of the queue, unless it expired
+        expired: list[Query] = []
+        while queue:
+            query = queue.pop()
+            if not (drop_expired and query.deadline <= now):
+                return Batch([query], expired)
+            expired.append(query)
+        return Batch([], expired)
     batch = Batch([], [])
     held_back: list[Query] = []
     key = None
@@ -77,17 +83,6 @@ def form_batch(
     for query in held_back:
         queue.restore(query)
     return batch
-
-
-def _single(queue: BackendQueue, now: float, drop_expired: bool) -> Batch:
-    expired: list[Query] = []
-    while queue:
-        query = queue.pop()
-        if drop_expired and query.deadline <= now:
-            expired.append(query)
-        else:
-            return Batch([query], expired)
-    return Batch([], expired)
 
 
 def _leave_at(queries: list[Query], wait_s: float, execution_time: EstimateTime) -> float:

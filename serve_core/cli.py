@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .kv import DEFAULT_CLI_STORE
-from .serve import DEFAULT_HTTP_REQUEST_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
+from .serve import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HTTP_REQUEST_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--request-timeout", type=_request_timeout, default=DEFAULT_HTTP_REQUEST_TIMEOUT_S, metavar="SECONDS",
         help="how long a request waits for its answer, 504 past it; 0 for no limit (default: %(default)s)",
+    )
+    run.add_argument(
+        "--drain-timeout", type=_drain_timeout, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long queued and running calls may finish (default: %(default)s)",
     )
     for name, help_text in (("routes", "print a running server's routes"), ("stat", "print its metrics")):
         query = commands.add_parser(name, help=help_text)
@@ -71,6 +75,16 @@ def _request_timeout(text: str) -> float | None:
     if not 0 <= seconds < math.inf:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, or 0 for no limit, not {text!r}")
     return seconds or None
+
+
+def _drain_timeout(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text!r}")
+    return seconds
 
 
 APP_MODULE = "__serve_core_app__"
@@ -127,6 +141,7 @@ def _run(args: argparse.Namespace) -> int:
         debug=args.debug,
         max_body_bytes=args.max_body_bytes,
         http_request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
     )
     try:
         load_app(args.app)

@@ -50,9 +50,13 @@ class call_context:
         self._batch_size = batch_size
 
     def __enter__(self) -> None:
-        self._tokens = (_web.set(self._web), _batch_size.set(self._batch_size))
+        if _web.get() is self._web and _batch_size.get() == self._batch_size:
+            self._tokens = None  # already so (the common case: a Python call on a replica's thread)
+        else:
+            self._tokens = (_web.set(self._web), _batch_size.set(self._batch_size))
 
     def __exit__(self, *exc_info: object) -> None:
-        web_token, batch_token = self._tokens
-        _batch_size.reset(batch_token)
-        _web.reset(web_token)
+        if self._tokens is not None:
+            web_token, batch_token = self._tokens
+            _batch_size.reset(batch_token)
+            _web.reset(web_token)

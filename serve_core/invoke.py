@@ -47,6 +47,9 @@ class PythonCallRequest:
 
 _PLACEHOLDER = PythonCallRequest()
 
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, tuple, dict})
+"""Result types that are never awaitable: skips ``inspect.isawaitable`` on the common answers."""
+
 
 def is_public_method(name: str) -> bool:
     """Methods reachable by callers: ``__call__`` and names without a leading underscore."""
@@ -144,7 +147,7 @@ class Invoker:
         return [Outcome(True, value) for value in result]
 
     def _await(self, result: Any) -> Any:
-        if not inspect.isawaitable(result):
+        if type(result) in _PLAIN or not inspect.isawaitable(result):
             return result
         if self._loop is None:
             self._loop = asyncio.new_event_loop()

@@ -294,7 +294,11 @@ class BackendRuntime:
 
     def _finish(self, slot: Slot, token: int, future: Future[list[Outcome]]) -> tuple[list[Work], list[Query]]:
         """Answer a finished call's queries and free its slot; returns the work that can start now."""
-        outcomes, died = _outcomes_of(future)
+        died: BaseException | None = None
+        try:
+            outcomes = future.result()
+        except BaseException as exc:  # noqa: BLE001 - any failure of the future is a dead replica
+            outcomes, died = [], exc
         now = self._clock.monotonic()
         replace = False
         failed: list[Query] = []
@@ -344,7 +348,8 @@ class BackendRuntime:
         seconds = now - queries[0].dispatched
         self._execution.record(seconds, now)
         self._batch_size.record(len(queries), now)
-        self._times.observe(len(queries), seconds)
+        if self._config.batch_wait_timeout_s:  # the model only serves batches that wait
+            self._times.observe(len(queries), seconds)
         if slot.retired:
             if not slot.calls:
                 slot.mark_drained()
@@ -622,13 +627,6 @@ class BackendRuntime:
             self._active.clear()
         for query in abandoned:
             query.settle(False, ShuttingDownError("serve instance shut down before the call finished"))
-
-
-def _outcomes_of(future: Future[list[Outcome]]) -> tuple[list[Outcome], BaseException | None]:
-    try:
-        return future.result(), None
-    except BaseException as exc:  # noqa: BLE001 - any failure of the future is a dead replica
-        return [], exc
 
 
 def _checked(slot: Slot, queries: list[Query], outcomes: list[Outcome]) -> list[Outcome]:

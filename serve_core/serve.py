@@ -99,7 +99,7 @@ class Serve:
     ) -> None:
         self.init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_stat_args((), (), gc_window_seconds)
-        _check_http_options(max_body_bytes, http_request_timeout_s)
+        _check_options(max_body_bytes, http_request_timeout_s, drain_timeout_s)
         self._own_clock = SystemClock() if clock is None else None
         self.clock: Clock = clock or self._own_clock  # type: ignore[assignment]
         self.gc_window_seconds = gc_window_seconds
@@ -478,7 +478,11 @@ class Serve:
         return f"<Serve {self._state.value} endpoints={len(registry.endpoints)} backends={len(registry.backends)}>"
 
 
-def _check_http_options(max_body_bytes: Any, http_request_timeout_s: Any) -> None:
+def _check_options(max_body_bytes: Any, http_request_timeout_s: Any, drain_timeout_s: Any) -> None:
+    if isinstance(drain_timeout_s, bool) or not (
+        isinstance(drain_timeout_s, (int, float)) and 0 <= drain_timeout_s < math.inf
+    ):
+        raise ValidationError(f"drain_timeout_s must be a number of seconds >= 0, got {drain_timeout_s!r}")
     if http_request_timeout_s is not None and not (
         isinstance(http_request_timeout_s, (int, float)) and 0 < http_request_timeout_s < math.inf
     ):

@@ -184,7 +184,9 @@ def test_body_limit_and_request_timeout_flags(tmp_path: Path, server: str) -> No
 
 
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--max-body-bytes", "0"), ("--max-body-bytes", "ten"), ("--request-timeout", "-1")]
+    ("flag", "value"),
+    [("--max-body-bytes", "0"), ("--max-body-bytes", "ten"), ("--request-timeout", "-1"), ("--drain-timeout", "-1"),
+     ("--drain-timeout", "soon")],
 )
 def test_bad_limit_flags_are_usage_errors(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
     from serve_core.cli import main
@@ -252,7 +254,8 @@ def test_sigterm_drains_queued_requests_under_granian(tmp_path: Path) -> None:
     app = tmp_path / "drain.py"
     app.write_text(DRAIN_APP.format(gates=str(tmp_path)))
     port = free_port()
-    args = (str(app), "--port", str(port), "--server", "granian", "--kv-store", str(tmp_path / "s.db"))
+    args = (str(app), "--port", str(port), "--server", "granian", "--kv-store", str(tmp_path / "s.db"),
+            "--drain-timeout", "20")
     with _running(*args, cwd=tmp_path) as (proc, url, _):
         _wait_until_answering(url)
         with ThreadPoolExecutor(2) as pool:
@@ -275,7 +278,8 @@ def test_sigterm_drains_queued_requests(tmp_path: Path) -> None:
         os.mkfifo(tmp_path / name)
     app = tmp_path / "drain.py"
     app.write_text(DRAIN_APP.format(gates=str(tmp_path)))
-    with _running(str(app), "--port", "0", "--kv-store", str(tmp_path / "s.db"), cwd=tmp_path) as (proc, url, _):
+    args = (str(app), "--port", "0", "--kv-store", str(tmp_path / "s.db"), "--drain-timeout", "20")
+    with _running(*args, cwd=tmp_path) as (proc, url, _):
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(requests.get, f"{url}/slow?gate=a", timeout=WAIT)
             with open(tmp_path / "a", "w") as gate_a:  # opens once the backend runs the first call

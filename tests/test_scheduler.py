@@ -11,7 +11,13 @@ import pytest
 
 import serve_core as serve
 from serve_core import BackendConfig, Serve
-from serve_core.errors import DeadlineExceededError, ReplicaDiedError, ServeStateError, ShuttingDownError
+from serve_core.errors import (
+    DeadlineExceededError,
+    ReplicaDiedError,
+    ServeStateError,
+    ShuttingDownError,
+    ValidationError,
+)
 from serve_core.executors.base import Call, ReplicaSpec
 from serve_core.executors.thread import ThreadReplica
 from serve_core.testing import FakeClock
@@ -254,3 +260,9 @@ def test_a_lowered_max_concurrent_queries_applies_once_calls_drain(make_serve: M
     replica.complete()
     replica.complete()
     assert [f.result(0) for f in futures] == list(range(6))
+
+
+@pytest.mark.parametrize("seconds", [-1, float("inf"), "30", True])
+def test_drain_timeout_is_validated(seconds: Any) -> None:
+    with pytest.raises(ValidationError, match="drain_timeout_s"):
+        Serve(start_server=False, drain_timeout_s=seconds)

@@ -30,6 +30,7 @@ ENV_KV_STORE = "SERVE_CORE_KV_STORE"
 ENV_DEBUG = "SERVE_CORE_DEBUG"
 ENV_MAX_BODY_BYTES = "SERVE_CORE_MAX_BODY_BYTES"
 ENV_REQUEST_TIMEOUT = "SERVE_CORE_REQUEST_TIMEOUT"  # seconds; 0 for no limit
+ENV_DRAIN_TIMEOUT = "SERVE_CORE_DRAIN_TIMEOUT"  # seconds
 ENV_URL = "SERVE_CORE_URL"  # for the banner printed by the worker
 # Threads running WSGI calls; each waits for its call's result, so this bounds concurrency.
 GRANIAN_THREADS = 32
@@ -39,7 +40,7 @@ def app_from_env() -> Any:
     """WSGI app factory: init serve, execute ``$SERVE_CORE_APP``, return ``serve.wsgi_app()``."""
     import serve_core as serve
     from serve_core.cli import app_search_path, describe, load_app
-    from serve_core.serve import DEFAULT_HTTP_REQUEST_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
+    from serve_core.serve import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HTTP_REQUEST_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
     app_file = os.environ.get(ENV_APP)
     if app_file:
@@ -51,6 +52,7 @@ def app_from_env() -> Any:
         debug=os.environ.get(ENV_DEBUG) == "1",
         max_body_bytes=int(os.environ.get(ENV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES)),
         http_request_timeout_s=float(os.environ.get(ENV_REQUEST_TIMEOUT, DEFAULT_HTTP_REQUEST_TIMEOUT_S)) or None,
+        drain_timeout_s=float(os.environ.get(ENV_DRAIN_TIMEOUT, DEFAULT_DRAIN_TIMEOUT_S)),
     )
     atexit.register(serve.shutdown)  # replica threads are daemons; this drains them
     if app_file:
@@ -73,6 +75,7 @@ def run_granian(args: argparse.Namespace) -> int:
     os.environ[ENV_DEBUG] = "1" if args.debug else "0"
     os.environ[ENV_MAX_BODY_BYTES] = str(args.max_body_bytes)
     os.environ[ENV_REQUEST_TIMEOUT] = str(args.request_timeout or 0)
+    os.environ[ENV_DRAIN_TIMEOUT] = str(args.drain_timeout)
     os.environ[ENV_URL] = f"http://{args.host}:{args.port}"
     if not is_loopback(args.host):
         log.warning("serving HTTP on non-loopback address %s without authentication", args.host)
