@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import ServeStateError
+from .errors import ServeStateError, ShuttingDownError
 from .policy import RoutePolicy
 from .serve import (
     DEFAULT_DRAIN_TIMEOUT_S,
@@ -47,6 +47,8 @@ class _Default:
 
     def get(self) -> Serve:
         instance = self.instance
+        if instance is not None and instance.state == "draining":
+            raise ShuttingDownError("serve_core is shutting down; no new calls or changes")
         if instance is None or not instance.running:
             raise ServeStateError("serve_core is not initialised; call serve_core.init() first")
         return instance
@@ -89,6 +91,8 @@ def init(
         if running is not None and running.running:
             warn_if_different(running, _non_defaults(kwargs))
             return running
+        if running is not None and running.state == "draining":
+            raise ShuttingDownError("serve_core is shutting down; call init() again once shutdown() has returned")
         _default.instance = Serve(**kwargs)
         return _default.instance
 
@@ -105,11 +109,17 @@ def _non_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def shutdown() -> None:
-    """Stop the default instance, if any. Idempotent."""
-    with _default.lock:
-        instance, _default.instance = _default.instance, None
+    """Drain and stop the default instance, if any (see :meth:`Serve.shutdown`). Idempotent.
+
+    The instance stays the default while it drains: module-level calls meanwhile raise
+    ``ShuttingDownError``, and ``init()`` starts a new instance only once it has stopped.
+    """
+    instance = _default.instance
     if instance is not None:
         instance.shutdown()
+    with _default.lock:
+        if _default.instance is instance:
+            _default.instance = None
 
 
 # ------------------------------------------------------------------ endpoints

@@ -10,7 +10,7 @@ tail is copied into a *new* list, so memory stays within about twice the window.
 ``stat()`` takes a ``HistogramSnapshot`` under the owner's lock, which costs O(1)
 (references to the sealed list, two indices and a copy of the open bucket), and
 computes percentiles with numpy after releasing it (``percentile_keys``). The owner
-serialises ``record`` and ``snapshot`` (the router calls both under its lock); a
+serialises ``record`` and ``snapshot`` (a backend's runtime calls both under its lock); a
 snapshot is immutable and can be read from any thread.
 
 Times are non-negative monotonic seconds.

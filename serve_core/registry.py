@@ -174,6 +174,11 @@ class Registry:
         """Validate a config for a backend; returns a detached copy."""
         if not isinstance(config, BackendConfig):
             raise ServeTypeError(f"backend_config must be a BackendConfig, got {type(config).__name__}")
+        if config.batch_wait_timeout_s and config.max_batch_size is None:
+            raise ValidationError(
+                f"backend {info.tag!r} sets batch_wait_timeout_s but no max_batch_size; a wait only "
+                "applies to batches"
+            )
         if config.max_batch_size is not None and not info.accepts_batch:
             raise BatchAnnotationError(
                 f"backend {info.tag!r} sets max_batch_size but its function or __call__ does "

@@ -36,6 +36,7 @@ from .errors import (
     NotDeliveredError,
     ReplicaDiedError,
     ServeError,
+    ServeTypeError,
     ShuttingDownError,
 )
 from .executors.base import Call, ExecutorPool, Outcome, Replica, ReplicaSpec
@@ -484,7 +485,13 @@ class BackendRuntime:
                     self.tag, f"{self.tag}#{next(self._replica_ids)}",
                     self.definition.target, self.definition.init_args, config,
                 )
-                started.append(executor.start_replica(spec))
+                replica = executor.start_replica(spec)
+                started.append(replica)
+                if not isinstance(replica, Replica):
+                    raise ServeTypeError(
+                        f"executor {executor.name!r} returned {type(replica).__name__}, which lacks members of the "
+                        "Replica protocol (replica_id, default_max_concurrent_queries, alive, submit, stop)"
+                    )
         except BaseException:
             for replica in started:
                 replica.stop(0)
@@ -531,10 +538,12 @@ class BackendRuntime:
                     self._idle.remove(slot)
                 if not slot.calls:
                     slot.mark_drained()
+        deadline = self._clock.monotonic() + self._drain_timeout  # one drain time for all of them
         for slot in retired:
-            if not wait_for(self._clock, slot.drained, self._drain_timeout):
+            left = max(0.0, deadline - self._clock.monotonic())
+            if not wait_for(self._clock, slot.drained, left):
                 log.warning("replica %s did not drain in time; stopping it", slot.replica.replica_id)
-            slot.replica.stop(self._drain_timeout)
+            slot.replica.stop(left)
 
     def _replace_later(self, dead: Replica) -> None:
         """Replace a replica that died, from a helper thread (never on the caller's)."""

@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -47,6 +48,7 @@ DEFAULT_DRAIN_TIMEOUT_S = 30.0
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024  # largest HTTP request body (413 past it)
 DEFAULT_HTTP_REQUEST_TIMEOUT_S = 300.0  # how long an HTTP request waits for its answer (504 past it)
 HTTP_READY_TIMEOUT_S = 10.0
+STOP_GRACE_S = 30.0  # beyond two drain times, how long a second shutdown() waits for the first
 
 
 class State(enum.Enum):
@@ -123,6 +125,7 @@ class Serve:
         self._app: Any = None
         self._http: HTTPServer | None = None
         self._state = State.RUNNING
+        self._stopped = threading.Event()
         try:
             self._store = open_registry_store(kv_store_path, kv_store_connector)
         except BaseException:
@@ -156,6 +159,11 @@ class Serve:
     def running(self) -> bool:
         return self._state is State.RUNNING
 
+    @property
+    def state(self) -> str:
+        """``"running"``, ``"draining"`` (inside :meth:`shutdown`) or ``"stopped"``."""
+        return self._state.value
+
     def _restore(self) -> RestoreReport:
         try:
             return restore(self, self._store)
@@ -177,17 +185,19 @@ class Serve:
         with ``ShuttingDownError``; then replicas, HTTP server and store stop.
         """
         with self._admin:
-            if self._state is not State.RUNNING:
-                return
-            self._state = State.DRAINING
+            first = self._state is State.RUNNING
+            self._state = State.DRAINING if first else self._state
             runtimes = list(self._runtimes.values())
+        if not first:  # another thread is shutting it down: return once it has stopped
+            self._stopped.wait(2 * self.drain_timeout_s + STOP_GRACE_S)
+            return
         self._router.close()
         for runtime in runtimes:
             runtime.stop_admitting()
-        started = self.clock.monotonic()
+        started, real_start = self.clock.monotonic(), time.monotonic()
         self._drain(runtimes)
-        left = max(0.0, self.drain_timeout_s - (self.clock.monotonic() - started))
-        self._stop(runtimes, left)
+        spent = max(self.clock.monotonic() - started, time.monotonic() - real_start)
+        self._stop(runtimes, max(0.0, self.drain_timeout_s - spent))
 
     def _drain(self, runtimes: list[BackendRuntime]) -> None:
         """Wait until every runtime is idle, or ``drain_timeout_s`` has passed."""
@@ -221,6 +231,7 @@ class Serve:
             store.close()
         if self._own_clock is not None:
             self._own_clock.close()
+        self._stopped.set()
 
     def __enter__(self) -> Serve:
         return self
@@ -446,7 +457,7 @@ class Serve:
 
     def http_address(self) -> tuple[str, int] | None:
         """``(host, port)`` of the standalone HTTP server, or None when it is not running."""
-        return self._http.address if self._http is not None and self.running else None
+        return self._http.address if self._http is not None and self._state is not State.STOPPED else None
 
     def _start_http(self, host: str, port: int, blocking: bool) -> None:
         from .http.server import HTTPServer

@@ -16,7 +16,7 @@ EXPORTED = {
     "BackPressureError", "BackendConfig", "BatchAnnotationError", "BatchResultError", "ConflictError",
     "DeadlineExceededError", "MethodNotFoundError", "NotFoundError", "Policy", "RayServeException",
     "ReplicaDiedError", "RoutePolicy", "Serve", "ServeError", "ServeHandle", "ServeStateError",
-    "ServeTypeError", "StoreError", "ValidationError", "WebOnlyAccessError", "__version__",
+    "ServeTypeError", "ShuttingDownError", "StoreError", "ValidationError", "WebOnlyAccessError", "__version__",
     "accept_batch", "context", "create_backend", "create_endpoint", "get_backend_config", "get_handle",
     "get_traffic_policy", "http_address", "init", "link", "route", "set_backend_config", "shutdown", "split",
     "stat", "wsgi_app",

@@ -13,8 +13,10 @@ import serve_core as serve
 from serve_core import BackendConfig, Serve
 from serve_core.errors import (
     DeadlineExceededError,
+    NotFoundError,
     ReplicaDiedError,
     ServeStateError,
+    ServeTypeError,
     ShuttingDownError,
     ValidationError,
 )
@@ -266,3 +268,98 @@ def test_a_lowered_max_concurrent_queries_applies_once_calls_drain(make_serve: M
 def test_drain_timeout_is_validated(seconds: Any) -> None:
     with pytest.raises(ValidationError, match="drain_timeout_s"):
         Serve(start_server=False, drain_timeout_s=seconds)
+
+
+def test_during_the_drain_health_is_503_and_a_second_shutdown_waits_for_the_first(make_serve: MakeServe) -> None:
+    from werkzeug.test import Client
+
+    gate = threading.Event()
+    srv = make_serve(executor="thread")
+    _backend(srv, lambda *, i=0: gate.wait(WAIT) and i)
+    client = Client(srv.wsgi_app())
+    assert client.get("/-/healthz").status_code == 200
+    held = srv.get_handle("ep").remote(i=1)
+    first = threading.Thread(target=srv.shutdown)
+    first.start()
+    wait_until(lambda: srv.state == "draining", WAIT)
+    health = client.get("/-/healthz")
+    assert (health.status_code, health.text) == (503, "draining\n")
+    second_done = threading.Event()
+
+    def second_shutdown() -> None:
+        srv.shutdown()
+        second_done.set()
+
+    second = threading.Thread(target=second_shutdown)
+    second.start()
+    assert not second_done.wait(0.2)  # still draining: the second call waits for the first
+    gate.set()
+    assert held.result(WAIT) == 1
+    first.join(WAIT)
+    second.join(WAIT)
+    assert second_done.is_set() and srv.state == "stopped"
+
+
+def test_module_api_during_the_drain(make_serve: MakeServe) -> None:
+    gate = threading.Event()
+    srv = serve.init(executor="thread", start_server=False)
+    _backend(srv, lambda *, i=0: gate.wait(WAIT) and i)
+    held = serve.get_handle("ep").remote(i=1)
+    stopper = threading.Thread(target=serve.shutdown)
+    stopper.start()
+    wait_until(lambda: srv.state == "draining", WAIT)
+    with pytest.raises(ShuttingDownError):
+        serve.get_handle("ep")
+    with pytest.raises(ShuttingDownError):
+        serve.init(start_server=False)  # not a second instance while the first still drains
+    gate.set()
+    assert held.result(WAIT) == 1
+    stopper.join(WAIT)
+    with pytest.raises(ServeStateError, match="not initialised"):
+        serve.get_handle("ep")
+
+
+class _IncompleteReplica:
+    """Lacks ``default_max_concurrent_queries``: not a Replica."""
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        self.replica_id = spec.replica_id
+        self.alive = True
+        self.stopped = False
+
+    def submit(self, call: Call) -> Future[Any]:
+        raise AssertionError("never called")
+
+    def stop(self, drain_timeout: float | None = None) -> None:
+        self.stopped = True
+
+
+class _IncompleteExecutor:
+    name = "incomplete"
+    places_replicas = False
+
+    def __init__(self) -> None:
+        self.started: list[_IncompleteReplica] = []
+
+    def start_replica(self, spec: ReplicaSpec) -> _IncompleteReplica:
+        self.started.append(_IncompleteReplica(spec))
+        return self.started[-1]
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_a_replica_missing_protocol_members_is_refused_and_stopped(make_serve: MakeServe) -> None:
+    executor = _IncompleteExecutor()
+    srv = make_serve(executor=executor)
+    with pytest.raises(ServeTypeError, match="default_max_concurrent_queries"):
+        srv.create_backend(lambda: 1, "b")
+    assert [replica.stopped for replica in executor.started] == [True]
+    with pytest.raises(NotFoundError):
+        srv.get_backend_config("b")
+
+
+def test_batch_wait_needs_batching(make_serve: MakeServe) -> None:
+    srv = make_serve(executor="inline")
+    with pytest.raises(ValidationError, match="batch_wait_timeout_s"):
+        srv.create_backend(lambda: 1, "b", backend_config=BackendConfig(batch_wait_timeout_s=0.1))

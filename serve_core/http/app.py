@@ -123,7 +123,7 @@ class ServeApp:
     def _healthz(self, request: ServeRequest) -> PlainResponse:
         if self.serve.running:
             return text_response("ok\n")
-        return text_response("stopped\n", 503)
+        return text_response(f"{self.serve.state}\n", 503)  # draining: load balancers should stop sending
 
     def __repr__(self) -> str:
         return f"<ServeApp {self.serve!r} routes={len(self.url_map)}>"

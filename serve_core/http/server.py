@@ -3,9 +3,9 @@
 The listening socket is bound by us before the server object is built, so a taken port
 is a clear :class:`~serve_core.errors.ServeStateError` in the caller (Werkzeug would print
 and ``sys.exit``), and ``port=0`` gets a free port reported by :attr:`HTTPServer.address`.
-Stopping is two-phase: :meth:`HTTPServer.stop_accepting` (before the instance drains) and
-:meth:`HTTPServer.close` (after), which also ends idle keep-alive connections so that no
-handler thread outlives the instance.
+The server keeps answering while the instance drains (new calls get 503), and
+:meth:`HTTPServer.close` (after the drain) stops accepting, then ends idle keep-alive
+connections so that no handler thread outlives the instance.
 """
 
 from __future__ import annotations
