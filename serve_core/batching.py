@@ -85,11 +85,16 @@ def form_batch(
     return batch
 
 
+DEADLINE_LEAD_S = 0.001
+"""A batch leaving for its tightest deadline leaves this much before it: a query whose
+deadline has come counts as expired, and a timer may fire a little late."""
+
+
 def _leave_at(queries: list[Query], wait_s: float, execution_time: EstimateTime) -> float:
     """When a batch that is not full must leave: its wait is over, or its tightest deadline nears."""
     oldest = min(query.arrival for query in queries)
     tightest = min(query.deadline for query in queries)
-    return min(oldest + wait_s, tightest - execution_time(len(queries)))
+    return min(oldest + wait_s, tightest - execution_time(len(queries)) - DEADLINE_LEAD_S)
 
 
 class ExecutionTimes:

@@ -47,7 +47,11 @@ class Clock(Protocol):
         ...
 
     def call_at(self, when: float, callback: Callback) -> Timer:
-        """Run ``callback()`` (on a thread of the clock's choosing) once ``monotonic() >= when``."""
+        """Run ``callback()`` once ``monotonic() >= when``, never inside this call.
+
+        Callers arm timers while holding their own locks, which the callback takes: it must
+        run later, on the clock's thread (or, for a fake clock, inside ``advance``).
+        """
         ...
 
     def call_later(self, delay: float, callback: Callback) -> Timer:
@@ -147,7 +151,7 @@ class SystemClock:
                     if due is not None and due <= now:
                         timer = self._timers.pop_due(now)
                         break
-                    self._wake.wait(None if due is None else due - now)
+                    self._wake.wait(None if due is None else min(due - now, threading.TIMEOUT_MAX))
             if timer is not None:
                 fire(timer)
 
@@ -163,7 +167,7 @@ def wait_for(clock: Clock, future: Future[Any], seconds: float | None) -> bool:
     done = threading.Event()
     future.add_done_callback(lambda _: done.set())
     timer = clock.call_later(seconds, done.set) if seconds is not None else None
-    done.wait(seconds)
+    done.wait(None if seconds is None else min(seconds, threading.TIMEOUT_MAX))
     if timer is not None:
         timer.cancel()
     return future.done()

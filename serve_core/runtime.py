@@ -93,6 +93,7 @@ def capacity(config: BackendConfig, replica: Replica) -> int:
 
 
 Work = tuple[Slot, int, list[Query]]
+Done = tuple[Slot, int, "Future[list[Outcome]]"]  # a call that ended: its slot, token and future
 
 
 class BackendRuntime:
@@ -141,6 +142,7 @@ class BackendRuntime:
         self._batch_timer: Timer | None = None
         self._idle_waiters: list[Callable[[], None]] = []
         self._replacers: list[threading.Thread] = []
+        self._local = threading.local()  # per thread: the dispatch loop it is running, if any
         self._times = ExecutionTimes()
         self._hinted: set[tuple[str, str]] = set()
         self.requests = Counter()
@@ -249,26 +251,37 @@ class BackendRuntime:
             self._arm_deadline()
         return work, expired
 
-    def _run(self, work: list[Work], expired: list[Query]) -> None:
-        """Answer expired queries and submit work, outside the lock; calls answered at once loop here."""
-        while True:
-            for query in expired:
-                query.settle(False, DeadlineExceededError(
-                    f"deadline of the query to backend {self.tag!r} passed before it ran"
-                ))
-            freed: list[Work] = []
-            expired = []
-            for slot, token, queries in work:
-                future = self._submit(slot, queries)
-                if not future.done():
-                    future.add_done_callback(partial(self._on_done, slot, token))
-                    continue
-                more, old = self._finish(slot, token, future)
-                freed += more
-                expired += old
-            if not (freed or expired):
-                return
-            work = freed
+    def _run(self, work: list[Work], expired: list[Query], done: Done | None = None) -> None:
+        """Finish ``done``, answer expired queries and submit work, outside the lock.
+
+        Calls answered at once loop here. A thread already inside this loop for this backend
+        (a user's done-callback calling the endpoint again, an inline backend calling itself)
+        only adds to it: the work joins the outer loop instead of nesting, so no chain of
+        calls grows the stack.
+        """
+        local = self._local
+        pending = getattr(local, "pending", None)
+        if pending is not None:
+            pending.append(self._finish(*done) if done is not None else (work, expired))
+            return
+        local.pending = pending = [(work, expired)]
+        try:
+            if done is not None:
+                pending.append(self._finish(*done))
+            while pending:
+                work, expired = pending.pop()
+                for query in expired:
+                    _answer(query, False, DeadlineExceededError(
+                        f"deadline of the query to backend {self.tag!r} passed before it ran"
+                    ))
+                for slot, token, queries in work:
+                    future = self._submit(slot, queries)
+                    if future.done():
+                        pending.append(self._finish(slot, token, future))
+                    else:
+                        future.add_done_callback(partial(self._on_done, slot, token))
+        finally:
+            local.pending = None
 
     def _submit(self, slot: Slot, queries: list[Query]) -> Future[list[Outcome]]:
         head = queries[0]
@@ -291,7 +304,7 @@ class BackendRuntime:
 
     def _on_done(self, slot: Slot, token: int, future: Future[list[Outcome]]) -> None:
         """A call ended on the executor's thread: finish it and run the work it frees."""
-        self._run(*self._finish(slot, token, future))
+        self._run([], [], (slot, token, future))
 
     def _finish(self, slot: Slot, token: int, future: Future[list[Outcome]]) -> tuple[list[Work], list[Query]]:
         """Answer a finished call's queries and free its slot; returns the work that can start now."""
@@ -321,17 +334,21 @@ class BackendRuntime:
             else:
                 outcomes = _checked(slot, queries, outcomes)
                 self._record(slot, queries, outcomes, now)
-            work, expired = self._take() if self._idle and self._queue else ([], [])
+            if self._idle and self._queue:
+                work, expired = self._take()
+            else:
+                work, expired = [], []
+                if self._config.drop_expired and self._queue:
+                    self._arm_deadline()  # requeued queries wait for a replica: their deadlines still count
             waiters = self._idle_now() if self._idle_waiters else []
         for query, outcome in zip(queries, outcomes):
             if not outcome.ok:
                 self._count_error(query.endpoint)
-            query.settle(outcome.ok, outcome.value)
+            _answer(query, outcome.ok, outcome.value)
         if failed and error is not None:
             for query in failed:
-                if not isinstance(died, NotDeliveredError):
-                    self._count_error(query.endpoint)
-                query.settle(False, error)
+                self._count_error(query.endpoint)
+                _answer(query, False, error)
         if replace:
             self._replace_later(slot.replica)
         for waiter in waiters:
@@ -378,6 +395,9 @@ class BackendRuntime:
             error = ReplicaDiedError(
                 f"no replica of backend {self.tag!r} took the query after {MAX_REQUEUES} attempts"
             )
+        if failed:
+            self.requests.inc(len(failed))
+            self.errors.inc(len(failed))
         return replace, failed, error
 
     def _drop(self, slot: Slot) -> bool:
@@ -447,7 +467,10 @@ class BackendRuntime:
                 self._scale(config.num_replicas)
             except BaseException:
                 self._apply(old)
-                self._scale(min(old.num_replicas, config.num_replicas))
+                try:
+                    self._scale(old.num_replicas)
+                except Exception:  # noqa: BLE001 - the first error is the one to raise
+                    log.exception("backend %r: could not scale back to %d replicas", self.tag, old.num_replicas)
                 raise
 
     def _apply(self, config: BackendConfig) -> None:
@@ -550,11 +573,11 @@ class BackendRuntime:
         thread = threading.Thread(
             target=self._replace, args=(dead,), name=f"serve-replace-{dead.replica_id}", daemon=True
         )
-        with self._lock:
+        with self._lock:  # started under the lock: close() never joins a thread not started yet
             if self._closed:
                 return
             self._replacers = [t for t in self._replacers if t.is_alive()] + [thread]
-        thread.start()
+            thread.start()
 
     def _replace(self, dead: Replica) -> None:
         try:
@@ -585,7 +608,7 @@ class BackendRuntime:
             leftovers = self._queue.drain()
             waiters = self._idle_now()
         for query in leftovers:
-            query.settle(False, ReplicaDiedError(reason))
+            _answer(query, False, ReplicaDiedError(reason))
         for waiter in waiters:
             waiter()
 
@@ -613,29 +636,38 @@ class BackendRuntime:
 
     def close(self, stop_timeout: float) -> None:
         """Fail what is still queued or in flight with ``ShuttingDownError`` and stop the replicas."""
-        with self._lifecycle:
-            with self._lock:
-                self._admitting, self._closed = False, True
-                leftovers = self._queue.drain()
-                slots, self._slots = self._slots, []
-                self._idle.clear()
-                for timer in (self._deadline_timer, self._batch_timer):
-                    if timer is not None:
-                        timer.cancel()
-                replacers = self._replacers
-            for query in leftovers:
-                query.settle(False, ShuttingDownError("serve instance shut down before the query ran"))
-            for slot in slots:
-                slot.replica.stop(stop_timeout)
+        # Not under _lifecycle: a replacement still starting (which may take long) must not hold up
+        # the shutdown; it finds the runtime closed when it is done and stops its replica.
+        with self._lock:
+            self._admitting, self._closed = False, True
+            leftovers = self._queue.drain()
+            slots, self._slots = self._slots, []
+            self._idle.clear()
+            for timer in (self._deadline_timer, self._batch_timer):
+                if timer is not None:
+                    timer.cancel()
+            replacers = self._replacers
+        for query in leftovers:
+            _answer(query, False, ShuttingDownError("serve instance shut down before the query ran"))
+        for slot in slots:
+            slot.replica.stop(stop_timeout)
         for thread in replacers:
-            thread.join(self._drain_timeout)
+            thread.join(stop_timeout)
         with self._lock:  # calls that outlived the drain: shutdown answers them, their replies are dropped
             abandoned = [query for slot in self._active for call in slot.calls.values() for query in call]
             for slot in self._active:
                 slot.calls.clear()
             self._active.clear()
         for query in abandoned:
-            query.settle(False, ShuttingDownError("serve instance shut down before the call finished"))
+            _answer(query, False, ShuttingDownError("serve instance shut down before the call finished"))
+
+
+def _answer(query: Query, ok: bool, value: Any) -> None:
+    """Settle a query; a failure here (a future the user resolved himself) must not strand the others."""
+    try:
+        query.settle(ok, value)
+    except Exception:  # noqa: BLE001 - logged: the other queries of the call still get their answers
+        log.exception("could not answer a query of endpoint %r", query.endpoint)
 
 
 def _checked(slot: Slot, queries: list[Query], outcomes: list[Outcome]) -> list[Outcome]:

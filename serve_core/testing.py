@@ -70,7 +70,7 @@ class FakeClock:
                     break
                 self.now = max(self.now, timer.when)
                 fire(timer)
-            self.now = target
+            self.now = max(self.now, target)  # a callback's own advance() may have gone further
 
     @property
     def pending(self) -> int:

@@ -93,17 +93,14 @@ class WaitingRoom:
         old = self._timers.get(endpoint)
         if old is not None:
             old.cancel()
-        timer: Timer | None = None
+        box: list[Timer] = []  # filled before the lock is released, read by the callback under it
+        box.append(self._clock.call_at(when, lambda: self._expire(endpoint, box)))
+        self._timers[endpoint] = box[0]
 
-        def expire() -> None:
-            self._expire(endpoint, timer)
-
-        timer = self._timers[endpoint] = self._clock.call_at(when, expire)
-
-    def _expire(self, endpoint: str, timer: Timer | None) -> None:
+    def _expire(self, endpoint: str, box: list[Timer]) -> None:
         now = self._clock.monotonic()
         with self._lock:
-            if self._timers.get(endpoint) is not timer:
+            if not box or self._timers.get(endpoint) is not box[0]:
                 return  # released or re-armed meanwhile
             del self._timers[endpoint]
             queue = self._queues.get(endpoint, collections.deque())

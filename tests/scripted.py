@@ -8,11 +8,14 @@ the scheduler's interleavings fully test-driven.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future
 
 from serve_core.errors import NotDeliveredError, ReplicaDiedError
 from serve_core.executors.base import Call, Outcome, ReplicaSpec
 from serve_core.invoke import Invoker
+
+from .conftest import WAIT
 
 
 class ScriptedReplica:
@@ -58,8 +61,11 @@ class ScriptedExecutor:
     def __init__(self) -> None:
         self.started: list[ScriptedReplica] = []
         self.failing_starts = 0
+        self.start_gate: threading.Event | None = None  # when set, starts wait for it
 
     def start_replica(self, spec: ReplicaSpec) -> ScriptedReplica:
+        if self.start_gate is not None and not self.start_gate.wait(WAIT):
+            raise RuntimeError("start_gate was never opened (scripted)")
         if self.failing_starts:
             self.failing_starts -= 1
             raise RuntimeError(f"cannot start a replica of {spec.backend_tag} (scripted)")

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from serve_core.batching import ExecutionTimes, form_batch
+from serve_core.batching import DEADLINE_LEAD_S, ExecutionTimes, form_batch
 from serve_core.clock import SystemClock
 from serve_core.errors import BackPressureError, ValidationError
 from serve_core.queues import NO_DEADLINE, BackendQueue, Query, ServeFuture
@@ -112,9 +112,10 @@ def test_batch_leaves_early_for_its_tightest_deadline_and_execution_time() -> No
     queue = BackendQueue(100)
     queue.push(query(deadline=1.2, arrival=1.0, i=0))
     queue.push(query(arrival=1.0, i=1))
-    assert form_batch(queue, 8, now=1.0, drop_expired=False, wait_s=1.0).wait_until == pytest.approx(1.2)
+    waiting = form_batch(queue, 8, now=1.0, drop_expired=False, wait_s=1.0)
+    assert waiting.wait_until == pytest.approx(1.2 - DEADLINE_LEAD_S)
     slow = form_batch(queue, 8, now=1.0, drop_expired=False, wait_s=1.0, execution_time=lambda n: 0.05 * n)
-    assert slow.wait_until == pytest.approx(1.1)  # 1.2 minus 50 ms for each of 2 queries
+    assert slow.wait_until == pytest.approx(1.1 - DEADLINE_LEAD_S)  # 1.2 minus 50 ms for each of 2 queries
     assert len(form_batch(queue, 8, now=1.1, drop_expired=False, wait_s=1.0, execution_time=lambda n: 0.1).queries) == 2
 
 
@@ -145,6 +146,22 @@ def test_fake_clock_fires_timers_in_time_order_in_the_calling_thread() -> None:
     assert clock.monotonic() == pytest.approx(2.9) and clock.pending == 0
     with pytest.raises(ValueError):
         clock.advance(-1)
+
+
+def test_fake_clock_never_goes_back_after_a_nested_advance() -> None:
+    clock = FakeClock(start=0.0)
+    clock.call_at(0.1, lambda: clock.advance(0.6))
+    clock.advance(0.3)
+    assert clock.monotonic() == pytest.approx(0.7)
+
+
+def test_a_timer_beyond_the_longest_wait_does_not_stop_the_clock() -> None:
+    clock = SystemClock()
+    fired = threading.Event()
+    clock.call_later(1e13, fired.set)  # past threading.TIMEOUT_MAX
+    clock.call_later(0.0, fired.set)
+    assert fired.wait(10.0)
+    clock.close()
 
 
 def test_system_clock_timers_fire_on_one_thread() -> None:

@@ -11,6 +11,7 @@ import pytest
 
 import serve_core as serve
 from serve_core import BackendConfig, Serve
+from serve_core.batching import DEADLINE_LEAD_S
 from serve_core.errors import (
     DeadlineExceededError,
     NotFoundError,
@@ -196,13 +197,13 @@ def test_a_waiting_batch_leaves_by_its_tightest_deadline(make_serve: MakeServe) 
     sent = clock.monotonic()
     first = handle.options(relative_slo_ms=200).remote(i=0)
     clock.advance(0.3)
-    assert starts == [pytest.approx(sent + 0.2)]
+    assert starts == [pytest.approx(sent + 0.2 - DEADLINE_LEAD_S, abs=1e-9)]
     first.result(0)
     # 50 ms per batch learned: the next one starts early enough to finish by its deadline.
     sent = clock.monotonic()
     second = handle.options(relative_slo_ms=200).remote(i=1)
     clock.advance(0.3)
-    assert starts[1] == pytest.approx(sent + 0.15)
+    assert starts[1] == pytest.approx(sent + 0.15 - DEADLINE_LEAD_S, abs=1e-9)
     assert second.result(0) <= sent + 0.2 + 1e-9
 
 
@@ -363,3 +364,55 @@ def test_batch_wait_needs_batching(make_serve: MakeServe) -> None:
     srv = make_serve(executor="inline")
     with pytest.raises(ValidationError, match="batch_wait_timeout_s"):
         srv.create_backend(lambda: 1, "b", backend_config=BackendConfig(batch_wait_timeout_s=0.1))
+
+
+def test_a_waiting_batch_that_drops_expired_queries_still_runs_by_the_deadline(make_serve: MakeServe) -> None:
+    clock = FakeClock()
+    srv = make_serve(executor="inline", clock=clock)
+    config = BackendConfig(max_batch_size=8, batch_wait_timeout_s=1.0, drop_expired=True)
+    _backend(srv, _sizes, config)
+    future = srv.get_handle("ep", relative_slo_ms=200).remote(i=0)
+    clock.advance(0.2)
+    assert future.result(0) == 1  # left just before its deadline instead of expiring at it
+
+
+def test_a_chain_of_calls_from_done_callbacks_does_not_grow_the_stack(make_serve: MakeServe) -> None:
+    """Each answer's done-callback makes the next call, on the inline executor: 3,000 deep, no recursion."""
+    srv = make_serve(executor="inline")
+    srv.create_endpoint("ep")
+    srv.create_backend(lambda *, i=0: i, "b")
+    handle = srv.get_handle("ep")
+    answers: list[int] = []
+
+    def next_call(future: Future[Any]) -> None:
+        answers.append(future.result())
+        if len(answers) < 3_000:
+            handle.remote(i=len(answers)).add_done_callback(next_call)
+
+    handle.remote(i=0).add_done_callback(next_call)  # waits for traffic: the callback is there first
+    srv.link("ep", "b")
+    assert answers == list(range(3_000))
+    assert handle.remote(i=7).result(0) == 7  # the backend is still serving
+
+
+def test_a_failed_reconfigure_keeps_the_old_replica_count(make_serve: MakeServe) -> None:
+    srv, executor, clock = _scripted(make_serve)
+    _backend(srv, config=BackendConfig(num_replicas=3))
+    executor.failing_starts = 1
+    with pytest.raises(RuntimeError, match="scripted"):
+        srv.set_backend_config("b", BackendConfig(num_replicas=1, num_cpus=1))  # placement change, then fewer
+    assert srv.get_backend_config("b").num_replicas == 3
+    assert len(srv.replica_ids("b")) == 3
+
+
+def test_a_requeued_query_still_expires_while_its_replica_is_replaced(make_serve: MakeServe) -> None:
+    srv, executor, clock = _scripted(make_serve)
+    _backend(srv, config=BackendConfig(drop_expired=True))
+    (replica,) = executor.started
+    replica.stop()  # gone without a call in flight: the next call finds it and is turned away
+    executor.start_gate = threading.Event()  # its replacement takes its time
+    future = srv.get_handle("ep", relative_slo_ms=50).remote(i=1)
+    clock.advance(0.05)
+    assert isinstance(future.exception(0), DeadlineExceededError)
+    executor.start_gate.set()
+    wait_until(lambda: len(srv.replica_ids("b")) == 1, WAIT)
