@@ -303,8 +303,18 @@ class BackendRuntime:
         return future
 
     def _on_done(self, slot: Slot, token: int, future: Future[list[Outcome]]) -> None:
-        """A call ended on the executor's thread: finish it and run the work it frees."""
-        self._run([], [], (slot, token, future))
+        """A call ended on the executor's thread: finish it and run the work it frees.
+
+        Inside a dispatch loop of this thread (a call refused the moment it was submitted), the
+        finish joins that loop; otherwise it runs here, and any call a user's callback makes
+        while it answers starts a loop of its own, at most one level deeper.
+        """
+        if getattr(self._local, "pending", None) is not None:
+            self._run([], [], (slot, token, future))
+            return
+        work, expired = self._finish(slot, token, future)
+        if work or expired:
+            self._run(work, expired)
 
     def _finish(self, slot: Slot, token: int, future: Future[list[Outcome]]) -> tuple[list[Work], list[Query]]:
         """Answer a finished call's queries and free its slot; returns the work that can start now."""
