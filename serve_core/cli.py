@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a request waits for its answer, 504 past it; 0 for no limit (default: %(default)s)",
     )
     run.add_argument(
-        "--drain-timeout", type=_drain_timeout, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="SECONDS",
+        "--drain-timeout", type=_seconds, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long queued and running calls may finish (default: %(default)s)",
     )
     for name, help_text in (("routes", "print a running server's routes"), ("stat", "print its metrics")):
@@ -66,18 +66,7 @@ def _body_limit(text: str) -> int:
     return limit
 
 
-def _request_timeout(text: str) -> float | None:
-    """Seconds; 0 means no limit (``None``)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not 0 <= seconds < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, or 0 for no limit, not {text!r}")
-    return seconds or None
-
-
-def _drain_timeout(text: str) -> float:
+def _seconds(text: str) -> float:
     try:
         seconds = float(text)
     except ValueError:
@@ -85,6 +74,11 @@ def _drain_timeout(text: str) -> float:
     if not 0 <= seconds < math.inf:
         raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text!r}")
     return seconds
+
+
+def _request_timeout(text: str) -> float | None:
+    """Seconds; 0 means no limit (``None``)."""
+    return _seconds(text) or None
 
 
 APP_MODULE = "__serve_core_app__"

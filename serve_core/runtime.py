@@ -138,8 +138,7 @@ class BackendRuntime:
         self._broken: str | None = None  # why it has no replica, when restarting one failed
         self._admitting = True
         self._closed = False
-        self._deadline_timer: Timer | None = None
-        self._batch_timer: Timer | None = None
+        self._alarm: Timer | None = None  # wakes a dispatch at a deadline or when a waiting batch is due
         self._idle_waiters: list[Callable[[], None]] = []
         self._replacers: list[threading.Thread] = []
         self._local = threading.local()  # per thread: the dispatch loop it is running, if any
@@ -200,7 +199,7 @@ class BackendRuntime:
             self._queue.push(query)
             if not (dispatch and self._idle):
                 if self._config.drop_expired and query.deadline != NO_DEADLINE:
-                    self._arm_deadline()
+                    self._wake_at(self._queue.earliest_deadline())
                 return
             work, expired = self._take()
         self._run(work, expired)
@@ -227,7 +226,7 @@ class BackendRuntime:
             batch = form_batch(queue, config.max_batch_size, now, config.drop_expired, wait_s, self._times.estimate)
             expired += batch.expired
             if batch.wait_until is not None:
-                self._arm_batch(batch.wait_until)
+                self._wake_at(batch.wait_until)
                 break
             queries = batch.queries
             if len(queries) == 1:
@@ -248,7 +247,7 @@ class BackendRuntime:
                 query.dispatched = now
             work.append((slot, token, queries))
         if config.drop_expired and queue:
-            self._arm_deadline()
+            self._wake_at(self._queue.earliest_deadline())
         return work, expired
 
     def _run(self, work: list[Work], expired: list[Query], done: Done | None = None) -> None:
@@ -349,7 +348,8 @@ class BackendRuntime:
             else:
                 work, expired = [], []
                 if self._config.drop_expired and self._queue:
-                    self._arm_deadline()  # requeued queries wait for a replica: their deadlines still count
+                    # Requeued queries wait for a replica: their deadlines still count.
+                    self._wake_at(self._queue.earliest_deadline())
             waiters = self._idle_now() if self._idle_waiters else []
         for query, outcome in zip(queries, outcomes):
             if not outcome.ok:
@@ -422,36 +422,24 @@ class BackendRuntime:
         return False
 
     # -------------------------------------------------------------------- timers
-    def _arm_deadline(self) -> None:
-        """A timer at the earliest queued deadline, unless one is armed for then or sooner (under the lock)."""
-        due = self._queue.earliest_deadline()
-        timer = self._deadline_timer
-        if due == NO_DEADLINE or (timer is not None and timer.when <= due):
+    def _wake_at(self, when: float) -> None:
+        """Dispatch again at ``when``, unless a wake-up is armed for then or sooner (under the lock).
+
+        One timer serves both waits, the earliest queued deadline (``drop_expired``) and a
+        batch waiting to fill: the dispatch it runs re-arms whatever is still ahead.
+        """
+        alarm = self._alarm
+        if when == NO_DEADLINE or (alarm is not None and alarm.when <= when):
             return
-        if timer is not None:
-            timer.cancel()
-        self._deadline_timer = self._clock.call_at(due, self._on_deadline)
+        if alarm is not None:
+            alarm.cancel()
+        self._alarm = self._clock.call_at(when, self._on_alarm)
 
-    def _on_deadline(self) -> None:
+    def _on_alarm(self) -> None:
         with self._lock:
-            timer = self._deadline_timer
-            if timer is not None and timer.when <= self._clock.monotonic():
-                self._deadline_timer = None
-        self.dispatch()
-
-    def _arm_batch(self, when: float) -> None:
-        timer = self._batch_timer
-        if timer is not None and timer.when <= when:
-            return
-        if timer is not None:
-            timer.cancel()
-        self._batch_timer = self._clock.call_at(when, self._on_batch_due)
-
-    def _on_batch_due(self) -> None:
-        with self._lock:
-            timer = self._batch_timer
-            if timer is not None and timer.when <= self._clock.monotonic():
-                self._batch_timer = None
+            alarm = self._alarm
+            if alarm is not None and alarm.when <= self._clock.monotonic():
+                self._alarm = None
         self.dispatch()
 
     # ----------------------------------------------------------------- lifecycle
@@ -653,9 +641,8 @@ class BackendRuntime:
             leftovers = self._queue.drain()
             slots, self._slots = self._slots, []
             self._idle.clear()
-            for timer in (self._deadline_timer, self._batch_timer):
-                if timer is not None:
-                    timer.cancel()
+            if self._alarm is not None:
+                self._alarm.cancel()
             replacers = self._replacers
         for query in leftovers:
             _answer(query, False, ShuttingDownError("serve instance shut down before the query ran"))

@@ -246,40 +246,20 @@ def _poll(condition: Any, what: str) -> None:
         time.sleep(0.02)  # polling a condition under a deadline, not synchronisation
 
 
-def test_sigterm_drains_queued_requests_under_granian(tmp_path: Path) -> None:
-    """Granian stops accepting on SIGTERM and lets its running requests finish: queued calls are served."""
-    require(importlib.util.find_spec("granian") is not None, "granian is not installed")
+def _sigterm_with_a_call_running_and_one_queued(tmp_path: Path, *server: str, while_draining: Any = None) -> None:
+    """``serve-core run`` of the FIFO-gated app: SIGTERM with one call running and one queued.
+
+    ``while_draining(url)`` runs after the signal, while the first call still holds its replica.
+    Both calls must then be served, and the process exit 0.
+    """
     for name in ("a", "b"):
         os.mkfifo(tmp_path / name)
     app = tmp_path / "drain.py"
     app.write_text(DRAIN_APP.format(gates=str(tmp_path)))
     port = free_port()
-    args = (str(app), "--port", str(port), "--server", "granian", "--kv-store", str(tmp_path / "s.db"),
-            "--drain-timeout", "20")
+    args = (str(app), "--port", str(port), *server, "--kv-store", str(tmp_path / "s.db"), "--drain-timeout", "20")
     with _running(*args, cwd=tmp_path) as (proc, url, _):
-        _wait_until_answering(url)
-        with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(requests.get, f"{url}/slow?gate=a", timeout=WAIT)
-            with open(tmp_path / "a", "w") as gate_a:
-                queued = pool.submit(requests.get, f"{url}/slow?gate=b", timeout=WAIT)
-                queue_size = "backend_slow:v1_queue_size"
-                _poll(lambda: requests.get(f"{url}/-/stat", timeout=WAIT).json()[queue_size] == 1, "a queued call")
-                proc.send_signal(signal.SIGTERM)
-                gate_a.write("first")
-            with open(tmp_path / "b", "w") as gate_b:
-                gate_b.write("second")
-            assert (running.result(WAIT).status_code, running.result(WAIT).text) == (200, "first")
-            assert (queued.result(WAIT).status_code, queued.result(WAIT).text) == (200, "second")
-        assert proc.wait(WAIT) == 0
-
-
-def test_sigterm_drains_queued_requests(tmp_path: Path) -> None:
-    for name in ("a", "b"):
-        os.mkfifo(tmp_path / name)
-    app = tmp_path / "drain.py"
-    app.write_text(DRAIN_APP.format(gates=str(tmp_path)))
-    args = (str(app), "--port", "0", "--kv-store", str(tmp_path / "s.db"), "--drain-timeout", "20")
-    with _running(*args, cwd=tmp_path) as (proc, url, _):
+        _wait_until_answering(url)  # Granian's worker prints the banner before the socket listens
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(requests.get, f"{url}/slow?gate=a", timeout=WAIT)
             with open(tmp_path / "a", "w") as gate_a:  # opens once the backend runs the first call
@@ -287,12 +267,25 @@ def test_sigterm_drains_queued_requests(tmp_path: Path) -> None:
                 queue_size = "backend_slow:v1_queue_size"
                 _poll(lambda: requests.get(f"{url}/-/stat", timeout=WAIT).json()[queue_size] == 1, "a queued call")
                 proc.send_signal(signal.SIGTERM)
-                _poll(lambda: requests.get(f"{url}/-/healthz", timeout=WAIT).status_code == 503, "the drain")
-                assert requests.get(f"{url}/slow?gate=c", timeout=WAIT).status_code == 503  # no new calls...
+                if while_draining is not None:
+                    while_draining(url)
                 gate_a.write("first")
             with open(tmp_path / "b", "w") as gate_b:
                 gate_b.write("second")
-            # ... but what was accepted is served.
             assert (running.result(WAIT).status_code, running.result(WAIT).text) == (200, "first")
             assert (queued.result(WAIT).status_code, queued.result(WAIT).text) == (200, "second")
         assert proc.wait(WAIT) == 0
+
+
+def test_sigterm_drains_queued_requests_under_granian(tmp_path: Path) -> None:
+    """Granian stops accepting on SIGTERM and lets its running requests finish: queued calls are served."""
+    require(importlib.util.find_spec("granian") is not None, "granian is not installed")
+    _sigterm_with_a_call_running_and_one_queued(tmp_path, "--server", "granian")
+
+
+def test_sigterm_drains_queued_requests(tmp_path: Path) -> None:
+    def refuses_new_calls(url: str) -> None:
+        _poll(lambda: requests.get(f"{url}/-/healthz", timeout=WAIT).status_code == 503, "the drain")
+        assert requests.get(f"{url}/slow?gate=c", timeout=WAIT).status_code == 503
+
+    _sigterm_with_a_call_running_and_one_queued(tmp_path, while_draining=refuses_new_calls)
