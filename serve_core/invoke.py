@@ -9,7 +9,8 @@ a Ray actor). :class:`Invoker` builds the backend once and runs :class:`Call` ob
   parameter;
 * in batch mode the positional argument is a list and every keyword becomes a list;
   the backend must return a list of the same length;
-* only ``__call__`` and public methods can be called.
+* only ``__call__`` and public methods can be called; a class without ``__call__`` is served
+  by its methods' names only (as in the original).
 
 Every failure, before or inside the user code, becomes an :class:`Outcome`; nothing
 escapes, so a replica is never lost to a bad call.
@@ -117,7 +118,13 @@ class Invoker:
         elif inspect.isroutine(inspect.getattr_static(self._obj, method, None)):
             func = getattr(self._obj, method)  # looked up statically first: a property never runs
         else:
-            raise MethodNotFoundError(f"backend has no method {method!r}")
+            public = sorted(
+                name for name in dir(type(self._obj))
+                if is_public_method(name) and inspect.isroutine(inspect.getattr_static(self._obj, name, None))
+            )
+            hint = f"; its methods: {', '.join(public)}" if public else ""
+            how = " (choose one with handle.options(method_name=...) or X-SERVE-CALL-METHOD)" if public else ""
+            raise MethodNotFoundError(f"backend has no method {method!r}{hint}{how}")
         resolved = (func, wants_positional(func))
         self._methods[method] = resolved
         return resolved

@@ -21,7 +21,7 @@ from .errors import (
     ServeTypeError,
     ValidationError,
 )
-from .invoke import accepts_batch
+from .invoke import accepts_batch, is_public_method
 from .split import validate_weights
 
 log = logging.getLogger("serve_core")
@@ -97,6 +97,15 @@ def same_target(a: Any, b: Any) -> bool:
     return inspect.isclass(a) and inspect.isclass(b)
 
 
+def _callable_names(cls: type) -> list[str]:
+    """What callers can reach on instances of ``cls``: ``__call__`` if it defines one, and public methods."""
+    names = [name for name in dir(cls) if is_public_method(name) and name != "__call__"]
+    names = [name for name in names if inspect.isroutine(inspect.getattr_static(cls, name, None))]
+    if any("__call__" in vars(klass) for klass in cls.__mro__[:-1]):
+        names.append("__call__")
+    return names
+
+
 class Registry:
     """In-memory endpoints, backends and traffic."""
 
@@ -152,8 +161,10 @@ class Registry:
         _name("backend tag", tag)
         if not (inspect.isfunction(target) or inspect.isclass(target)):
             raise ServeTypeError(f"a backend must be a function or a class, got {type(target).__name__}")
-        if inspect.isclass(target) and not any("__call__" in vars(k) for k in target.__mro__[:-1]):
-            raise ServeTypeError(f"backend class {target.__qualname__} must define __call__")
+        if inspect.isclass(target) and not _callable_names(target):
+            raise ServeTypeError(
+                f"backend class {target.__qualname__} has neither __call__ nor a public method to call"
+            )
         if inspect.isfunction(target) and init_args:
             raise ServeTypeError("init arguments are only accepted for class backends")
         info = BackendInfo(tag, target, tuple(init_args), accepts_batch(target))

@@ -74,7 +74,7 @@ def test_create_backend_rejects(inline: Serve) -> None:
     class NoCall:
         pass
 
-    with pytest.raises(ServeTypeError, match="__call__"):
+    with pytest.raises(ServeTypeError, match="neither __call__ nor a public method"):
         inline.create_backend(NoCall, "nocall")
     assert inline._registry.backends == {}
 

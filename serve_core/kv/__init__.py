@@ -12,8 +12,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ServeTypeError
 from .base import KVStore
+from .connector import as_store
 from .memory import MemoryKVStore
 from .secret import resolve_secret
 
@@ -56,18 +56,14 @@ def open_store(
     path for SQLite, or a SQLAlchemy URL); else a memory store (nothing on disk).
 
     Raises:
-        ServeTypeError: the connector returned something that is not a store.
+        ServeTypeError: the connector returned something without ``get``, ``put`` and ``as_dict``
+            (the original's interface; see :mod:`serve_core.kv.connector`).
         StoreError: the database cannot be reached or the signing key not loaded.
     """
     if kv_store_connector is not None:
         if kv_store_path is not None:
             log.warning("kv_store_connector given: ignoring kv_store_path %r", kv_store_path)
-        store = kv_store_connector(namespace)
-        if not isinstance(store, KVStore):
-            raise ServeTypeError(
-                "kv_store_connector(namespace) must return a store with get, put, delete, "
-                f"as_dict, update and close; got {type(store).__name__}"
-            )
+        store = as_store(kv_store_connector(namespace), namespace)
         return OpenedStore(store, resolve_secret(store), repr(store), durable=True)
     if kv_store_path is None:
         memory = MemoryKVStore(namespace)

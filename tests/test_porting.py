@@ -1,0 +1,104 @@
+"""Ray 0.8 code that runs unchanged: three-method connector stores, classes served by method name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from werkzeug.test import Client
+
+from serve_core import Serve
+from serve_core.errors import MethodNotFoundError, ServeTypeError
+from serve_core.kv.connector import ConnectorStore
+
+MakeServe = Callable[..., Serve]
+
+
+class Store08:
+    """A store with only the 0.8 interface: get(key, default), put(key, value), as_dict()."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.writes: list[str] = []
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def put(self, key: str, value: Any) -> None:
+        self.writes.append(key)
+        self.data[key] = value
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+def greet(request: Any, *, name: str = "world") -> str:
+    return f"hello {name}"
+
+
+class Counter:
+    """No ``__call__``: served by its methods' names, as the original did."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.count = start
+
+    def incr(self, request: Any = None, *, by: int = 1) -> int:
+        self.count += by
+        return self.count
+
+    def peek(self) -> int:
+        return self.count
+
+
+def test_a_three_method_connector_store_receives_every_write_and_restores(make_serve: MakeServe) -> None:
+    store = Store08()
+    srv = make_serve(executor="inline", kv_store_connector=lambda namespace: store)
+    srv.create_endpoint("greet", "/greet")
+    srv.create_backend(greet, "greet:v1")
+    srv.link("greet", "greet:v1")
+    assert {key.split("/")[0] for key in store.writes} == {"endpoint", "backend", "config", "traffic"}
+    assert {"endpoint/greet", "backend/greet:v1", "config/greet:v1", "traffic/greet"} <= set(store.writes)
+    srv.shutdown()
+    again = make_serve(executor="inline", kv_store_connector=lambda namespace: store)
+    assert again.restored.backends == ["greet:v1"]
+    assert again.get_handle("greet").remote(name="0.8").result(0) == "hello 0.8"
+
+
+def test_derived_delete_writes_a_tombstone_that_as_dict_leaves_out() -> None:
+    store = Store08()
+    adapted = ConnectorStore(store, "registry")
+    adapted.update({"a": 1, "b": 2}, delete=[])
+    adapted.delete("a")
+    assert adapted.as_dict() == {"b": 2} and adapted.get("a", "gone") == "gone"
+    assert adapted.namespace == "registry"
+    adapted.close()  # no close on the store: nothing to do
+
+
+def test_a_connector_store_without_the_three_methods_is_refused(make_serve: MakeServe) -> None:
+    class NoAsDict:
+        def get(self, key: str, default: Any = None) -> Any:
+            return default
+
+        def put(self, key: str, value: Any) -> None:
+            pass
+
+    with pytest.raises(ServeTypeError, match="has no as_dict"):
+        make_serve(executor="inline", kv_store_connector=lambda namespace: NoAsDict())
+
+
+@pytest.mark.parametrize("executor", ["inline", "thread", "process"])
+def test_a_class_without_call_is_served_by_method_name(make_serve: MakeServe, executor: str) -> None:
+    srv = make_serve(executor=executor)
+    srv.create_endpoint("counter", "/counter")
+    srv.create_backend(Counter, "counter:v1", 10)
+    srv.link("counter", "counter:v1")
+    handle = srv.get_handle("counter")
+    assert handle.options(method_name="incr").remote(by=2).result(10) == 12
+    with pytest.raises(MethodNotFoundError, match="its methods: incr, peek"):
+        handle.remote().result(10)
+    client = Client(srv.wsgi_app())
+    assert client.get("/counter", headers={"X-SERVE-CALL-METHOD": "incr"}).text == "13"
+    assert client.get("/counter", headers={"X-SERVE-CALL-METHOD": "peek"}).text == "13"
+    missing = client.get("/counter")
+    assert missing.status_code == 404 and "incr, peek" in missing.text
