@@ -12,6 +12,7 @@ import argparse
 import builtins
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -24,6 +25,7 @@ from typing import Any
 
 from .kv import DEFAULT_CLI_STORE
 from .serve import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HTTP_REQUEST_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
+from .stat_table import TABLE_PERCENTILES, stat_table
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (("routes", "print a running server's routes"), ("stat", "print its metrics")):
         query = commands.add_parser(name, help=help_text)
         query.add_argument("--url", default="http://127.0.0.1:8000", help="server URL (default: %(default)s)")
+    stat = commands.choices["stat"]
+    stat.add_argument("--window", type=_seconds, default=60.0, help="latency window in seconds (default: %(default)s)")
+    stat.add_argument("--json", action="store_true", help="the full flat stat() dict instead of the table")
     return parser
 
 
@@ -74,6 +79,10 @@ def _seconds(text: str) -> float:
     if not 0 <= seconds < math.inf:
         raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text!r}")
     return seconds
+
+
+def _label(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else str(number)
 
 
 def _request_timeout(text: str) -> float | None:
@@ -107,6 +116,13 @@ def load_app(path: str) -> None:
     exec(compile(source, path, "exec"), namespace)  # noqa: S102 - running the user's own file is the point
 
 
+def _in_cli_words(message: str) -> str:
+    """An error of ``init`` as the command's user typed it (``--port`` for ``http_port``...)."""
+    for keyword, flag in (("http_port", "--port"), ("http_host", "--host"), ("kv_store_path", "--kv-store")):
+        message = message.replace(keyword, flag)
+    return message
+
+
 def describe(serve: Any, url: str) -> str:
     """The startup banner: the address and the route table."""
     lines = [f"serve-core: serving on {url}  (stop with Ctrl-C)"]
@@ -116,6 +132,9 @@ def describe(serve: Any, url: str) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if not Path(args.app).is_file():  # checked before a store is opened or a port bound
+        print(f"serve-core: no such deployment file: {args.app}", file=sys.stderr)
+        return 2
     if args.server == "granian":
         from .http.granian import run_granian
 
@@ -126,17 +145,23 @@ def _run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     app_search_path(args.app)
-    instance = serve.init(
-        http_host=args.host,
-        http_port=args.port,
-        executor=args.executor,
-        kv_store_path=args.kv_store,
-        blocking=args.blocking,
-        debug=args.debug,
-        max_body_bytes=args.max_body_bytes,
-        http_request_timeout_s=args.request_timeout,
-        drain_timeout_s=args.drain_timeout,
-    )
+    try:
+        instance = serve.init(
+            http_host=args.host,
+            http_port=args.port,
+            executor=args.executor,
+            kv_store_path=args.kv_store,
+            blocking=args.blocking,
+            debug=args.debug,
+            max_body_bytes=args.max_body_bytes,
+            http_request_timeout_s=args.request_timeout,
+            drain_timeout_s=args.drain_timeout,
+        )
+    except serve.ServeError as exc:  # a taken port, an unreachable store...: one line (a traceback with --debug)
+        if args.debug:
+            traceback.print_exc()
+        print(f"serve-core: {_in_cli_words(str(exc))}", file=sys.stderr)
+        return 1
     try:
         load_app(args.app)
     except BaseException:  # noqa: BLE001 - report any failure of the user's file
@@ -161,14 +186,30 @@ def _restored(instance: Any) -> str:
     return f" (restored {len(report.endpoints)} endpoints, {len(report.backends)} backends{failed})"
 
 
-def _query(url: str, path: str) -> int:
+def _query(url: str, path: str) -> Any:
+    """The JSON a running server answers at ``path``, or ``None`` (reported on stderr)."""
     try:
         with urllib.request.urlopen(url.rstrip("/") + path, timeout=10) as response:
-            data = json.loads(response.read())
+            return json.loads(response.read())
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"serve-core: cannot query {url}: {exc}", file=sys.stderr)
+        return None
+
+
+def _print_query(args: argparse.Namespace) -> int:
+    if args.command == "routes":
+        data = _query(args.url, "/-/routes")
+        text = None if data is None else json.dumps(data, indent=2, sort_keys=True)
+    elif args.json:
+        data = _query(args.url, "/-/stat")
+        text = None if data is None else json.dumps(data, indent=2, sort_keys=True)
+    else:
+        window = _label(args.window)
+        data = _query(args.url, f"/-/stat?percentiles={','.join(map(str, TABLE_PERCENTILES))}&windows={window}")
+        text = None if data is None else stat_table(data, args.window).rstrip("\n")
+    if text is None:
         return 1
-    print(json.dumps(data, indent=2, sort_keys=True))
+    print(text)
     return 0
 
 
@@ -177,7 +218,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
-    return _query(args.url, "/-/routes" if args.command == "routes" else "/-/stat")
+    try:
+        code = _print_query(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped to head: the reader left, nothing to report
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's own flush at exit stays quiet
+        return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -102,11 +103,27 @@ def test_run_serves_until_sigterm(app_file: Path, tmp_path: Path) -> None:
         )
         assert json.loads(routes.stdout) == {"/echo": ["echo", ["GET", "POST"]]}
         stat = subprocess.run(
-            [sys.executable, "-m", "serve_core.cli", "stat", "--url", url],
+            [sys.executable, "-m", "serve_core.cli", "stat", "--url", url, "--json"],
             env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=WAIT,
         )
         stats = json.loads(stat.stdout)
         assert stats["echo:v1_request_counter"] + stats["echo:v2_request_counter"] == 40
+        table = subprocess.run(
+            [sys.executable, "-m", "serve_core.cli", "stat", "--url", url, "--window", "600"],
+            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=WAIT,
+        ).stdout.splitlines()
+        assert table[0].split() == ["endpoint", "requests", "errors", "waiting"]
+        assert table[1].split() == ["echo", "40", "0", "0"]
+        backend_head = table.index(next(line for line in table if line.startswith("backend")))
+        assert table[backend_head].split()[:5] == ["backend", "requests", "errors", "p50", "ms"]
+        rows = {line.split()[0]: line.split() for line in table[backend_head + 1:backend_head + 3]}
+        assert int(rows["echo:v1"][1]) + int(rows["echo:v2"][1]) == 40
+        assert "last 600 s" in table[-1] and len(table) < 10
+        piped = subprocess.run(
+            f"{sys.executable} -m serve_core.cli stat --url {url} --json | head -n 1",
+            shell=True, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=WAIT,
+        )
+        assert piped.stdout == "{\n" and "Traceback" not in piped.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(WAIT) == 0
         assert port_is_free(int(url.rsplit(":", 1)[1]))
@@ -289,3 +306,21 @@ def test_sigterm_drains_queued_requests(tmp_path: Path) -> None:
         assert requests.get(f"{url}/slow?gate=c", timeout=WAIT).status_code == 503
 
     _sigterm_with_a_call_running_and_one_queued(tmp_path, while_draining=refuses_new_calls)
+
+
+def test_user_errors_are_one_line_without_a_traceback(app_file: Path, tmp_path: Path) -> None:
+    missing = _cli("run", str(tmp_path / "nope.py"), "--port", "0", cwd=tmp_path)
+    _, err = missing.communicate(timeout=WAIT)
+    assert missing.returncode == 2
+    assert err.strip().splitlines() == [f"serve-core: no such deployment file: {tmp_path / 'nope.py'}"]
+    assert not (tmp_path / "serve_core.db").exists()  # checked before the store was opened
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        busy = _cli("run", str(app_file), "--port", str(port), "--kv-store", str(tmp_path / "s.db"), cwd=tmp_path)
+        _, err = busy.communicate(timeout=WAIT)
+    assert busy.returncode == 1
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"serve-core: cannot serve HTTP on 127.0.0.1:{port}") and "--port" in line
+    assert "http_port" not in line

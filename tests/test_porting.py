@@ -102,3 +102,36 @@ def test_a_class_without_call_is_served_by_method_name(make_serve: MakeServe, ex
     assert client.get("/counter", headers={"X-SERVE-CALL-METHOD": "peek"}).text == "13"
     missing = client.get("/counter")
     assert missing.status_code == 404 and "incr, peek" in missing.text
+
+
+def test_stat_table_has_one_row_per_endpoint_and_backend() -> None:
+    from serve_core.stat_table import stat_table
+
+    stats = {
+        "endpoint_ep_request_counter": 7, "endpoint_ep_error_counter": 1, "endpoint_ep_pending_size": 0,
+        "b_1:v1_request_counter": 7, "b_1:v1_error_counter": 1,
+        "backend_b_1:v1_queue_size": 2, "backend_b_1:v1_num_replicas": 3,
+        "b_1:v1_latency_s_50th_perc_60_window": 0.0015, "b_1:v1_latency_s_99th_perc_60_window": 0.25,
+    }
+    lines = stat_table(stats, 60).splitlines()
+    assert lines[0].split() == ["endpoint", "requests", "errors", "waiting"]
+    assert lines[1].split() == ["ep", "7", "1", "0"]
+    head = ["backend", "requests", "errors", "p50", "ms", "p90", "ms", "p99", "ms", "queue", "replicas"]
+    assert lines[3].split() == head
+    assert lines[4].split() == ["b_1:v1", "7", "1", "1.5", "-", "250.0", "2", "3"]
+    assert "last 60 s" in lines[-1]
+
+
+def test_http_stat_takes_percentiles_and_windows(make_serve: MakeServe) -> None:
+    srv = make_serve(executor="inline")
+    srv.create_endpoint("greet")
+    srv.create_backend(greet, "greet:v1")
+    srv.link("greet", "greet:v1")
+    srv.get_handle("greet").remote().result(0)
+    client = Client(srv.wsgi_app())
+    stats = client.get("/-/stat?percentiles=50,99&windows=60").json
+    assert stats is not None
+    keys = [key for key in stats if "_latency_s_" in key]
+    assert sorted(keys) == ["greet:v1_latency_s_50th_perc_60_window", "greet:v1_latency_s_99th_perc_60_window"]
+    assert client.get("/-/stat?windows=soon").status_code == 400
+    assert client.get("/-/stat?windows=7200").status_code == 400  # longer than gc_window_seconds

@@ -8,7 +8,8 @@ and can be mounted anywhere, e.g. under a prefix with Werkzeug's ``DispatcherMid
     app = DispatcherMiddleware(flask_app, {"/serve": serve.wsgi_app()})
 
 Built-in routes under the reserved ``/-/`` prefix: ``/-/routes`` (``{route: [endpoint,
-[methods]]}``), ``/-/healthz`` (200 while the instance runs) and ``/-/stat`` (``stat()``).
+[methods]]}``), ``/-/healthz`` (200 while the instance runs) and ``/-/stat`` (``stat()``;
+``?percentiles=50,99&windows=60`` choose what it aggregates).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from werkzeug.wrappers import Response
 
-from ..errors import MethodNotAllowedError, NotFoundError, RequestTimeoutError
+from ..errors import MethodNotAllowedError, NotFoundError, RequestTimeoutError, ValidationError
 from .request import ServeRequest, buffer_body, call_method, parse_slo
 from .responses import PlainResponse, encode_result, error_response, json_response, text_response
 from .routing import RouteMap
@@ -54,7 +55,7 @@ class ServeApp:
         self._builtins: dict[str, Callable[[ServeRequest], AnyResponse]] = {
             "/-/routes": lambda request: json_response(self.serve.route_table()),
             "/-/healthz": self._healthz,
-            "/-/stat": lambda request: json_response(self.serve.stat()),
+            "/-/stat": self._stat,
         }
 
     @property
@@ -119,6 +120,18 @@ class ServeApp:
                 ("GET", "HEAD", "OPTIONS"),
             )
         return handler(request)
+
+    def _stat(self, request: ServeRequest) -> PlainResponse:
+        """``stat()``; ``?percentiles=50,99&windows=60`` choose other ones (comma-separated numbers)."""
+        options: dict[str, list[float]] = {}
+        for name, argument in (("percentiles", "percentiles"), ("windows", "agg_windows_seconds")):
+            text = request.args.get(name)
+            if text is not None:
+                try:
+                    options[argument] = [float(part) for part in text.split(",") if part.strip()]
+                except ValueError:
+                    raise ValidationError(f"{name} must be comma-separated numbers, got {text!r}") from None
+        return json_response(self.serve.stat(**options))
 
     def _healthz(self, request: ServeRequest) -> PlainResponse:
         if self.serve.running:

@@ -123,6 +123,12 @@ class SQLKVStore(UpdateBased):
         except SQLAlchemyError as exc:
             shown = url.render_as_string(hide_password=True)
             raise StoreError(f"KV store {shown}: cannot create an engine: {exc}") from exc
+        except ImportError as exc:  # the dialect's driver is not installed
+            shown = url.render_as_string(hide_password=True)
+            extra = "pip install 'serve-core[postgres]'" if url.get_backend_name() == "postgresql" else (
+                f"install the {url.get_backend_name()} driver {url.get_driver_name()!r}"
+            )
+            raise StoreError(f"KV store {shown}: its database driver is not installed ({exc}); {extra}") from exc
 
     @property
     def sqlite_path(self) -> Path | None:

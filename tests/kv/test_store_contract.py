@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import stat
 from collections.abc import Callable
@@ -203,3 +204,12 @@ def test_sqlite_key_file_is_private(tmp_path: Path) -> None:
     assert resolve_secret(store) == key  # read back, not replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.db.key"]
     store.close()
+
+
+def test_a_missing_database_driver_is_a_store_error_naming_it() -> None:
+    if importlib.util.find_spec("pymysql") is not None:
+        pytest.skip("pymysql is installed: no missing driver to report")
+    from serve_core.kv.sql import SQLKVStore
+
+    with pytest.raises(StoreError, match="driver is not installed.*pymysql"):
+        SQLKVStore("mysql+pymysql://user@127.0.0.1/db", "ns")
