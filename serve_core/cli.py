@@ -29,7 +29,7 @@ from .stat_table import TABLE_PERCENTILES, stat_table
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="serve-core", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="serve-core", description=__doc__.split("\n\n")[0].replace("``", ""))
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="serve a deployment file over HTTP")
     run.add_argument("app", help="Python file creating endpoints and backends with the module API")
@@ -183,7 +183,11 @@ def _restored(instance: Any) -> str:
     if not report:
         return ""
     failed = f", {len(report.failed)} could not be restored (see above)" if report.failed else ""
-    return f" (restored {len(report.endpoints)} endpoints, {len(report.backends)} backends{failed})"
+    return f" (restored {_count(len(report.endpoints), 'endpoint')}, {_count(len(report.backends), 'backend')}{failed})"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _query(url: str, path: str) -> Any:

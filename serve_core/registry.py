@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -97,6 +98,12 @@ def same_target(a: Any, b: Any) -> bool:
     return inspect.isclass(a) and inspect.isclass(b)
 
 
+def _next_tag(tag: str) -> str:
+    """The tag to suggest for a new version: ``echo:v2`` → ``echo:v3``, ``echo`` → ``echo:v2``."""
+    match = re.fullmatch(r"(.*:v)(\d+)", tag)
+    return f"{match.group(1)}{int(match.group(2)) + 1}" if match else f"{tag}:v2"
+
+
 def _callable_names(cls: type) -> list[str]:
     """What callers can reach on instances of ``cls``: ``__call__`` if it defines one, and public methods."""
     names = [name for name in dir(cls) if is_public_method(name) and name != "__call__"]
@@ -175,7 +182,7 @@ class Registry:
         ):
             raise ConflictError(
                 f"backend {tag!r} already exists with different code or init arguments; to replace "
-                f"it, create the new definition under a new tag (e.g. {tag + ':v2'!r}) and move traffic "
+                f"it, create the new definition under a new tag (e.g. {_next_tag(tag)!r}) and move traffic "
                 "with split(); to change only its config use set_backend_config()"
             )
         return info, config

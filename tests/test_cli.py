@@ -232,7 +232,7 @@ def test_restart_restores_the_deployment_file_on_the_process_executor(tmp_path: 
             assert answers == {f"{url}/echo", "something new"}, run
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(WAIT) == 0
-    assert "restored 1 endpoints, 2 backends" in banner
+    assert "restored 1 endpoint, 2 backends" in banner
     assert (tmp_path / "serve_core.db").exists()
 
 

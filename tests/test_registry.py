@@ -92,8 +92,11 @@ def test_class_batch_mark_is_read_from_call(inline: Serve) -> None:
 def test_backend_redefinition(inline: Serve) -> None:
     inline.create_backend(echo, "b")
     inline.create_backend(echo, "b")  # identical: no-op
-    with pytest.raises(ConflictError, match="different code"):
+    with pytest.raises(ConflictError, match="different code.*'b:v2'"):
         inline.create_backend(other, "b")
+    inline.create_backend(echo, "b:v2")
+    with pytest.raises(ConflictError, match="'b:v3'"):  # not 'b:v2:v2'
+        inline.create_backend(other, "b:v2")
     # Same code, another config: a no-op that keeps the live config (re-running a deploy script).
     inline.create_backend(echo, "b", backend_config=BackendConfig(num_replicas=2))
     assert inline.get_backend_config("b").num_replicas == 1

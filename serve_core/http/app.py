@@ -76,7 +76,12 @@ class ServeApp:
         path = request.path
         if path.startswith("/-/"):
             return self._builtin(request, path)
-        entry = self.url_map.match(path, request.method)
+        try:
+            entry = self.url_map.match(path, request.method)
+        except NotFoundError:  # the hint names /-/routes where this app is mounted
+            raise NotFoundError(
+                f"no endpoint at path {path!r}; GET {request.script_root}/-/routes lists the routes"
+            ) from None
         if request.method == "OPTIONS" and "OPTIONS" not in entry.methods:
             return PlainResponse(b"", "text/plain", 200, (("Allow", entry.allow_header),))
         slo = parse_slo(request)
@@ -111,7 +116,7 @@ class ServeApp:
     def _builtin(self, request: ServeRequest, path: str) -> AnyResponse:
         handler = self._builtins.get(path)
         if handler is None:
-            raise NotFoundError(f"no built-in route {path!r}; GET /-/routes lists the routes")
+            raise NotFoundError(f"no built-in route {path!r}; GET {request.script_root}/-/routes lists the routes")
         if request.method == "OPTIONS":
             return PlainResponse(b"", "text/plain", 200, (("Allow", _BUILTIN_ALLOW),))
         if request.method not in ("GET", "HEAD"):

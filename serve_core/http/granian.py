@@ -78,7 +78,10 @@ def run_granian(args: argparse.Namespace) -> int:
     os.environ[ENV_DRAIN_TIMEOUT] = str(args.drain_timeout)
     os.environ[ENV_URL] = f"http://{args.host}:{args.port}"
     if not is_loopback(args.host):
-        log.warning("serving HTTP on non-loopback address %s without authentication", args.host)
+        log.warning(
+            "serving HTTP on non-loopback address %s without authentication",
+            repr(args.host) if args.host else "'' (every interface)",
+        )
     Granian(
         "serve_core.http.granian:app_from_env",
         address=args.host,

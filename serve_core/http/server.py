@@ -137,7 +137,7 @@ class HTTPServer:
             log.warning(
                 "serving HTTP on non-loopback address %s: anyone who can reach it can call every "
                 "endpoint (serve_core has no authentication); put a proxy with auth in front",
-                host,
+                repr(host) if host else "'' (every interface)",
             )
         sock = _bind(host, port)
         try:

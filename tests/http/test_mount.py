@@ -32,7 +32,8 @@ def test_mounted_under_prefix_in_plain_wsgi(make_serve: Callable[..., Serve]) ->
     assert client.get("/models/-/routes").get_json() == {"/echo": ["echo", ["GET", "POST"]]}
     assert client.get("/other").get_data() == b"host app"
     assert client.get("/echo").get_data() == b"host app"
-    assert client.get("/models/nope").status_code == 404
+    missing = client.get("/models/nope")
+    assert missing.status_code == 404 and "GET /models/-/routes" in missing.get_data(as_text=True)
 
 
 def test_mounted_inside_flask(make_serve: Callable[..., Serve]) -> None:
