@@ -135,3 +135,17 @@ def test_http_stat_takes_percentiles_and_windows(make_serve: MakeServe) -> None:
     assert sorted(keys) == ["greet:v1_latency_s_50th_perc_60_window", "greet:v1_latency_s_99th_perc_60_window"]
     assert client.get("/-/stat?windows=soon").status_code == 400
     assert client.get("/-/stat?windows=7200").status_code == 400  # longer than gc_window_seconds
+
+
+def test_a_shard_key_header_pins_the_split_over_http(make_serve: MakeServe) -> None:
+    srv = make_serve(executor="inline")
+    srv.create_endpoint("ep", "/ep")
+    srv.create_backend(lambda request: "a", "a")
+    srv.create_backend(lambda request: "b", "b")
+    srv.split("ep", {"a": 0.5, "b": 0.5})
+    client = Client(srv.wsgi_app())
+    pinned = {client.get("/ep", headers={"X-SERVE-SHARD-KEY": "user-1"}).text for _ in range(30)}
+    assert len(pinned) == 1
+    spread = {client.get("/ep", headers={"X-SERVE-SHARD-KEY": f"user-{n}"}).text for n in range(40)}
+    assert spread == {"a", "b"}
+    assert client.get("/ep", headers={"X-SERVE-SHARD-KEY": "k" * 257}).status_code == 400

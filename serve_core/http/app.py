@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from werkzeug.wrappers import Response
 
 from ..errors import MethodNotAllowedError, NotFoundError, RequestTimeoutError, ValidationError
-from .request import ServeRequest, buffer_body, call_method, parse_slo
+from .request import ServeRequest, buffer_body, call_method, parse_slo, shard_key
 from .responses import PlainResponse, encode_result, error_response, json_response, text_response
 from .routing import RouteMap
 
@@ -87,7 +87,9 @@ class ServeApp:
         slo = parse_slo(request)
         method = call_method(request)
         buffer_body(request, self.max_body_bytes)
-        future = self.serve.enqueue(entry.endpoint, request=request, method_name=method, slo=slo)
+        future = self.serve.enqueue(
+            entry.endpoint, request=request, method_name=method, slo=slo, shard_key=shard_key(request)
+        )
         try:
             result = future.result(self.request_timeout_s)
         except FutureTimeout:

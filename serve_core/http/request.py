@@ -21,6 +21,8 @@ from ..invoke import is_public_method
 from ..slo import NO_SLO, SLO
 
 CALL_METHOD_KEY = "HTTP_X_SERVE_CALL_METHOD"  # the X-SERVE-CALL-METHOD header in the environ
+SHARD_KEY_KEY = "HTTP_X_SERVE_SHARD_KEY"  # the X-SERVE-SHARD-KEY header
+MAX_SHARD_KEY_LENGTH = 256
 SLO_PARAMS = ("relative_slo_ms", "absolute_slo_ms")
 _PLAIN = (str, bytes, int, float, bool, tuple)
 _CHUNK = 64 * 1024
@@ -104,3 +106,17 @@ def call_method(request: Request) -> str:
     if not is_public_method(method):
         raise MethodNotFoundError(f"method {method!r} is not public and cannot be called over HTTP")
     return method
+
+
+def shard_key(request: Request) -> str | None:
+    """The ``X-SERVE-SHARD-KEY`` header: calls with the same key go to the same backend of a split.
+
+    Raises:
+        ValidationError: longer than :data:`MAX_SHARD_KEY_LENGTH` characters.
+    """
+    key = request.environ.get(SHARD_KEY_KEY)
+    if key is None:
+        return None
+    if len(key) > MAX_SHARD_KEY_LENGTH:
+        raise ValidationError(f"X-SERVE-SHARD-KEY is longer than {MAX_SHARD_KEY_LENGTH} characters")
+    return str(key)
