@@ -161,10 +161,6 @@ class BackendRuntime:
     def queue_length(self) -> int:
         return len(self._queue)
 
-    @property
-    def replica_count(self) -> int:
-        return len(self._slots)
-
     def replicas(self) -> list[Replica]:
         """The replicas in service, oldest first."""
         with self._lock:
