@@ -17,10 +17,13 @@ from .errors import ServeStateError, ShuttingDownError
 from .policy import RoutePolicy
 from .serve import (
     DEFAULT_DRAIN_TIMEOUT_S,
+    DEFAULT_HEARTBEAT_S,
     DEFAULT_HTTP_REQUEST_TIMEOUT_S,
+    DEFAULT_INSTANCE_EXPIRY_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_PENDING_PER_ENDPOINT,
     DEFAULT_PENDING_TIMEOUT_S,
+    DEFAULT_REGISTRY_POLL_S,
     Serve,
     warn_if_different,
 )
@@ -79,6 +82,10 @@ def init(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     http_request_timeout_s: float | None = DEFAULT_HTTP_REQUEST_TIMEOUT_S,
     debug: bool = False,
+    registry_poll_s: float = DEFAULT_REGISTRY_POLL_S,
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+    instance_expiry_s: float = DEFAULT_INSTANCE_EXPIRY_S,
+    run_replicas: bool = True,
 ) -> Serve:
     """Start the default instance (see :class:`Serve` for the arguments).
 
@@ -138,26 +145,33 @@ def create_backend(
     backend_tag: str,
     *actor_init_args: Any,
     backend_config: BackendConfig | None = None,
+    replace: bool = False,
 ) -> None:
     """Register a backend and start its replicas; returns when they are ready.
+
+    The same code under a tag the store already holds is a no-op that keeps the stored
+    config (an operator may have scaled it). ``replace=True`` replaces different code under
+    that tag on every instance (keeping its config unless ``backend_config`` is given).
 
     Raises:
         ServeTypeError: not a function or class. BatchAnnotationError: batching on a
         backend without ``@accept_batch``. ConflictError: tag defined differently.
     """
-    _default.get().create_backend(func_or_class, backend_tag, *actor_init_args, backend_config=backend_config)
+    _default.get().create_backend(
+        func_or_class, backend_tag, *actor_init_args, backend_config=backend_config, replace=replace
+    )
 
 
 def get_backend_config(backend_tag: str) -> BackendConfig:
-    """A detached copy of the backend's config."""
+    """A detached copy of the backend's config (as the store holds it)."""
     return _default.get().get_backend_config(backend_tag)
 
 
 def set_backend_config(backend_tag: str, backend_config: BackendConfig) -> None:
-    """Apply a config live: replica count, batching, queue bound, placement.
+    """Apply a config live, on every instance: replica count, batching, queue bound, placement.
 
-    If a replica fails to start, the old config stays in force (and in the store)
-    and the error is raised.
+    It is applied here first: if a replica fails to start, the old config stays in force
+    (and in the store) and the error is raised.
     """
     _default.get().set_backend_config(backend_tag, backend_config)
 
@@ -169,7 +183,7 @@ def link(endpoint_name: str, backend_tag: str) -> None:
 
 
 def split(endpoint_name: str, traffic_policy_dictionary: dict[str, float]) -> None:
-    """Split the endpoint's traffic by weight; invalid input changes nothing."""
+    """Split the endpoint's traffic by weight, on every instance; invalid input changes nothing."""
     _default.get().split(endpoint_name, traffic_policy_dictionary)
 
 

@@ -4,6 +4,10 @@
 module-level API: ``create_endpoint``, ``create_backend``, ``link``…), prints the routes and
 the address, and serves until SIGINT/SIGTERM, then drains and shuts down (exit code 0).
 ``serve-core routes --url URL`` and ``serve-core stat --url URL`` query a running server.
+``serve-core status``, ``split``, ``scale`` and ``deploy`` work on a store (``--kv-store``):
+every instance serving from it applies their changes.
+
+Errors are one line on stderr (a traceback with ``--debug``): exit code 2 for usage, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -52,13 +56,54 @@ def _parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=_seconds, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long queued and running calls may finish (default: %(default)s)",
     )
+    run.add_argument("--workers", type=_positive, default=1, help="worker processes (granian only; default: 1)")
     for name, help_text in (("routes", "print a running server's routes"), ("stat", "print its metrics")):
         query = commands.add_parser(name, help=help_text)
         query.add_argument("--url", default="http://127.0.0.1:8000", help="server URL (default: %(default)s)")
     stat = commands.choices["stat"]
     stat.add_argument("--window", type=_seconds, default=60.0, help="latency window in seconds (default: %(default)s)")
     stat.add_argument("--json", action="store_true", help="the full flat stat() dict instead of the table")
+    status = _store_command(commands, "status", "list a store's live instances, endpoints, backends and traffic")
+    status.add_argument("--json", action="store_true", help="the report as JSON")
+    split = _store_command(commands, "split", "set an endpoint's traffic on every instance of a store")
+    split.add_argument("endpoint")
+    split.add_argument("weights", nargs="+", metavar="TAG=WEIGHT", type=_weight)
+    scale = _store_command(commands, "scale", "set a backend's number of replicas on every instance of a store")
+    scale.add_argument("tag")
+    scale.add_argument("replicas", type=_positive, metavar="N")
+    deploy = _store_command(commands, "deploy", "run a deployment file's registry calls on a store, serving nothing")
+    deploy.add_argument("app", help="Python file creating endpoints and backends with the module API")
     return parser
+
+
+def _store_command(commands: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    command: argparse.ArgumentParser = commands.add_parser(name, help=help_text)
+    command.add_argument(
+        "--kv-store", default=DEFAULT_CLI_STORE, help="SQLite path or SQLAlchemy URL (default: %(default)s)"
+    )
+    command.add_argument("--debug", action="store_true", help="print tracebacks of errors")
+    return command
+
+
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return number
+
+
+def _weight(text: str) -> tuple[str, float]:
+    tag, sep, weight = text.rpartition("=")
+    try:
+        value = float(weight)
+    except ValueError:
+        value = math.nan
+    if not sep or not tag or not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected TAG=WEIGHT with a weight >= 0, not {text!r}")
+    return tag, value
 
 
 def _body_limit(text: str) -> int:
@@ -116,6 +161,30 @@ def load_app(path: str) -> None:
     exec(compile(source, path, "exec"), namespace)  # noqa: S102 - running the user's own file is the point
 
 
+def deploy_file(instance: Any, path: str) -> list[str]:
+    """Run the deployment file on a restarted instance: the store's traffic and configs win.
+
+    Returns what was kept from the store instead of the file (one line each); see
+    :meth:`serve_core.Serve.keep_store_state`.
+    """
+    with instance.keep_store_state() as notes:
+        load_app(path)
+    if notes:
+        notes.insert(0, "kept from the store (changed at runtime since the file last deployed them):")
+    return [f"  {note}" if i else note for i, note in enumerate(notes)]
+
+
+def _report_file_error(path: str, exc: BaseException, debug: bool) -> None:
+    """A ServeError raised by the file (a conflict, a bad route...) is one line; other errors keep their traceback."""
+    from .errors import ServeError
+
+    if debug or not isinstance(exc, ServeError):
+        traceback.print_exception(exc)
+        print(f"serve-core: error in {path}; shutting down", file=sys.stderr)
+    else:
+        print(f"serve-core: error in {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
 def _in_cli_words(message: str) -> str:
     """An error of ``init`` as the command's user typed it (``--port`` for ``http_port``...)."""
     for keyword, flag in (("http_port", "--port"), ("http_host", "--host"), ("kv_store_path", "--kv-store")):
@@ -139,6 +208,9 @@ def _run(args: argparse.Namespace) -> int:
         from .http.granian import run_granian
 
         return run_granian(args)
+    if args.workers != 1:
+        print("serve-core: --workers needs --server granian (or run gunicorn on an app factory)", file=sys.stderr)
+        return 2
     import serve_core as serve
 
     stop = threading.Event()
@@ -163,14 +235,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"serve-core: {_in_cli_words(str(exc))}", file=sys.stderr)
         return 1
     try:
-        load_app(args.app)
-    except BaseException:  # noqa: BLE001 - report any failure of the user's file
-        traceback.print_exc()
-        print(f"serve-core: error in {args.app}; shutting down", file=sys.stderr)
+        notes = deploy_file(instance, args.app)
+    except BaseException as exc:  # noqa: BLE001 - report any failure of the user's file
+        _report_file_error(args.app, exc, args.debug)
         serve.shutdown()
         return 1
     host, port = instance.http_address() or (args.host, args.port)
     print(f"serve-core: registry kept in {args.kv_store}{_restored(instance)}", flush=True)
+    for note in notes:
+        print(f"serve-core: {note}", flush=True)
     print(describe(instance, f"http://{host}:{port}"), flush=True)
     stop.wait()
     print("serve-core: stopping (draining calls in flight)", flush=True)
@@ -217,11 +290,83 @@ def _print_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_main(args: argparse.Namespace) -> int:
+    """``status``, ``split``, ``scale``, ``deploy``: change or read the store, import no backend code."""
+    from .errors import ServeError
+
+    try:
+        if args.command != "deploy" and _missing_sqlite_file(args.kv_store):
+            print(f"serve-core: no store at {args.kv_store} (no such file; --kv-store names it)", file=sys.stderr)
+            return 1
+        if args.command == "status":
+            return _status(args)
+        if args.command == "deploy" and not Path(args.app).is_file():
+            print(f"serve-core: no such deployment file: {args.app}", file=sys.stderr)
+            return 2
+        return _change_store(args)
+    except ServeError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"serve-core: {_in_cli_words(str(exc))}", file=sys.stderr)
+        return 1
+
+
+def _missing_sqlite_file(kv_store: str) -> bool:
+    from .kv import MEMORY_STORE_NAMES
+
+    return "://" not in kv_store and kv_store not in MEMORY_STORE_NAMES and not Path(kv_store).exists()
+
+
+def _status(args: argparse.Namespace) -> int:
+    import time
+
+    from .persistence import open_registry_store
+    from .serve import DEFAULT_INSTANCE_EXPIRY_S
+    from .status import format_status, status_report
+
+    store = open_registry_store(args.kv_store, None)
+    try:
+        report = status_report(store, time.time(), DEFAULT_INSTANCE_EXPIRY_S)
+    finally:
+        store.close()
+    print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_status(report))
+    return 0
+
+
+def _change_store(args: argparse.Namespace) -> int:
+    import serve_core as serve
+
+    if args.command == "deploy":
+        app_search_path(args.app)
+    instance = serve.init(kv_store_path=args.kv_store, start_server=False, run_replicas=False)
+    try:
+        if args.command == "split":
+            instance.split(args.endpoint, dict(args.weights))
+            print(f"serve-core: {args.endpoint}: {instance.get_traffic_policy(args.endpoint)}")
+        elif args.command == "scale":
+            config = instance.get_backend_config(args.tag)
+            config.num_replicas = args.replicas
+            instance.set_backend_config(args.tag, config)
+            print(f"serve-core: {args.tag}: {args.replicas} replicas desired")
+        else:
+            try:
+                load_app(args.app)
+            except BaseException as exc:  # noqa: BLE001 - report any failure of the user's file
+                _report_file_error(args.app, exc, args.debug)
+                return 1
+            print(f"serve-core: deployed {args.app} to {args.kv_store} (revision {instance.revision})")
+    finally:
+        serve.shutdown()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``serve-core`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command in ("status", "split", "scale", "deploy"):
+        return _store_main(args)
     try:
         code = _print_query(args)
         sys.stdout.flush()

@@ -75,13 +75,22 @@ def import_ref(obj: Any) -> str | None:
     return f"{module}:{qualname}" if found is obj else None
 
 
+class ModuleInitializingError(StoreError):
+    """The module holding a stored backend is still being imported (it is the one calling ``init``)."""
+
+
 def resolve_ref(ref: str) -> Any:
     """Import ``module:qualname``.
 
     Raises:
+        ModuleInitializingError: the module is being imported right now (retry once it is).
         StoreError: the module or attribute cannot be imported.
     """
     module_name, _, qualname = ref.partition(":")
+    # importlib marks a module's spec while the module body runs; CPython's own "partially
+    # initialized module" error reads the same flag.
+    if getattr(getattr(sys.modules.get(module_name), "__spec__", None), "_initializing", False):
+        raise ModuleInitializingError(f"module {module_name!r} is still being imported; {ref!r} is loaded once it is")
     try:
         found: Any = importlib.import_module(module_name)
         for part in qualname.split("."):

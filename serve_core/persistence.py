@@ -1,45 +1,50 @@
-"""The registry in a KV store: what ``Serve`` writes on every change and restores on start.
+"""The registry in a KV store: the one source of truth that every instance on the store converges on.
 
 Keys of the registry namespace (values are JSON)::
 
+    meta/revision     n: bumped by every registry change, in the same transaction
     endpoint/<name>   {"route": "/x" | null, "methods": ["GET", ...]}
-    backend/<tag>     {"target": <code record>, "init_args": <code record>, "sig": <hmac>}
+    backend/<tag>     {"target": <code record>, "init_args": <code record>, "code_id": hex,
+                       "accepts_batch": bool, "sig": <hmac>}
     config/<tag>      BackendConfig.to_dict()
     traffic/<name>    {"<backend tag>": weight, ...}
+    instance/<id>     {"host", "pid", "http", "executor", "started", "last_seen", "revision", "backends"}
 
-Code records are described in :mod:`serve_core.codestore`. A new backend writes its
-``backend/`` and ``config/`` keys in one atomic update. This module talks to the store
-only through the :class:`~serve_core.kv.base.KVStore` contract; the store itself is
-opened by :func:`serve_core.kv.open_store` (imported lazily, so the core never imports
-SQLAlchemy).
+Every registry change is validated against a :class:`Snapshot` of the store, then committed
+with :meth:`RegistryStore.commit`, a compare-and-set on ``meta/revision``: if another writer
+committed in between, nothing is written and the change is validated again against the new
+state. ``instance/`` records are heartbeats; they do not move the revision. Code records are
+described in :mod:`serve_core.codestore`. This module talks to the store only through the
+:class:`~serve_core.kv.base.AtomicKVStore` contract; the store itself is opened by
+:func:`serve_core.kv.open_store` (imported lazily, so the core never imports SQLAlchemy).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .codestore import CodeStore, Signer
 from .config import BackendConfig
 from .errors import StoreError
-from .kv.base import KVStore
-from .registry import BackendInfo, EndpointInfo
-
-if TYPE_CHECKING:
-    from .serve import Serve
+from .fingerprint import code_id
+from .invoke import accepts_batch
+from .kv.base import AtomicKVStore
+from .registry import BackendInfo, BackendSpec, EndpointInfo, Registry, normalise_methods
 
 log = logging.getLogger("serve_core")
 
-ENDPOINT, BACKEND, CONFIG, TRAFFIC = "endpoint/", "backend/", "config/", "traffic/"
+REVISION = "meta/revision"
+ENDPOINT, BACKEND, CONFIG, TRAFFIC, INSTANCE = "endpoint/", "backend/", "config/", "traffic/", "instance/"
+_GROUPS = (ENDPOINT, BACKEND, CONFIG, TRAFFIC, INSTANCE)
 
 
 @dataclasses.dataclass
 class RestoreReport:
-    """What :func:`restore` brought back from the store (``Serve.restored``).
+    """What the first convergence brought back from the store (``Serve.restored``).
 
     Attributes:
         endpoints, backends, traffic: names restored (traffic: endpoints whose
@@ -47,6 +52,8 @@ class RestoreReport:
         failed: store key → why it was not restored (e.g. ``"backend/x"``).
         degraded: endpoint → note, for traffic restored without some of its backends
             (their weight is spread over the others in memory; the store keeps the original).
+        deferred: backends whose module was still being imported (the module that calls
+            ``init``): they start when it has finished, or when it creates them itself.
     """
 
     endpoints: list[str] = dataclasses.field(default_factory=list)
@@ -54,13 +61,69 @@ class RestoreReport:
     traffic: list[str] = dataclasses.field(default_factory=list)
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
     degraded: dict[str, str] = dataclasses.field(default_factory=dict)
+    deferred: list[str] = dataclasses.field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.endpoints or self.backends or self.traffic or self.failed)
+        return bool(self.endpoints or self.backends or self.traffic or self.failed or self.deferred)
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The store's registry at one revision (one consistent read), records still raw JSON."""
+
+    revision: int
+    records: dict[str, dict[str, Any]]  # group prefix -> {name: value}
+
+    def group(self, prefix: str) -> dict[str, Any]:
+        return self.records.get(prefix, {})
+
+    def registry(self, where: str) -> tuple[Registry, dict[str, str]]:
+        """The registry these records describe, and store key → why a record was left out."""
+        registry = Registry(where)
+        problems: dict[str, str] = {}
+        for name, value in self.group(ENDPOINT).items():
+            _parse(problems, ENDPOINT + name, partial(_add_endpoint, registry, name, value))
+        for tag, value in self.group(BACKEND).items():
+            _parse(problems, BACKEND + tag, partial(_add_backend, registry, tag, value, self.group(CONFIG).get(tag)))
+        for name, weights in self.group(TRAFFIC).items():
+            _parse(problems, TRAFFIC + name, partial(_set_traffic, registry, name, weights))
+        return registry, problems
+
+
+def _parse(problems: dict[str, str], key: str, action: Callable[[], None]) -> None:
+    try:
+        action()
+    except (StoreError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        problems[key] = f"{type(exc).__name__}: {exc}"
+
+
+def _add_endpoint(registry: Registry, name: str, value: Any) -> None:
+    registry.add_endpoint(EndpointInfo(name, value["route"], normalise_methods(value["methods"])))
+
+
+def _add_backend(registry: Registry, tag: str, value: Any, config: Any) -> None:
+    registry.add_backend(_spec(tag, value), _config(tag, config))
+
+
+def _set_traffic(registry: Registry, name: str, weights: Any) -> None:
+    registry.set_traffic(name, {str(tag): float(weight) for tag, weight in dict(weights).items()})
+
+
+def _spec(tag: str, value: Any) -> BackendSpec:
+    if not isinstance(value, dict):
+        raise StoreError(f"backend {tag!r}: the stored record is not an object")
+    code_id, batch = value.get("code_id"), value.get("accepts_batch")
+    return BackendSpec(tag, code_id if isinstance(code_id, str) else None, batch if isinstance(batch, bool) else None)
+
+
+def _config(tag: str, value: Any) -> BackendConfig:
+    if not isinstance(value, dict):
+        raise StoreError(f"no stored config for backend {tag!r}")
+    return BackendConfig.from_dict(value)
 
 
 class RegistryStore:
-    """Writes registry changes to a store and reads them back.
+    """Reads and commits the registry in a store.
 
     Args:
         store: a KV store bound to the registry namespace.
@@ -69,62 +132,110 @@ class RegistryStore:
         durable: ``False`` for the implicit memory store (code is not serialised).
     """
 
-    def __init__(self, store: KVStore, secret: bytes | None, description: str, durable: bool) -> None:
+    def __init__(self, store: AtomicKVStore, secret: bytes | None, description: str, durable: bool) -> None:
         self.store = store
         self.description = description
         self.code = CodeStore(Signer(secret), durable, description)
-        self._paused = False
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Writes are skipped inside (used while restoring what the store already holds)."""
-        self._paused = True
-        try:
-            yield
-        finally:
-            self._paused = False
+    # ------------------------------------------------------------ reading
+    def load(self) -> Snapshot:
+        """The whole registry, in one read.
 
-    def save_endpoint(self, info: EndpointInfo) -> None:
-        self._write({ENDPOINT + info.name: {"route": info.route, "methods": list(info.methods)}})
+        Raises:
+            StoreError: the store cannot be read.
+        """
+        records: dict[str, dict[str, Any]] = {prefix: {} for prefix in _GROUPS}
+        revision = 0
+        for key, value in sorted(self.store.as_dict().items()):
+            if key == REVISION:
+                revision = value if isinstance(value, int) else 0
+                continue
+            prefix, _, name = key.partition("/")
+            if prefix + "/" in records:
+                records[prefix + "/"][name] = value
+        return Snapshot(revision, records)
+
+    def revision(self) -> int:
+        """The current registry revision (a cheap read: one key)."""
+        value = self.store.get(REVISION)
+        return value if isinstance(value, int) else 0
+
+    # ------------------------------------------------------------ writing
+    def commit(self, revision: int, items: dict[str, Any]) -> bool:
+        """Write ``items`` as revision ``revision + 1`` if the store is still at ``revision``.
+
+        Returns:
+            ``False`` when another writer committed first (nothing was written).
+
+        Raises:
+            StoreError: the store cannot be written.
+        """
+        expected = revision or None  # revision 0: the key is not there yet
+        return self.store.compare_and_update(REVISION, expected, {**items, REVISION: revision + 1})
 
     def encode_backend(self, info: BackendInfo, config: BackendConfig) -> dict[str, Any]:
-        """The keys to write for a new backend (pure: call before starting replicas).
+        """The keys to write for a backend (pure: call before starting replicas).
 
         Raises:
             StoreError: the code cannot be stored (not importable and no signing key).
         """
-        if self._paused:
-            return {}
         code = self.code.seal(info.tag, {
             "target": self.code.encode_target(info.tag, info.target),
             "init_args": self.code.encode_args(info.tag, info.init_args),
+            "code_id": info.code_id,
+            "accepts_batch": info.accepts_batch,
         })
         return {BACKEND + info.tag: code, CONFIG + info.tag: config.to_dict()}
 
-    def save_backend(self, items: dict[str, Any]) -> None:
-        self._write(items)
+    def decode_backend(self, tag: str, record: Any, spec: BackendSpec) -> BackendInfo:
+        """The definition a stored backend record holds (code imported or unpickled).
 
-    def save_config(self, tag: str, config: BackendConfig) -> None:
-        self._write({CONFIG + tag: config.to_dict()})
+        Raises:
+            StoreError: the record does not verify, the code cannot be loaded, or code stored by
+                import path has changed since it was stored.
+        """
+        body = self.code.check(tag, record)
+        target = self.code.decode_target(tag, body["target"])
+        init_args = self.code.decode_args(tag, body["init_args"])
+        actual = code_id(target, init_args)
+        by_import = body["target"].get("kind") == "import"
+        if by_import and spec.code_id is not None and actual != spec.code_id:
+            raise StoreError(
+                f"backend {tag!r}: the code at {body['target'].get('ref')!r} has changed since it was stored "
+                f"in {self.description}; create the new code under a new tag, or replace it with "
+                "create_backend(..., replace=True)"
+            )
+        batch = accepts_batch(target) if spec.accepts_batch is None else spec.accepts_batch
+        return BackendInfo(tag, target, init_args, batch, spec.code_id or actual)
 
-    def save_traffic(self, endpoint: str, weights: dict[str, float]) -> None:
-        self._write({TRAFFIC + endpoint: dict(weights)})
+    def save_instance(self, instance_id: str, record: dict[str, Any]) -> None:
+        """Write a heartbeat (not a registry change: the revision stays)."""
+        self.store.update({INSTANCE + instance_id: record})
 
-    def _write(self, items: dict[str, Any]) -> None:
-        if not self._paused and items:
-            self.store.update(items)
+    def drop_instances(self, instance_ids: Iterable[str]) -> None:
+        keys = [INSTANCE + instance_id for instance_id in instance_ids]
+        if keys:
+            self.store.update({}, delete=keys)
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None] | None:
+        """Be told of commits as they happen, where the store can (see :class:`~serve_core.kv.base.ChangeFeed`)."""
+        subscribe = getattr(self.store, "subscribe", None)
+        return subscribe(callback) if callable(subscribe) else None
 
     def close(self) -> None:
         self.store.close()
 
-    def load(self) -> dict[str, dict[str, Any]]:
-        """The stored registry grouped by kind: ``{"endpoint/": {name: value}, ...}``."""
-        groups: dict[str, dict[str, Any]] = {ENDPOINT: {}, BACKEND: {}, CONFIG: {}, TRAFFIC: {}}
-        for key, value in sorted(self.store.as_dict().items()):
-            prefix, _, name = key.partition("/")
-            if prefix + "/" in groups:
-                groups[prefix + "/"][name] = value
-        return groups
+
+def endpoint_items(info: EndpointInfo) -> dict[str, Any]:
+    return {ENDPOINT + info.name: {"route": info.route, "methods": list(info.methods)}}
+
+
+def config_items(tag: str, config: BackendConfig) -> dict[str, Any]:
+    return {CONFIG + tag: config.to_dict()}
+
+
+def traffic_items(endpoint: str, weights: dict[str, float]) -> dict[str, Any]:
+    return {TRAFFIC + endpoint: dict(weights)}
 
 
 def open_registry_store(kv_store_path: Any, kv_store_connector: Callable[[str], Any] | None) -> RegistryStore:
@@ -133,77 +244,3 @@ def open_registry_store(kv_store_path: Any, kv_store_connector: Callable[[str], 
 
     opened = open_store(kv_store_path, kv_store_connector)
     return RegistryStore(opened.store, opened.secret, opened.description, opened.durable)
-
-
-def restore(serve: Serve, registry_store: RegistryStore) -> RestoreReport:
-    """Bring back the stored registry into ``serve``: endpoints, backends (replicas started),
-    configs, traffic. Items that fail are logged and skipped; the rest comes back.
-
-    Raises:
-        StoreError: the store cannot be read at all.
-    """
-    stored = registry_store.load()
-    report = RestoreReport()
-    code = registry_store.code
-    with registry_store.paused():
-        for name, value in stored[ENDPOINT].items():
-            if _attempt(report, ENDPOINT + name, partial(_endpoint, serve, name, value)):
-                report.endpoints.append(name)
-        for tag, value in stored[BACKEND].items():
-            config = stored[CONFIG].get(tag)
-            if _attempt(report, BACKEND + tag, partial(_backend, serve, code, tag, value, config)):
-                report.backends.append(tag)
-        for name, weights in stored[TRAFFIC].items():
-            if _attempt(report, TRAFFIC + name, partial(_traffic, serve, name, weights, report)):
-                report.traffic.append(name)
-    if report:
-        _log_report(report, registry_store.description)
-    return report
-
-
-def _attempt(report: RestoreReport, key: str, action: Callable[[], None]) -> bool:
-    try:
-        action()
-    except Exception as exc:  # noqa: BLE001 - one bad item must not stop the others
-        report.failed[key] = f"{type(exc).__name__}: {exc}"
-        log.error("serve_core: could not restore %s: %s", key, report.failed[key])
-        return False
-    return True
-
-
-def _endpoint(serve: Serve, name: str, value: Any) -> None:
-    serve.create_endpoint(name, value["route"], value["methods"])
-
-
-def _backend(serve: Serve, code: CodeStore, tag: str, value: Any, config: Any) -> None:
-    if not isinstance(config, dict):
-        raise StoreError(f"no stored config for backend {tag!r}")
-    record = code.check(tag, value)
-    target = code.decode_target(tag, record["target"])
-    init_args = code.decode_args(tag, record["init_args"])
-    serve.create_backend(target, tag, *init_args, backend_config=BackendConfig.from_dict(config))
-
-
-def _traffic(serve: Serve, name: str, weights: Any, report: RestoreReport) -> None:
-    live = report.backends
-    kept = {tag: weight for tag, weight in dict(weights).items() if tag in live}
-    missing = sorted(set(weights) - set(kept))
-    if missing:
-        total = sum(kept.values())
-        if not kept or total <= 0:
-            raise StoreError(f"none of its backends with weight were restored (missing {missing})")
-        kept = {tag: weight / total for tag, weight in kept.items()}
-        report.degraded[name] = f"serving without {missing}; weights renormalised to {kept}"
-        log.warning("serve_core: endpoint %r %s", name, report.degraded[name])
-    serve.split(name, kept)
-
-
-def _log_report(report: RestoreReport, where: str) -> None:
-    log.info(
-        "serve_core: restored from %s: endpoints %s, backends %s, traffic %s%s",
-        where,
-        report.endpoints,
-        report.backends,
-        report.traffic,
-        f"; NOT restored: {sorted(report.failed)}" if report.failed else "",
-    )

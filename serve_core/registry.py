@@ -1,8 +1,10 @@
 """The registry: endpoints, backends and traffic, with their validation (no I/O).
 
-Every ``check_*`` method validates a change and returns what to apply (or ``None``
-when the change is an identical redefinition, a no-op); the ``add``/``set`` methods
-apply it. Keeping the two apart lets the owner persist a change before applying it.
+A :class:`Registry` is a value read from the store (``serve_core.persistence``): changes are
+validated against the store's current state, then committed, and every instance converges on
+what was committed. Every ``check_*`` method validates a change and returns what to write
+(or ``None`` when the change is an identical redefinition, a no-op); the ``add``/``set``
+methods build a registry from stored records.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .errors import (
     ServeTypeError,
     ValidationError,
 )
+from .fingerprint import code_id
 from .invoke import accepts_batch, is_public_method
 from .split import validate_weights
 
@@ -46,6 +49,20 @@ class BackendInfo:
     target: Any
     init_args: tuple[Any, ...]
     accepts_batch: bool
+    code_id: str  # serve_core.fingerprint.code_id of target and init_args
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSpec:
+    """A stored backend as validation sees it, without its code.
+
+    ``code_id`` and ``accepts_batch`` are ``None`` in records written before they were
+    stored: such a record is adopted by the next ``create_backend`` of its tag.
+    """
+
+    tag: str
+    code_id: str | None
+    accepts_batch: bool | None
 
 
 def _name(kind: str, value: Any) -> str:
@@ -86,18 +103,6 @@ def _validate_route(route: Any) -> str | None:
     return route
 
 
-def same_target(a: Any, b: Any) -> bool:
-    """Whether two backend targets are the same definition (also across re-imports)."""
-    if a is b:
-        return True
-    names = ("__module__", "__qualname__")
-    if any(getattr(a, n, None) != getattr(b, n, None) for n in names):
-        return False
-    if inspect.isfunction(a) and inspect.isfunction(b):
-        return bool(a.__code__.co_code == b.__code__.co_code)
-    return inspect.isclass(a) and inspect.isclass(b)
-
-
 def _next_tag(tag: str) -> str:
     """The tag to suggest for a new version: ``echo:v2`` → ``echo:v3``, ``echo`` → ``echo:v2``."""
     match = re.fullmatch(r"(.*:v)(\d+)", tag)
@@ -114,14 +119,19 @@ def _callable_names(cls: type) -> list[str]:
 
 
 class Registry:
-    """In-memory endpoints, backends and traffic."""
+    """Endpoints, backends, their configs and traffic, as one store revision holds them.
 
-    def __init__(self) -> None:
+    Args:
+        where: the store's description, named in conflict errors.
+    """
+
+    def __init__(self, where: str = "memory") -> None:
+        self.where = where
         self.endpoints: dict[str, EndpointInfo] = {}
         self.routes: dict[str, str] = {}
-        self.backends: dict[str, BackendInfo] = {}
+        self.backends: dict[str, BackendSpec] = {}
+        self.configs: dict[str, BackendConfig] = {}
         self.traffic: dict[str, dict[str, float]] = {}
-        self.routes_version = 0  # bumped when routes change, so the HTTP front rebuilds its map
 
     # endpoints -----------------------------------------------------------
     def check_endpoint(self, name: Any, route: Any, methods: Iterable[str]) -> EndpointInfo | None:
@@ -144,7 +154,6 @@ class Registry:
         self.endpoints[info.name] = info
         if info.route is not None:
             self.routes[info.route] = info.name
-            self.routes_version += 1
 
     def endpoint(self, name: str) -> EndpointInfo:
         info = self.endpoints.get(name)
@@ -154,7 +163,7 @@ class Registry:
 
     # backends ------------------------------------------------------------
     def check_backend(
-        self, target: Any, tag: Any, init_args: tuple[Any, ...], config: Any
+        self, target: Any, tag: Any, init_args: tuple[Any, ...], config: Any, replace: bool = False
     ) -> tuple[BackendInfo, BackendConfig]:
         """Validate a backend definition and its config.
 
@@ -163,7 +172,7 @@ class Registry:
 
         Raises:
             ServeTypeError, BatchAnnotationError: a bad target, init args or config.
-            ConflictError: the tag is taken by a different definition.
+            ConflictError: the tag is taken by a different definition (unless ``replace``).
         """
         _name("backend tag", tag)
         if not (inspect.isfunction(target) or inspect.isclass(target)):
@@ -174,21 +183,27 @@ class Registry:
             )
         if inspect.isfunction(target) and init_args:
             raise ServeTypeError("init arguments are only accepted for class backends")
-        info = BackendInfo(tag, target, tuple(init_args), accepts_batch(target))
+        info = BackendInfo(tag, target, tuple(init_args), accepts_batch(target), code_id(target, init_args))
         config = self.check_config(info, BackendConfig() if config is None else config)
         existing = self.backends.get(tag)
-        if existing is not None and not (
-            same_target(existing.target, target) and existing.init_args == info.init_args
-        ):
+        if not replace and existing is not None and existing.code_id not in (None, info.code_id):
             raise ConflictError(
-                f"backend {tag!r} already exists with different code or init arguments; to replace "
-                f"it, create the new definition under a new tag (e.g. {_next_tag(tag)!r}) and move traffic "
-                "with split(); to change only its config use set_backend_config()"
+                f"backend {tag!r} already exists in store {self.where} with different code or init "
+                f"arguments; create the new definition under a new tag (e.g. {self._free_tag(tag)!r}) and move "
+                "traffic with split(), or replace it everywhere with create_backend(..., replace=True); to "
+                "change only its config use set_backend_config()"
             )
         return info, config
 
+    def _free_tag(self, tag: str) -> str:
+        """The next version of ``tag`` that no backend has."""
+        candidate = _next_tag(tag)
+        while candidate in self.backends:
+            candidate = _next_tag(candidate)
+        return candidate
+
     @staticmethod
-    def check_config(info: BackendInfo, config: Any) -> BackendConfig:
+    def check_config(info: BackendInfo | BackendSpec, config: Any) -> BackendConfig:
         """Validate a config for a backend; returns a detached copy."""
         if not isinstance(config, BackendConfig):
             raise ServeTypeError(f"backend_config must be a BackendConfig, got {type(config).__name__}")
@@ -197,21 +212,22 @@ class Registry:
                 f"backend {info.tag!r} sets batch_wait_timeout_s but no max_batch_size; a wait only "
                 "applies to batches"
             )
-        if config.max_batch_size is not None and not info.accepts_batch:
+        if config.max_batch_size is not None and info.accepts_batch is False:
             raise BatchAnnotationError(
                 f"backend {info.tag!r} sets max_batch_size but its function or __call__ does "
                 "not accept batching; mark it with @serve.accept_batch"
             )
         return config.copy()
 
-    def backend(self, tag: str) -> BackendInfo:
-        info = self.backends.get(tag)
-        if info is None:
+    def backend(self, tag: str) -> BackendSpec:
+        spec = self.backends.get(tag)
+        if spec is None:
             raise NotFoundError(f"backend {tag!r} is not registered; create it with create_backend")
-        return info
+        return spec
 
-    def add_backend(self, info: BackendInfo) -> None:
-        self.backends[info.tag] = info
+    def add_backend(self, spec: BackendSpec, config: BackendConfig) -> None:
+        self.backends[spec.tag] = spec
+        self.configs[spec.tag] = config
 
     # traffic -------------------------------------------------------------
     def check_split(self, endpoint: str, weights: Any) -> dict[str, float]:

@@ -1,40 +1,60 @@
-"""``Serve``: one serving instance — composition, validation against the registry, persistence.
+"""``Serve``: one serving instance — composition, changes to the store's registry, convergence.
 
 A ``Serve`` is running once constructed. :meth:`Serve.shutdown` (or leaving its
 ``with`` block) drains it: no new calls, what is queued and in flight is served for up
 to ``drain_timeout_s``, then the rest fails and everything stops. Several instances can
-live side by side in one process; the module-level API of ``serve_core`` forwards to a
-default one. Each backend's running state is its :class:`~serve_core.runtime.BackendRuntime`;
-the :class:`~serve_core.router.Router` admits queries from endpoints to them.
+live side by side, in one process or many; the module-level API of ``serve_core``
+forwards to a default one. The store is the source of truth: every change is validated
+against it and committed there (:mod:`serve_core.persistence`), and every instance on the
+store converges on it (:meth:`Serve.sync_registry`, run by its watcher,
+:mod:`serve_core.sync`). Each backend's running state is its
+:class:`~serve_core.runtime.BackendRuntime`; the :class:`~serve_core.router.Router` admits
+queries from endpoints to them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
+import os
 import random
+import secrets
+import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from .clock import Clock, SystemClock, wait_for
+from .codestore import ModuleInitializingError
 from .config import BackendConfig
-from .errors import NotFoundError, ServeStateError, ShuttingDownError, ValidationError
+from .errors import NotFoundError, ServeStateError, ShuttingDownError, StoreError, ValidationError
 from .executors.base import Executor, ExecutorPool, Replica
 from .handle import ServeHandle
 from .metrics import check_stat_args
-from .persistence import RestoreReport, open_registry_store, restore
+from .persistence import (
+    BACKEND,
+    INSTANCE,
+    TRAFFIC,
+    RestoreReport,
+    Snapshot,
+    config_items,
+    endpoint_items,
+    open_registry_store,
+    traffic_items,
+)
 from .policy import PolicySpec, RoutePolicy
 from .queues import NO_DEADLINE, Query, ServeFuture
-from .registry import Registry
+from .registry import BackendInfo, BackendSpec, Registry
 from .router import Router
 from .runtime import BackendRuntime
 from .slo import NO_SLO, SLO
 from .split import Traffic
+from .sync import InstanceRecord, RegistryWatcher, live_instances
 
 if TYPE_CHECKING:
     from .http.app import ServeApp
@@ -48,6 +68,10 @@ DEFAULT_DRAIN_TIMEOUT_S = 30.0
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024  # largest HTTP request body (413 past it)
 DEFAULT_HTTP_REQUEST_TIMEOUT_S = 300.0  # how long an HTTP request waits for its answer (504 past it)
 HTTP_READY_TIMEOUT_S = 10.0
+DEFAULT_REGISTRY_POLL_S = 0.25  # how often an instance reads the store's revision
+DEFAULT_HEARTBEAT_S = 2.0  # how often it refreshes its instance record
+DEFAULT_INSTANCE_EXPIRY_S = 10.0  # a record not refreshed this long is a dead instance's
+COMMIT_ATTEMPTS = 20  # a change validated again after losing a compare-and-set this many times
 STOP_GRACE_S = 30.0  # beyond two drain times, how long a second shutdown() waits for the first
 
 
@@ -70,10 +94,18 @@ class Serve:
         http_request_timeout_s: how long an HTTP request waits for its answer before a 504
             (a query still queued is withdrawn); ``None`` waits as long as it takes.
         debug: put tracebacks in HTTP 500 bodies (for development only).
+        registry_poll_s: how often the store's revision is read (changes by other processes
+            are applied within about this long; PostgreSQL also notifies at once).
+        heartbeat_s, instance_expiry_s: how often this instance refreshes its record in the
+            store, and after how long without one an instance counts as dead.
+        run_replicas: ``False`` for a registry-only client (``serve-core deploy``): changes go
+            to the store, no replica starts here, and it is not listed as an instance.
 
     The registry is kept in the store named by ``kv_store_connector`` / ``kv_store_path``
-    (memory when neither is given) and restored from it here; ``restored`` is the
-    :class:`~serve_core.persistence.RestoreReport` of what came back (see docs/kv.md).
+    (memory when neither is given, or ``":memory:"``) and restored from it here;
+    ``restored`` is the :class:`~serve_core.persistence.RestoreReport` of what came back
+    (see docs/kv.md). Changes made by other instances on the store are applied as they
+    come (docs/sharing.md).
     """
 
     def __init__(
@@ -98,10 +130,15 @@ class Serve:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         http_request_timeout_s: float | None = DEFAULT_HTTP_REQUEST_TIMEOUT_S,
         debug: bool = False,
+        registry_poll_s: float = DEFAULT_REGISTRY_POLL_S,
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+        instance_expiry_s: float = DEFAULT_INSTANCE_EXPIRY_S,
+        run_replicas: bool = True,
     ) -> None:
         self.init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_stat_args((), (), gc_window_seconds)
         _check_options(max_body_bytes, http_request_timeout_s, drain_timeout_s)
+        _check_sync_options(registry_poll_s, heartbeat_s, instance_expiry_s)
         self._own_clock = SystemClock() if clock is None else None
         self.clock: Clock = clock or self._own_clock  # type: ignore[assignment]
         self.gc_window_seconds = gc_window_seconds
@@ -109,9 +146,27 @@ class Serve:
         self.max_body_bytes, self.debug = max_body_bytes, debug
         self.http_request_timeout_s = http_request_timeout_s
         self.drain_timeout_s = drain_timeout_s
+        self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.heartbeat_s, self.instance_expiry_s = heartbeat_s, instance_expiry_s
+        self._run_replicas = run_replicas
         self._registry = Registry()
+        self._revision = -1  # the store revision applied here (-1: none yet)
+        self._routes_version = 0
         self._runtimes: dict[str, BackendRuntime] = {}
-        self._admin = threading.RLock()  # serialises registry changes, scaling and shutdown
+        self._applied_traffic: dict[str, dict[str, float]] = {}
+        self._deferred: set[str] = set()  # backends whose module is still being imported
+        self._failed: dict[str, str | None] = {}  # tag -> code id that could not be loaded here
+        self._reported: set[str] = set()  # store problems already logged
+        self._retiring: list[threading.Thread] = []
+        self._keeping_store = False  # inside keep_store_state()
+        self._changed_here: set[str] = set()  # backends whose code keep_store_state()'s block wrote
+        self._notes: list[str] = []
+        self._started_wall = self.clock.wall()
+        self._next_beat = -math.inf
+        self._http_attached: str | None = None
+        self._watcher: RegistryWatcher | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._admin = threading.RLock()  # serialises registry changes, convergence and shutdown
         self._router = self._build_router(
             queueing_policy, dict(policy_kwargs or {}), rng, max_pending_per_endpoint, pending_timeout_s
         )
@@ -134,6 +189,8 @@ class Serve:
         self.restored: RestoreReport = self._restore()
         if start_server:
             self._start_http(http_host, http_port, blocking)
+        if run_replicas:
+            self._start_watching(registry_poll_s)
 
     def _build_router(
         self,
@@ -165,8 +222,28 @@ class Serve:
         return self._state.value
 
     def _restore(self) -> RestoreReport:
+        report = RestoreReport()
         try:
-            return restore(self, self._store)
+            with self._admin:
+                self._converge(self._store.load(), report)
+        except BaseException:
+            self.shutdown()
+            raise
+        if report:
+            log.info(
+                "serve_core: restored from %s: endpoints %s, backends %s, traffic %s%s%s",
+                self._store.description, report.endpoints, report.backends, report.traffic,
+                f"; waiting for their module: {report.deferred}" if report.deferred else "",
+                f"; NOT restored: {sorted(report.failed)}" if report.failed else "",
+            )
+        return report
+
+    def _start_watching(self, poll_s: float) -> None:
+        try:
+            self._beat(force=True)
+            self._watcher = RegistryWatcher(self.clock, poll_s, self.sync_registry)
+            self._unsubscribe = self._store.subscribe(self._watcher.wake)
+            self._watcher.start()
         except BaseException:
             self.shutdown()
             raise
@@ -191,6 +268,7 @@ class Serve:
         if not first:  # another thread is shutting it down: return once it has stopped
             self._stopped.wait(2 * self.drain_timeout_s + STOP_GRACE_S)
             return
+        self._stop_watching()
         self._router.close()
         for runtime in runtimes:
             runtime.stop_admitting()
@@ -218,11 +296,25 @@ class Serve:
         if not wait_for(self.clock, all_idle, self.drain_timeout_s):
             log.warning("shutdown: calls still queued or running after %s s; failing them", self.drain_timeout_s)
 
+    def _stop_watching(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._watcher is not None:
+            try:  # gone from `serve-core status` at once, rather than when the record expires
+                self._store.drop_instances([self.instance_id])
+            except StoreError as exc:
+                log.warning("serve_core: could not remove this instance's record: %s", exc)
+
     def _stop(self, runtimes: Iterable[BackendRuntime], stop_timeout: float = 0.0) -> None:
         with self._admin:
             self._state = State.STOPPED
+            retiring = list(self._retiring)
         for runtime in runtimes:
             runtime.close(stop_timeout)
+        for thread in retiring:
+            thread.join(stop_timeout)
         self._executors.shutdown()
         if self._http is not None:
             self._http.close()
@@ -239,6 +331,202 @@ class Serve:
     def __exit__(self, *exc_info: Any) -> None:
         self.shutdown()
 
+    # ------------------------------------------------------------ convergence
+    def sync_registry(self) -> None:
+        """Converge on the store now (the watcher does it every ``registry_poll_s``): apply what
+        other processes changed, then write this instance's heartbeat if one is due."""
+        with self._admin:
+            if self._state is not State.RUNNING:
+                return
+            if self._store.revision() != self._revision or self._deferred:
+                self._converge(self._store.load())
+            if self._watcher is not None:
+                self._beat()
+
+    def _converge(self, snapshot: Snapshot, report: RestoreReport | None = None) -> None:
+        """Make this instance serve what ``snapshot`` holds: routes, backends, configs, traffic."""
+        registry, problems = snapshot.registry(self._store.description)
+        for key, why in problems.items():
+            self._problem(key, why, report)
+        if self._run_replicas:
+            self._converge_backends(snapshot, registry, report)
+            self._converge_traffic(registry, report)
+        if registry.route_table() != self._registry.route_table():
+            self._routes_version += 1
+        if report is not None:
+            report.endpoints.extend(registry.endpoints)
+        if snapshot.revision != self._revision:
+            self._next_beat = -math.inf  # tell the store at once which revision is applied here
+            self._drop_expired(snapshot)
+        self._registry, self._revision = registry, snapshot.revision
+
+    def _converge_backends(self, snapshot: Snapshot, registry: Registry, report: RestoreReport | None) -> None:
+        records = snapshot.group(BACKEND)
+        for tag, spec in registry.backends.items():
+            runtime = self._runtimes.get(tag)
+            config = registry.configs[tag]
+            if runtime is not None and spec.code_id in (None, runtime.definition.code_id):
+                if runtime.config != config:
+                    self._reconfigure(runtime, config)
+                continue
+            if tag in self._failed and self._failed[tag] == spec.code_id:
+                continue  # this code failed here already: wait for new code (or a restart)
+            self._start_stored(tag, records[tag], spec, config, report)
+
+    def _start_stored(
+        self, tag: str, record: Any, spec: BackendSpec, config: BackendConfig, report: RestoreReport | None
+    ) -> None:
+        try:
+            info = self._store.decode_backend(tag, record, spec)
+        except ModuleInitializingError as exc:
+            if tag not in self._deferred:
+                log.info("serve_core: backend %r waits: %s", tag, exc)
+                if report is not None:
+                    report.deferred.append(tag)
+            self._deferred.add(tag)
+            return
+        except Exception as exc:  # noqa: BLE001 - loading user code can raise anything
+            self._failed[tag] = spec.code_id
+            self._problem(BACKEND + tag, f"{type(exc).__name__}: {exc}", report)
+            return
+        self._deferred.discard(tag)
+        runtime = self._new_runtime(info, config)
+        try:
+            runtime.start()
+        except Exception as exc:  # noqa: BLE001 - a constructor that raises must not stop the others
+            runtime.close(0)
+            self._failed[tag] = spec.code_id
+            self._problem(BACKEND + tag, f"{type(exc).__name__}: {exc}", report)
+            return
+        self._failed.pop(tag, None)
+        self._install(runtime)
+        if report is not None:
+            report.backends.append(tag)
+
+    def _reconfigure(self, runtime: BackendRuntime, config: BackendConfig) -> None:
+        try:
+            runtime.reconfigure(config)
+        except Exception as exc:  # noqa: BLE001 - the store's config stays desired; status shows the gap
+            log.error(
+                "serve_core: backend %r: could not apply the stored config here (%s: %s); running %d replicas",
+                runtime.tag, type(exc).__name__, exc, len(runtime.replicas()),
+            )
+
+    def _converge_traffic(self, registry: Registry, report: RestoreReport | None) -> None:
+        for name, weights in registry.traffic.items():
+            kept = {tag: weight for tag, weight in weights.items() if tag in self._runtimes}
+            missing = sorted(tag for tag, weight in weights.items() if tag not in kept and weight > 0)
+            total = sum(kept.values())
+            if total <= 0:
+                if not self._deferred.intersection(weights):
+                    why = f"StoreError: none of its backends with weight runs here (missing {missing})"
+                    self._problem(TRAFFIC + name, why, report)
+                continue
+            effective = {tag: weight / total for tag, weight in kept.items()} if missing else dict(weights)
+            if missing and not self._deferred.intersection(missing):
+                note = f"serving without {missing}; weights renormalised to {effective}"
+                if report is not None:
+                    report.degraded[name] = note
+                if "degraded/" + name + note not in self._reported:
+                    self._reported.add("degraded/" + name + note)
+                    log.warning("serve_core: endpoint %r %s", name, note)
+            if self._applied_traffic.get(name) != effective:
+                self._router.set_traffic(name, effective)
+                self._applied_traffic[name] = effective
+            if report is not None:
+                report.traffic.append(name)
+
+    def _problem(self, key: str, why: str, report: RestoreReport | None) -> None:
+        if report is not None:
+            report.failed[key] = why
+        if key + why not in self._reported:  # logged once, not at every convergence
+            self._reported.add(key + why)
+            log.error("serve_core: could not restore %s: %s", key, why)
+
+    # -------------------------------------------------------------- instances
+    def _beat(self, force: bool = False) -> None:
+        """Refresh this instance's record in the store, when due (or now with ``force``)."""
+        now = self.clock.monotonic()
+        if not force and now < self._next_beat:
+            return
+        self._next_beat = now + self.heartbeat_s
+        address = self.http_address()
+        backends = {
+            tag: {
+                "desired": config.num_replicas,
+                "running": len(self._runtimes[tag].replicas()) if tag in self._runtimes else 0,
+            }
+            for tag, config in self._registry.configs.items()
+        }
+        record = InstanceRecord(
+            instance_id=self.instance_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            http=None if address is None else f"{address[0]}:{address[1]}",
+            executor=str(self._executors.default),
+            started=self._started_wall,
+            last_seen=self.clock.wall(),
+            revision=self._revision,
+            backends=backends,
+        )
+        self._store.save_instance(self.instance_id, record.to_json())
+
+    def _drop_expired(self, snapshot: Snapshot) -> None:
+        _, expired = live_instances(snapshot.group(INSTANCE), self.clock.wall(), self.instance_expiry_s)
+        expired = [instance_id for instance_id in expired if instance_id != self.instance_id]
+        if expired:
+            log.info("serve_core: instances %s stopped sending heartbeats; removing their records", expired)
+            self._store.drop_instances(expired)
+
+    def instances(self) -> list[InstanceRecord]:
+        """The live instances on this instance's store (this one included), oldest first."""
+        snapshot = self._store.load()
+        live, _ = live_instances(snapshot.group(INSTANCE), self.clock.wall(), self.instance_expiry_s)
+        return live
+
+    @property
+    def revision(self) -> int:
+        """The store revision this instance has applied."""
+        return self._revision
+
+    @contextlib.contextmanager
+    def keep_store_state(self) -> Iterator[list[str]]:
+        """Run a deployment file again on a live store without undoing what operators changed since.
+
+        Inside the block, ``split``/``link`` of an endpoint that already has traffic and
+        ``set_backend_config`` of a stored backend keep what the store holds, except for
+        backends whose code the block itself wrote (new, or ``replace=True``). Yields the
+        list of notes saying what was kept (``serve-core run`` prints them).
+        """
+        with self._admin:
+            self._keeping_store, self._changed_here, self._notes = True, set(), []
+            try:
+                yield self._notes
+            finally:
+                self._keeping_store = False
+
+    def _note(self, text: str) -> None:
+        if self._keeping_store:
+            self._notes.append(text)
+
+    # ------------------------------------------------------------ changes
+    def _change(self, plan: Callable[[Registry], dict[str, Any] | None]) -> None:
+        """Validate a change against the store's registry and commit it, then converge.
+
+        ``plan`` returns the keys to write, or ``None`` for a no-op; it is asked again
+        (against the newer state) when another writer committed first.
+        """
+        for _ in range(COMMIT_ATTEMPTS):
+            snapshot = self._store.load()
+            items = plan(snapshot.registry(self._store.description)[0])
+            if not items:
+                self._converge(snapshot)
+                return
+            if self._store.commit(snapshot.revision, items):
+                self._converge(self._store.load())
+                return
+        raise StoreError(f"store {self._store.description}: the registry kept changing under this call; try again")
+
     # ------------------------------------------------------------ endpoints
     def create_endpoint(
         self, endpoint_name: str, route: str | None = None, methods: Iterable[str] = ("GET",)
@@ -248,12 +536,14 @@ class Serve:
         Raises:
             ValidationError: bad name, route or method. ConflictError: name or route taken.
         """
+
+        def plan(registry: Registry) -> dict[str, Any] | None:
+            info = registry.check_endpoint(endpoint_name, route, methods)
+            return None if info is None else endpoint_items(info)
+
         with self._admin:
             self._check_running()
-            info = self._registry.check_endpoint(endpoint_name, route, methods)
-            if info is not None:
-                self._store.save_endpoint(info)  # written first: a failed write changes nothing
-                self._registry.add_endpoint(info)
+            self._change(plan)
 
     # ------------------------------------------------------------- backends
     def create_backend(
@@ -262,8 +552,13 @@ class Serve:
         backend_tag: str,
         *actor_init_args: Any,
         backend_config: BackendConfig | None = None,
+        replace: bool = False,
     ) -> None:
         """Register a backend and start its replicas; returns when they are ready.
+
+        The same code under a tag the store already holds is a no-op that keeps the stored
+        config (an operator may have scaled it). ``replace=True`` replaces different code under
+        that tag on every instance (keeping its config unless ``backend_config`` is given).
 
         Raises:
             ServeTypeError: not a function or class. BatchAnnotationError: batching on a
@@ -271,65 +566,140 @@ class Serve:
         """
         with self._admin:
             self._check_running()
-            info, config = self._registry.check_backend(func_or_class, backend_tag, actor_init_args, backend_config)
-            existing = self._runtimes.get(info.tag)
-            if existing is not None:
-                # Identical code: a no-op that keeps the live config, so a deployment script can
-                # run again after a restart (or after an operator scaled the backend).
-                if existing.config != config:
-                    log.warning(
-                        "backend %r already exists with identical code; keeping its live config "
-                        "(use set_backend_config to change it)",
-                        info.tag,
-                    )
-                return
-            record = self._store.encode_backend(info, config)  # fails before any replica starts
-            runtime = BackendRuntime(
-                info,
-                config,
-                executors=self._executors,
-                clock=self.clock,
-                gc_window_seconds=self.gc_window_seconds,
-                drain_timeout_s=self.drain_timeout_s,
-                count_error=self._router.count_error,
+            for _ in range(COMMIT_ATTEMPTS):
+                snapshot = self._store.load()
+                registry = snapshot.registry(self._store.description)[0]
+                info, config = registry.check_backend(
+                    func_or_class, backend_tag, actor_init_args, backend_config, replace
+                )
+                stored = registry.backends.get(info.tag)
+                if stored is not None and stored.code_id == info.code_id:
+                    self._adopt(info, registry.configs[info.tag], backend_config, snapshot)
+                    return
+                if stored is not None and backend_config is None:
+                    config = registry.configs[info.tag]  # a replacement or a legacy record keeps its config
+                if self._install_new(info, config, snapshot.revision):
+                    return
+        raise StoreError(f"store {self._store.description}: the registry kept changing under this call; try again")
+
+    def _adopt(
+        self, info: BackendInfo, stored: BackendConfig, asked: BackendConfig | None, snapshot: Snapshot
+    ) -> None:
+        """``create_backend`` of code the store already holds: serve it here if not yet, with the stored config."""
+        if asked is not None and asked != stored:
+            log.info(
+                "backend %r already exists with identical code in %s; keeping its stored config "
+                "(use set_backend_config to change it)", info.tag, self._store.description,
             )
+            self._note(f"backend {info.tag!r}: kept the stored config (num_replicas={stored.num_replicas})")
+        running = self._runtimes.get(info.tag)
+        if self._run_replicas and (running is None or running.definition.code_id != info.code_id):
+            runtime = self._new_runtime(info, stored)
             runtime.start()
-            try:  # written once the replicas are up, before the backend is visible
-                self._store.save_backend(record)
-            except BaseException:
+            self._install(runtime)
+            self._deferred.discard(info.tag)
+            self._failed.pop(info.tag, None)
+        self._converge(snapshot)
+
+    def _install_new(self, info: BackendInfo, config: BackendConfig, revision: int) -> bool:
+        """Start a new definition's replicas, then commit it; ``False`` when another writer was first."""
+        items = self._store.encode_backend(info, config)  # fails before any replica starts
+        runtime = self._new_runtime(info, config) if self._run_replicas else None
+        if runtime is not None:
+            runtime.start()
+        try:  # written once the replicas are up, before the backend is visible
+            committed = self._store.commit(revision, items)
+        except BaseException:
+            if runtime is not None:
                 runtime.close(0)
-                raise
-            self._runtimes[info.tag] = runtime
-            self._router.add_backend(runtime)
-            self._registry.add_backend(info)
+            raise
+        if not committed:
+            if runtime is not None:
+                runtime.close(0)
+            return False
+        if runtime is not None:
+            self._install(runtime)
+        self._changed_here.add(info.tag)
+        self._converge(self._store.load())
+        return True
+
+    def _new_runtime(self, info: BackendInfo, config: BackendConfig) -> BackendRuntime:
+        return BackendRuntime(
+            info,
+            config,
+            executors=self._executors,
+            clock=self.clock,
+            gc_window_seconds=self.gc_window_seconds,
+            drain_timeout_s=self.drain_timeout_s,
+            count_error=self._router.count_error,
+        )
+
+    def _install(self, runtime: BackendRuntime) -> None:
+        """Serve ``runtime`` under its tag; a runtime it replaces drains, then stops."""
+        old = self._runtimes.get(runtime.tag)
+        self._runtimes[runtime.tag] = runtime
+        self._router.add_backend(runtime)
+        self._applied_traffic.clear()  # policies hold the tag; rebuilt by the next convergence
+        if old is not None:
+            self._retire(old)
+
+    def _retire(self, runtime: BackendRuntime) -> None:
+        runtime.stop_admitting()
+        thread = threading.Thread(target=self._drain_and_close, args=(runtime,), name="serve-retire", daemon=True)
+        self._retiring.append(thread)
+        thread.start()
+
+    def _drain_and_close(self, runtime: BackendRuntime) -> None:
+        idle: Future[None] = Future()
+        runtime.when_idle(lambda: idle.set_result(None) if not idle.done() else None)
+        wait_for(self.clock, idle, self.drain_timeout_s)
+        runtime.close(0)
 
     def _runtime(self, backend_tag: str) -> BackendRuntime:
         runtime = self._runtimes.get(backend_tag)
         if runtime is None:
-            raise NotFoundError(f"backend {backend_tag!r} is not registered; create it with create_backend")
+            self._registry.backend(backend_tag)
+            raise NotFoundError(f"backend {backend_tag!r} is not running on this instance (see the log)")
         return runtime
 
     def get_backend_config(self, backend_tag: str) -> BackendConfig:
-        """A detached copy of the backend's config."""
-        return self._runtime(backend_tag).config.copy()
+        """A detached copy of the backend's config (as the store holds it)."""
+        self._registry.backend(backend_tag)
+        return self._registry.configs[backend_tag].copy()
 
     def set_backend_config(self, backend_tag: str, backend_config: BackendConfig) -> None:
-        """Apply a config live: replica count, batching, queue bound, placement.
+        """Apply a config live, on every instance: replica count, batching, queue bound, placement.
 
-        If a replica fails to start, the old config stays in force (and in the store)
-        and the error is raised.
+        It is applied here first: if a replica fails to start, the old config stays in force
+        (and in the store) and the error is raised.
         """
         with self._admin:
             self._check_running()
-            runtime = self._runtime(backend_tag)
-            config = self._registry.check_config(self._registry.backend(backend_tag), backend_config)
-            old = runtime.config
-            self._store.save_config(backend_tag, config)  # written first: a failed write changes nothing
-            try:
-                runtime.reconfigure(config)
-            except BaseException:
-                self._store.save_config(backend_tag, old)
-                raise
+            for _ in range(COMMIT_ATTEMPTS):
+                snapshot = self._store.load()
+                registry = snapshot.registry(self._store.description)[0]
+                config = registry.check_config(registry.backend(backend_tag), backend_config)
+                if self._keeping_store and backend_tag not in self._changed_here:
+                    self._note(f"backend {backend_tag!r}: kept the stored config instead of the file's")
+                    self._converge(snapshot)
+                    return
+                runtime = self._runtimes.get(backend_tag)
+                old = runtime.config if runtime is not None else None
+                if runtime is not None:
+                    runtime.reconfigure(config)  # also restarts missing replicas when the config is the same
+                if registry.configs[backend_tag] == config:
+                    self._converge(snapshot)
+                    return
+                try:
+                    committed = self._store.commit(snapshot.revision, config_items(backend_tag, config))
+                except BaseException:
+                    if runtime is not None and old is not None:
+                        runtime.reconfigure(old)
+                    raise
+                if committed:
+                    self._converge(self._store.load())
+                    return
+        raise StoreError(f"store {self._store.description}: the registry kept changing under this call; try again")
 
     def replicas(self, backend_tag: str) -> list[Replica]:
         """The backend's replicas in service, oldest first."""
@@ -349,13 +719,21 @@ class Serve:
         self.split(endpoint_name, {backend_tag: 1.0})
 
     def split(self, endpoint_name: str, traffic_policy_dictionary: dict[str, float]) -> None:
-        """Split the endpoint's traffic by weight; invalid input changes nothing."""
+        """Split the endpoint's traffic by weight, on every instance; invalid input changes nothing."""
+
+        def plan(registry: Registry) -> dict[str, Any] | None:
+            weights = registry.check_split(endpoint_name, traffic_policy_dictionary)
+            stored = registry.traffic.get(endpoint_name)
+            if stored == weights:
+                return None
+            if self._keeping_store and stored is not None and not self._changed_here.intersection(weights):
+                self._note(f"endpoint {endpoint_name!r}: kept the stored traffic {stored} (the file asks {weights})")
+                return None
+            return traffic_items(endpoint_name, weights)
+
         with self._admin:
             self._check_running()
-            weights = self._registry.check_split(endpoint_name, traffic_policy_dictionary)
-            self._store.save_traffic(endpoint_name, weights)
-            self._registry.set_traffic(endpoint_name, weights)
-            self._router.set_traffic(endpoint_name, weights)
+            self._change(plan)
 
     def route_table(self) -> dict[str, list[Any]]:
         """``{route: [endpoint, [methods]]}`` of the endpoints reachable over HTTP."""
@@ -364,7 +742,7 @@ class Serve:
     @property
     def routes_version(self) -> int:
         """A number that changes whenever :meth:`route_table` does."""
-        return self._registry.routes_version
+        return self._routes_version
 
     def get_traffic_policy(self, endpoint_name: str) -> dict[str, float]:
         """The endpoint's ``{backend_tag: weight}``."""
@@ -388,6 +766,8 @@ class Serve:
         by ``max_pending_per_endpoint`` and ``pending_timeout_s``) until it has traffic.
         """
         self._check_running()
+        if not self._run_replicas:
+            raise ServeStateError("a registry-only client (run_replicas=False) cannot call endpoints")
         if not missing_ok:
             self._registry.endpoint(endpoint_name)
         return ServeHandle(self, endpoint_name, slo=SLO.parse(relative_slo_ms, absolute_slo_ms))
@@ -463,12 +843,31 @@ class Serve:
         from .http.server import HTTPServer
 
         try:
-            self._http = HTTPServer(self.wsgi_app(), host, port)
+            try:
+                self._http = HTTPServer(self.wsgi_app(), host, port)
+            except ServeStateError:
+                if not self._attach(port):
+                    raise
+                return
             if blocking:
                 self._http.wait_ready(HTTP_READY_TIMEOUT_S)
         except BaseException:
             self.shutdown()
             raise
+
+    def _attach(self, port: int) -> bool:
+        """The port is taken: if another live instance on this store serves it, share the store without a server."""
+        host = socket.gethostname()
+        for record in self.instances():
+            if record.host == host and record.http is not None and record.http.rsplit(":", 1)[-1] == str(port):
+                self._http_attached = record.http
+                log.warning(
+                    "serve_core: port %d is served by instance %s on store %s; this instance attaches to the "
+                    "store without an HTTP server of its own (its changes reach that server)",
+                    port, record.instance_id, self._store.description,
+                )
+                return True
+        return False
 
     # -------------------------------------------------------------- metrics
     def stat(
@@ -502,6 +901,18 @@ def _check_options(max_body_bytes: Any, http_request_timeout_s: Any, drain_timeo
         )
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValidationError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
+
+
+def _check_sync_options(registry_poll_s: Any, heartbeat_s: Any, instance_expiry_s: Any) -> None:
+    for name, value in (
+        ("registry_poll_s", registry_poll_s), ("heartbeat_s", heartbeat_s), ("instance_expiry_s", instance_expiry_s)
+    ):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value < math.inf):
+            raise ValidationError(f"{name} must be a positive number of seconds, got {value!r}")
+    if instance_expiry_s <= heartbeat_s:
+        raise ValidationError(
+            f"instance_expiry_s ({instance_expiry_s}) must be longer than heartbeat_s ({heartbeat_s})"
+        )
 
 
 def warn_if_different(running: Serve, requested: dict[str, Any]) -> None:

@@ -57,7 +57,8 @@ def test_a_three_method_connector_store_receives_every_write_and_restores(make_s
     srv.create_endpoint("greet", "/greet")
     srv.create_backend(greet, "greet:v1")
     srv.link("greet", "greet:v1")
-    assert {key.split("/")[0] for key in store.writes} == {"endpoint", "backend", "config", "traffic"}
+    kinds = {"endpoint", "backend", "config", "traffic", "meta", "instance"}  # meta: revision, instance: heartbeat
+    assert {key.split("/")[0] for key in store.writes} == kinds
     assert {"endpoint/greet", "backend/greet:v1", "config/greet:v1", "traffic/greet"} <= set(store.writes)
     srv.shutdown()
     again = make_serve(executor="inline", kv_store_connector=lambda namespace: store)

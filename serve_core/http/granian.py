@@ -8,8 +8,10 @@ serves any Granian or gunicorn setup::
     SERVE_CORE_APP=examples/echo.py granian --interface wsgi --factory \\
         serve_core.http.granian:app_from_env
 
-One worker process hosts one serve instance (replicas, queues, metrics); more workers
-would be independent instances, which is rarely what you want.
+One worker process hosts one serve instance (replicas, queues, metrics). With several
+workers (``serve-core run --server granian --workers N``, or ``gunicorn -w N`` on the same
+factory) each worker is an instance of its own on the shared store: they converge on one
+registry (docs/sharing.md), while queues and metrics stay per worker.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ GRANIAN_THREADS = 32
 def app_from_env() -> Any:
     """WSGI app factory: init serve, execute ``$SERVE_CORE_APP``, return ``serve.wsgi_app()``."""
     import serve_core as serve
-    from serve_core.cli import app_search_path, describe, load_app
+    from serve_core.cli import app_search_path, deploy_file, describe
     from serve_core.serve import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HTTP_REQUEST_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
     app_file = os.environ.get(ENV_APP)
@@ -56,7 +58,8 @@ def app_from_env() -> Any:
     )
     atexit.register(serve.shutdown)  # replica threads are daemons; this drains them
     if app_file:
-        load_app(app_file)
+        for note in deploy_file(instance, app_file):
+            print(f"serve-core: {note}", flush=True)
         print(describe(instance, os.environ.get(ENV_URL, "")), flush=True)
     return instance.wsgi_app()
 
@@ -88,7 +91,7 @@ def run_granian(args: argparse.Namespace) -> int:
         port=args.port,
         interface=Interfaces.WSGI,
         factory=True,
-        workers=1,
+        workers=args.workers,
         blocking_threads=GRANIAN_THREADS,
         log_access=False,
     ).serve()

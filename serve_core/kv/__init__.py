@@ -12,13 +12,16 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from .base import KVStore
+from .base import AtomicKVStore, ChangeFeed, KVStore
 from .connector import as_store
 from .memory import MemoryKVStore
 from .secret import resolve_secret
 
 REGISTRY_NAMESPACE = "registry"
 """The namespace a ``Serve`` instance keeps its registry in."""
+
+MEMORY_STORE_NAMES = frozenset({":memory:", "sqlite://", "sqlite:///:memory:"})
+"""``kv_store_path`` values that keep the registry in memory, writing no file."""
 
 DEFAULT_CLI_STORE = "serve_core.db"
 """The SQLite file ``serve-core run`` uses in the working directory unless told otherwise."""
@@ -39,7 +42,7 @@ class OpenedStore:
             memory store, whose backends are then not serialised at all).
     """
 
-    store: KVStore
+    store: AtomicKVStore
     secret: bytes | None
     description: str
     durable: bool
@@ -53,7 +56,8 @@ def open_store(
     """Open the registry's store as ``init`` describes it.
 
     ``kv_store_connector(namespace)`` wins when given; else ``kv_store_path`` (a file
-    path for SQLite, or a SQLAlchemy URL); else a memory store (nothing on disk).
+    path for SQLite, or a SQLAlchemy URL); else, or for ``":memory:"`` and ``"sqlite://"``,
+    a memory store (nothing on disk).
 
     Raises:
         ServeTypeError: the connector returned something without ``get``, ``put`` and ``as_dict``
@@ -65,7 +69,7 @@ def open_store(
             log.warning("kv_store_connector given: ignoring kv_store_path %r", kv_store_path)
         store = as_store(kv_store_connector(namespace), namespace)
         return OpenedStore(store, resolve_secret(store), repr(store), durable=True)
-    if kv_store_path is None:
+    if kv_store_path is None or os.fspath(kv_store_path) in MEMORY_STORE_NAMES:
         memory = MemoryKVStore(namespace)
         return OpenedStore(memory, resolve_secret(memory), "memory", durable=False)
     from .sql import SQLKVStore  # SQLAlchemy only when a SQL store is used
@@ -79,4 +83,14 @@ def open_store(
         raise
 
 
-__all__ = ["DEFAULT_CLI_STORE", "KVStore", "MemoryKVStore", "OpenedStore", "REGISTRY_NAMESPACE", "open_store"]
+__all__ = [
+    "AtomicKVStore",
+    "ChangeFeed",
+    "DEFAULT_CLI_STORE",
+    "KVStore",
+    "MEMORY_STORE_NAMES",
+    "MemoryKVStore",
+    "OpenedStore",
+    "REGISTRY_NAMESPACE",
+    "open_store",
+]

@@ -17,7 +17,7 @@ methods can be returned by a ``kv_store_connector``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import ServeTypeError, ValidationError
@@ -49,6 +49,46 @@ class KVStore(Protocol):
 
     def close(self) -> None:
         """Release connections. Idempotent."""
+
+
+@runtime_checkable
+class AtomicKVStore(KVStore, Protocol):
+    """A store that can also change keys only if one key still holds a value (compare-and-set).
+
+    This is what lets several processes share one registry: each change is validated against
+    what the store holds and commits only if no other writer got in first (see docs/kv.md).
+    """
+
+    def compare_and_update(
+        self, key: str, expected: Any, items: Mapping[str, Any], delete: Iterable[str] = ()
+    ) -> bool:
+        """If ``key`` holds ``expected`` (``None``: missing), apply ``items`` and ``delete`` in one
+        atomic step and return ``True``; otherwise change nothing and return ``False``.
+
+        ``items`` must set ``key`` itself (it is a version counter); values are compared as
+        their JSON text, so use a simple value (a number).
+        """
+
+
+@runtime_checkable
+class ChangeFeed(Protocol):
+    """A store that can tell this process when a :meth:`AtomicKVStore.compare_and_update` committed
+    (in any process, for PostgreSQL with ``LISTEN/NOTIFY``; in this process, for the memory store)."""
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None] | None:
+        """Call ``callback()`` (from any thread, without locks held) after each committed change to
+        this namespace; returns a function that unsubscribes, or ``None`` when the store cannot."""
+
+
+def check_cas(key: str, items: Mapping[str, Any]) -> str:
+    """Validate the key of a :meth:`AtomicKVStore.compare_and_update`.
+
+    Raises:
+        ValidationError: ``items`` do not set ``key``.
+    """
+    if check_key(key) not in items:
+        raise ValidationError(f"compare_and_update must write its key {key!r} itself")
+    return key
 
 
 def _check_name(kind: str, value: Any, max_length: int) -> str:

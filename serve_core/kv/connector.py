@@ -10,16 +10,21 @@ store has them and deriving them otherwise:
 * ``update(items, delete)`` without ``update`` and ``delete`` methods (both: a dict's own
   ``update`` takes one mapping) is the puts, then the deletes, one by one: not atomic (a
   store that must survive a crash mid-change needs ``update``);
-* ``close()`` without a ``close`` method does nothing.
+* ``close()`` without a ``close`` method does nothing;
+* ``compare_and_update`` without one of the store's own compares and writes under a lock of
+  this adapter: atomic against writers in this process that use the same adapter, not
+  against other processes (give the store its own ``compare_and_update`` to share it safely);
+* ``subscribe`` is the store's own, if it has one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ..errors import ServeTypeError
-from .base import KVStore, check_key
+from .base import AtomicKVStore, check_cas, check_key, encode_value
 
 REQUIRED = ("get", "put", "as_dict")
 """What a connector's store must have at least (the 0.8 interface)."""
@@ -36,6 +41,7 @@ class ConnectorStore:
     def __init__(self, store: Any, namespace: str) -> None:
         self.store = store
         self.namespace = getattr(store, "namespace", namespace)
+        self._cas_lock = threading.Lock()
 
     def get(self, key: str, default: Any = None) -> Any:
         value = self.store.get(check_key(key), default)
@@ -63,6 +69,26 @@ class ConnectorStore:
         for key in delete:
             self.delete(key)
 
+    def compare_and_update(
+        self, key: str, expected: Any, items: Mapping[str, Any], delete: Iterable[str] = ()
+    ) -> bool:
+        check_cas(key, items)
+        own = getattr(self.store, "compare_and_update", None)
+        if callable(own):
+            return bool(own(key, expected, items, delete))
+        with self._cas_lock:
+            current = self.get(key)
+            if (current is None) != (expected is None) or (
+                current is not None and encode_value(key, current) != encode_value(key, expected)
+            ):
+                return False
+            self.update(items, delete)
+        return True
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None] | None:
+        own = getattr(self.store, "subscribe", None)
+        return own(callback) if callable(own) else None
+
     def close(self) -> None:
         close = getattr(self.store, "close", None)
         if callable(close):
@@ -72,13 +98,13 @@ class ConnectorStore:
         return repr(self.store)
 
 
-def as_store(store: Any, namespace: str) -> KVStore:
-    """The connector's store as a :class:`KVStore` (adapted when it has only the 0.8 methods).
+def as_store(store: Any, namespace: str) -> AtomicKVStore:
+    """The connector's store as an :class:`AtomicKVStore` (adapted when it lacks methods).
 
     Raises:
         ServeTypeError: it lacks ``get``, ``put`` or ``as_dict``.
     """
-    if isinstance(store, KVStore):
+    if isinstance(store, AtomicKVStore):
         return store
     missing = [name for name in REQUIRED if not callable(getattr(store, name, None))]
     if missing:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .base import UpdateBased, check_key, check_namespace, decode_value, encode_items
+from .base import UpdateBased, check_cas, check_key, check_namespace, decode_value, encode_items, encode_value
 
 
 class MemoryKVStore(UpdateBased):
@@ -28,6 +28,7 @@ class MemoryKVStore(UpdateBased):
         self._data: dict[str, str] = {}
         self._lock = threading.Lock()
         self.signing_key = secrets.token_bytes(32)
+        self._subscribers: list[Callable[[], None]] = []
 
     def get(self, key: str, default: Any = None) -> Any:
         text = self._data.get(check_key(key))
@@ -44,6 +45,35 @@ class MemoryKVStore(UpdateBased):
             self._data.update(encoded)
             for key in deletes:
                 self._data.pop(key, None)
+
+    def compare_and_update(
+        self, key: str, expected: Any, items: Mapping[str, Any], delete: Iterable[str] = ()
+    ) -> bool:
+        check_cas(key, items)
+        encoded, deletes = encode_items(items, delete)
+        want = None if expected is None else encode_value(key, expected)
+        with self._lock:
+            if self._data.get(key) != want:
+                return False
+            self._data.update(encoded)
+            for name in deletes:
+                self._data.pop(name, None)
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            callback()
+        return True
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` after every :meth:`compare_and_update` that committed (in the writer's thread)."""
+        with self._lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
 
     def close(self) -> None:
         """Nothing to release; the data stays readable."""

@@ -14,16 +14,18 @@ failing). A plain ``postgresql://`` URL uses psycopg 3 (the ``postgres`` extra).
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Engine, MetaData, String, Table, Text, create_engine, event, select
+from sqlalchemy import Column, Engine, MetaData, String, Table, Text, create_engine, event, func, select
 from sqlalchemy import delete as sql_delete
+from sqlalchemy import update as sql_update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.schema import CreateTable
 
 from ..errors import StoreError
@@ -31,14 +33,21 @@ from .base import (
     MAX_KEY_LENGTH,
     MAX_NAMESPACE_LENGTH,
     UpdateBased,
+    check_cas,
     check_key,
     check_namespace,
     decode_value,
     encode_items,
+    encode_value,
 )
+
+log = logging.getLogger("serve_core")
 
 DEFAULT_TABLE = "serve_core_kv"
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # a writer waits this long for another process's transaction
+NOTIFY_CHANNEL = "serve_core_kv"  # PostgreSQL: compare_and_update notifies it with the namespace
+LISTEN_WAKE_S = 0.5  # how often the listener looks up from its socket to see whether it must stop
+LISTEN_RETRY_S = 5.0  # after a lost LISTEN connection, the wait before connecting again
 
 
 def _table(name: str) -> Table:
@@ -188,6 +197,53 @@ class SQLKVStore(UpdateBased):
             for key, text in encoded.items():
                 self._upsert(conn, key, text)
 
+    def compare_and_update(
+        self, key: str, expected: Any, items: Mapping[str, Any], delete: Iterable[str] = ()
+    ) -> bool:
+        check_cas(key, items)
+        encoded, deletes = encode_items(items, delete)
+        if not self._opened:
+            self.open()
+        try:
+            with self.engine.begin() as conn:
+                # The swap is the transaction's first statement, a write: it takes the write lock
+                # (SQLite) or the row lock (PostgreSQL) before anything is read, so a concurrent
+                # writer either commits first and makes it miss, or waits for this one.
+                if not self._swap(conn, key, expected, encoded[key]):
+                    return False
+                for name in deletes:
+                    conn.execute(sql_delete(self.table).where(*self._where(name)))
+                for name, text in encoded.items():
+                    if name != key:
+                        self._upsert(conn, name, text)
+                if conn.dialect.name == "postgresql":
+                    conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, self.namespace)))
+        except IntegrityError:  # the key was inserted by another writer first
+            return False
+        except SQLAlchemyError as exc:
+            raise self._error(f"cannot write {key!r}", exc) from exc
+        return True
+
+    def _swap(self, conn: Connection, key: str, expected: Any, text: str) -> bool:
+        if expected is None:
+            conn.execute(self.table.insert().values(namespace=self.namespace, key=key, value=text))
+            return True  # a row already there raised IntegrityError
+        stmt = (
+            sql_update(self.table)
+            .where(*self._where(key), self.table.c.value == encode_value(key, expected))
+            .values(value=text)
+        )
+        return bool(conn.execute(stmt).rowcount == 1)
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None] | None:
+        """PostgreSQL: call ``callback()`` on every change committed to this namespace by any
+        process (``LISTEN``/``NOTIFY`` on a connection of its own); other databases: ``None``."""
+        if self.engine.dialect.name != "postgresql":
+            return None
+        listener = _Listener(self.engine, self.namespace, callback, self.url)
+        listener.start()
+        return listener.stop
+
     # -------------------------------------------------------------- helpers
     def _where(self, key: str) -> tuple[Any, ...]:
         return (self.table.c.namespace == self.namespace, self.table.c.key == key)
@@ -222,3 +278,55 @@ class SQLKVStore(UpdateBased):
 
     def __repr__(self) -> str:
         return f"<SQLKVStore {self.url} table={self.table.name!r} namespace={self.namespace!r}>"
+
+
+class _Listener:
+    """A thread that ``LISTEN``s on :data:`NOTIFY_CHANNEL` and calls back for one namespace.
+
+    A lost connection is logged once and retried every :data:`LISTEN_RETRY_S`; whoever
+    subscribed polls anyway, so a gap only delays.
+    """
+
+    def __init__(self, engine: Engine, namespace: str, callback: Callable[[], None], url: str) -> None:
+        self._engine = engine
+        self._namespace = namespace
+        self._callback = callback
+        self._url = url
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="serve-kv-listen", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(LISTEN_WAKE_S * 4)
+
+    def _run(self) -> None:
+        warned = False
+        while not self._stopping.is_set():
+            try:
+                self._listen()
+            except Exception as exc:  # noqa: BLE001 - any driver error: fall back to polling, retry later
+                if not warned:
+                    log.warning("KV store %s: LISTEN failed (%s); changes are seen by polling", self._url, exc)
+                    warned = True
+                self._stopping.wait(LISTEN_RETRY_S)
+
+    def _listen(self) -> None:
+        raw = self._engine.raw_connection()
+        conn: Any = raw.driver_connection  # a psycopg 3 Connection
+        raw.detach()  # a connection of its own: it never goes back to the pool while listening
+        try:
+            conn.rollback()  # psycopg: autocommit can only be switched outside a transaction
+            conn.autocommit = True
+            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # a constant identifier, not input
+            while not self._stopping.is_set():
+                for note in conn.notifies(timeout=LISTEN_WAKE_S):
+                    if note.payload == self._namespace:
+                        self._callback()
+                    if self._stopping.is_set():
+                        break
+        finally:
+            raw.close()

@@ -4,6 +4,10 @@
 deployment), print ``READY <json>``, then wait to be killed.
 ``fill URL PREFIX N``: print ``READY``, wait for ``GO`` on stdin, create N endpoints and
 backends, print ``DONE`` and exit.
+``race URL PREFIX N``: like ``fill``, but endpoint ``<PREFIX>i`` claims route ``/race/i``, which
+the other racer claims too; prints ``DONE <routes won>``.
+``driver URL [PORT]``: the original's second driver: init on the store (serving on PORT, taken
+by the first driver: it attaches), create, link and exit.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from serve_core import BackendConfig, Serve
+from serve_core import BackendConfig, ConflictError, Serve
 from tests.kv.backends import Greeter, echo, make_shout
 
 
@@ -49,8 +53,45 @@ def fill(url: str, prefix: str, count: int) -> None:
     print("DONE", flush=True)
 
 
+def race(url: str, prefix: str, count: int) -> None:
+    srv = Serve(kv_store_path=url, start_server=False, executor="inline")
+    print("READY", flush=True)
+    sys.stdin.readline()
+    won = []
+    for i in range(count):
+        try:
+            srv.create_endpoint(f"{prefix}{i}", f"/race/{i}")
+        except ConflictError:
+            continue
+        won.append(i)
+    srv.shutdown()
+    print("DONE", json.dumps(won), flush=True)
+
+
+def driver(url: str, port: str | None) -> None:
+    import serve_core as serve
+
+    if port is None:
+        serve.init(kv_store_path=url, start_server=False)
+    else:
+        serve.init(kv_store_path=url, http_port=int(port))
+
+    def driver(flask_request: Any) -> str:
+        return "OK!"
+
+    serve.create_endpoint("driver", "/driver")
+    serve.create_backend(driver, "driver")
+    serve.link("driver", "driver")
+    print("DONE", flush=True)
+    serve.shutdown()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "build":
         build(sys.argv[2])
+    elif sys.argv[1] == "driver":
+        driver(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
+    elif sys.argv[1] == "race":
+        race(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
         fill(sys.argv[2], sys.argv[3], int(sys.argv[4]))

@@ -13,6 +13,7 @@ from serve_core.kv.base import KVStore
 from serve_core.kv.memory import MemoryKVStore
 
 from ..conftest import require
+from .children import SECRET, Child
 
 POSTGRES_ENV = "SERVE_CORE_TEST_POSTGRES_URL"
 STORES = ["memory", "sqlite", "postgres"]
@@ -74,3 +75,28 @@ def open_kv(request: pytest.FixtureRequest) -> Iterator[Callable[[str], KVStore]
     yield open_store
     for store in opened:
         store.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Child]]:
+    children: list[Child] = []
+
+    def start(*args: str) -> Child:
+        child = Child(list(args), tmp_path / f"child{len(children)}.log")
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        if child.proc.poll() is None:
+            child.kill()
+
+
+@pytest.fixture
+def store_url(sql_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """SQLite signs with its key file; PostgreSQL needs SERVE_CORE_SECRET (children inherit it)."""
+    if sql_url.startswith("sqlite"):
+        monkeypatch.delenv("SERVE_CORE_SECRET", raising=False)
+    else:
+        monkeypatch.setenv("SERVE_CORE_SECRET", SECRET)
+    return sql_url

@@ -1,0 +1,154 @@
+"""Keeping an instance in step with its store: the watcher thread and the instance records.
+
+Every instance attached to a store runs one :class:`RegistryWatcher`. Its thread wakes on a
+clock timer every ``registry_poll_s`` (and at once when the store notifies a commit:
+PostgreSQL ``LISTEN/NOTIFY``, or another instance on the same memory store) and calls the
+instance's step: write a heartbeat when one is due, and converge when the store's revision
+has moved. The work runs on the watcher's own thread, never on the clock's, so a slow store
+cannot hold up deadlines. Convergence is level-triggered: a missed notification only delays
+it to the next poll.
+
+An instance's record (``instance/<id>`` in the store, :class:`InstanceRecord`) says who it is,
+where it serves HTTP, which registry revision it has applied, and its replicas per backend;
+records not refreshed for ``instance_expiry_s`` are dropped by the next live instance's
+heartbeat and never listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .clock import Clock, Timer
+
+log = logging.getLogger("serve_core")
+
+WAKE_BOUND_S = 5.0  # the watcher thread looks up at least this often, whatever the clock does
+STOP_TIMEOUT_S = 30.0  # how long stop() waits for a step in progress (one convergence) to end
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceRecord:
+    """One serving instance, as it records itself in the store.
+
+    Attributes:
+        instance_id: ``<host>-<pid>-<random>``.
+        host, pid: where it runs.
+        http: ``"host:port"`` of its standalone HTTP server, or ``None``.
+        executor: its default executor's name.
+        started, last_seen: wall-clock seconds (heartbeat).
+        revision: the registry revision it has applied.
+        backends: ``{tag: {"desired": n, "running": n}}`` replicas.
+    """
+
+    instance_id: str
+    host: str
+    pid: int
+    http: str | None
+    executor: str
+    started: float
+    last_seen: float
+    revision: int
+    backends: dict[str, dict[str, int]]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, value: Any) -> InstanceRecord | None:
+        """The record, or ``None`` for one that is not well formed (skipped)."""
+        try:
+            return cls(
+                instance_id=str(value["instance_id"]),
+                host=str(value["host"]),
+                pid=int(value["pid"]),
+                http=None if value.get("http") is None else str(value["http"]),
+                executor=str(value["executor"]),
+                started=float(value["started"]),
+                last_seen=float(value["last_seen"]),
+                revision=int(value["revision"]),
+                backends={str(k): {str(a): int(b) for a, b in v.items()} for k, v in dict(value["backends"]).items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+
+def live_instances(records: dict[str, Any], now: float, expiry_s: float) -> tuple[list[InstanceRecord], list[str]]:
+    """The live instances among stored ``instance/`` records (oldest first), and the ids of expired ones."""
+    live, expired = [], []
+    for key, value in records.items():
+        record = InstanceRecord.from_json(value)
+        if record is None or now - record.last_seen > expiry_s:
+            expired.append(key)
+        else:
+            live.append(record)
+    return sorted(live, key=lambda r: (r.started, r.instance_id)), expired
+
+
+class RegistryWatcher:
+    """Runs ``step()`` on a thread of its own every ``poll_s`` of ``clock``, and whenever :meth:`wake` is called.
+
+    Args:
+        clock: whose timers pace the polls.
+        poll_s: seconds between polls.
+        step: the work (heartbeat, convergence); its errors are logged, the watcher goes on.
+    """
+
+    def __init__(self, clock: Clock, poll_s: float, step: Callable[[], None]) -> None:
+        self._clock = clock
+        self._poll_s = poll_s
+        self._step = step
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._timer: Timer | None = None
+        self._thread = threading.Thread(target=self._run, name="serve-registry-watch", daemon=True)
+
+    def start(self) -> None:
+        self._arm()
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Step soon (from any thread; takes no lock the step holds)."""
+        self._event.set()
+
+    def _arm(self) -> None:
+        with self._lock:
+            if not self._stopping:
+                self._timer = self._clock.call_later(self._poll_s, self._tick)
+
+    def _tick(self) -> None:
+        self._event.set()
+        self._arm()
+
+    def _run(self) -> None:
+        failing = False
+        while True:
+            self._event.wait(WAKE_BOUND_S)
+            self._event.clear()
+            with self._lock:
+                if self._stopping:
+                    return
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 - a failed step (store down...) is retried at the next poll
+                if not failing:
+                    log.exception("serve_core: registry watcher step failed; retrying at every poll")
+                failing = True
+            else:
+                if failing:
+                    log.info("serve_core: registry watcher recovered")
+                failing = False
+
+    def stop(self) -> None:
+        """Stop polling; waits for a step in progress. Idempotent."""
+        with self._lock:
+            self._stopping = True
+            if self._timer is not None:
+                self._timer.cancel()
+        self._event.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(STOP_TIMEOUT_S)
