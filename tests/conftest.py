@@ -13,7 +13,7 @@ import serve_core as serve
 from serve_core import Serve
 
 from .procs import descendants, describe_processes, wait_until
-from .ray_fixtures import RayEvent, _ray_session, ray_local  # noqa: F401 - fixtures used by the ray executor
+from .ray_fixtures import RayEvent, _ray_session, foreign_ray, ray_local  # noqa: F401 - Ray fixtures
 
 # Executors every behaviour test runs against. Executors that need an optional
 # component are here too: their tests skip without it locally, and fail in CI.

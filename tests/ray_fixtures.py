@@ -3,23 +3,40 @@
 Starting Ray takes seconds, so tests share one local instance (``num_cpus=2``, no
 dashboard) instead of starting their own. A test that needs a different Ray (the
 multi-node cluster) shuts this one down; the next test that asks starts it again.
+
+The shared Ray is always a new local one (``address="local"``): without an address
+``ray.init`` would join any cluster that ``ray start`` started on the machine, or the one
+``RAY_ADDRESS`` names, and then refuse ``num_cpus``. :func:`foreign_ray` starts such a
+cluster, for the tests that check nothing of ours joins it unasked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from .procs import is_running, wait_until
+
 LOCAL_RAY: dict[str, Any] = {
+    "address": "local",  # a Ray of our own, whatever else runs on the machine
     "num_cpus": 2,
     "include_dashboard": False,
     "log_to_driver": False,
     "configure_logging": False,
 }
+
+FOREIGN_START_TIMEOUT_S = 60.0  # `ray start --head` takes 2-3 s on the 2-core machine
+FOREIGN_STOP_TIMEOUT_S = 60.0  # on SIGTERM the node drains (up to 30 s), then ends its processes
 
 
 def ray_missing_reason() -> str:
@@ -42,12 +59,123 @@ def ray_local(_ray_session: None) -> Any:
     from .conftest import require
 
     require(importlib.util.find_spec("ray") is not None, ray_missing_reason())
+    return start_local_ray()
+
+
+def start_local_ray() -> Any:
+    """The ``ray`` module, initialised with :data:`LOCAL_RAY` unless Ray already is."""
     import ray
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(**LOCAL_RAY)
     return ray
+
+
+@dataclass(frozen=True)
+class ForeignRay:
+    """A Ray cluster that someone else started on this machine with ``ray start --head``."""
+
+    address: str  # its GCS, host:port, as recorded in ray_current_cluster
+    temp_root: Path  # its RAY_TMPDIR: a test that sets the same one sees the cluster as ray.init does
+    process: subprocess.Popen[bytes]  # `ray start --block`, parent of the cluster's processes
+
+
+@pytest.fixture
+def foreign_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForeignRay]:
+    """A one-CPU Ray head started by ``ray start``, and stopped, with its processes, after the test.
+
+    It lives under its own ``RAY_TMPDIR`` (a temp dir of the test session), so it neither
+    overwrites nor is found through the machine's ``/tmp/ray/ray_current_cluster``, which
+    other sessions' clusters use: a test puts the same ``RAY_TMPDIR`` in its environment to
+    be in the situation of a process on a machine where someone ran ``ray start``. It
+    binds no fixed port (``--port=0``: the GCS port is Ray's pick, read from the address file).
+    """
+    from .conftest import require
+
+    require(importlib.util.find_spec("ray") is not None, ray_missing_reason())
+    # Short: Ray's Unix socket paths under it must fit in 107 bytes.
+    temp_root = tmp_path_factory.mktemp("ray")
+    env = {**os.environ, "RAY_TMPDIR": str(temp_root), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    command = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--port=0", "--num-cpus=1",
+        "--include-dashboard=false", "--disable-usage-stats", "--block",
+    ]
+    with open(temp_root / "ray-start.log", "wb") as log:
+        # In our process group, so that an interrupted run (Ctrl-C) takes it down too.
+        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield ForeignRay(_wait_for_address(temp_root, process), temp_root, process)
+    finally:
+        _stop_foreign_ray(process)
+
+
+def _wait_for_address(temp_root: Path, process: subprocess.Popen[bytes]) -> str:
+    """The address ``ray start`` records once its head node runs; fails the test if it does not."""
+    address_file = temp_root / "ray" / "ray_current_cluster"
+    wait_until(lambda: address_file.exists() or process.poll() is not None, FOREIGN_START_TIMEOUT_S)
+    if not address_file.exists():
+        log = (temp_root / "ray-start.log").read_text(errors="replace")
+        pytest.fail(f"`ray start --head` started no cluster in {FOREIGN_START_TIMEOUT_S} s:\n{log[-3000:]}")
+    return address_file.read_text().strip()
+
+
+def _stop_foreign_ray(process: subprocess.Popen[bytes]) -> None:
+    """Stop that cluster and nothing else.
+
+    Never ``ray stop``: it kills every Ray process on the machine, other sessions' too.
+    ``ray start --block`` ends the processes it started when it gets SIGTERM. Whatever of
+    its process tree, as it was just before, outlives it (workers have process groups
+    of their own) is killed by pid, each checked against its start time so that a pid
+    reused meanwhile is left alone.
+    """
+    tree = _process_tree(process.pid)
+    process.terminate()
+    try:
+        process.wait(FOREIGN_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(FOREIGN_STOP_TIMEOUT_S)
+    if not wait_until(lambda: not _survivors(tree), 10.0):
+        for pid in _survivors(tree):
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                os.kill(pid, signal.SIGKILL)
+
+
+def _survivors(tree: dict[int, str]) -> set[int]:
+    return {pid for pid, started in tree.items() if _start_time(pid) == started and is_running(pid)}
+
+
+def _process_tree(root: int) -> dict[int, str]:
+    """``root`` and its descendants, from ``/proc``: pid -> start time (in clock ticks since boot)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        stat = _stat_fields(int(entry)) if entry.isdigit() else []
+        if stat:
+            children.setdefault(int(stat[1]), []).append(int(entry))
+    tree: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        pid = frontier.pop()
+        if (started := _start_time(pid)) and pid not in tree:
+            tree[pid] = started
+            frontier.extend(children.get(pid, []))
+    return tree
+
+
+def _start_time(pid: int) -> str:
+    fields = _stat_fields(pid)
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name: state, ppid, ... (empty if gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return stat.rpartition(")")[2].split()  # the command name may contain spaces and parentheses
 
 
 class RayEvent:

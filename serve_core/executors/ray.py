@@ -4,6 +4,10 @@ The only module of serve_core that imports Ray (it is loaded by name, on first u
 through ``EXECUTORS`` in :mod:`serve_core.executors.base`). Install with
 ``pip install serve-core[ray]``.
 
+* Which Ray: the one already initialised in this process; else a local Ray of its own,
+  unless ``ray_init_kwargs`` gives an ``address`` or ``RAY_ADDRESS`` names a cluster to
+  join (see :func:`ray_init_arguments`): never one that someone merely started on the
+  machine.
 * Placement: the backend's ``num_cpus``, ``num_gpus``, ``memory`` and ``resources``
   become the actor's options, so Ray puts each replica where those resources are.
 * Calls: a replica holds up to 32 calls by default (see
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import pickle
 import threading
 import uuid
@@ -38,7 +43,14 @@ from ray import cloudpickle  # Ray's own copy: classes sent by value keep their 
 from ray import exceptions as ray_errors
 
 from ..config import BackendConfig
-from ..errors import NotDeliveredError, ReplicaDiedError, ServeError, ServeStateError, ServeTypeError
+from ..errors import (
+    NotDeliveredError,
+    ReplicaDiedError,
+    ServeError,
+    ServeStateError,
+    ServeTypeError,
+    ValidationError,
+)
 from ..invoke import Invoker
 from ._outcomes import dump_outcomes
 from .base import Call, Outcome, ReplicaSpec
@@ -49,8 +61,12 @@ DEFAULT_RAY_INIT_KWARGS: dict[str, Any] = {"include_dashboard": False}
 """``ray.init`` arguments used when Ray is not running and none were given.
 
 Ray sizes the local node from the machine (``num_cpus=None``); the dashboard is off
-because an embedded library should not start a web UI nobody asked for.
+because an embedded library should not start a web UI nobody asked for. Which Ray
+they start or join: see :func:`ray_init_arguments`.
 """
+
+RAY_ADDRESS_VARIABLE = "RAY_ADDRESS"
+"""The environment variable through which Ray's tools point a driver at a cluster."""
 
 DEFAULT_START_TIMEOUT_S = 300.0
 """How long ``start_replica`` waits for Ray to place and construct an actor."""
@@ -425,13 +441,64 @@ def _failed(call: Call, what: str, exc: BaseException) -> list[Outcome]:
     return [Outcome(False, error)] * len(call)
 
 
+def ray_init_arguments(ray_init_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``ray.init`` arguments for ``ray_init_kwargs``: a Ray of our own unless told to join one.
+
+    Given no address, ``ray.init`` joins the cluster that ``ray start`` last started on
+    this machine (it records it in ``/tmp/ray/ray_current_cluster``), whoever started it
+    and for whatever purpose, and then refuses ``num_cpus``. So an executor told nothing
+    starts a local Ray (``address="local"``). Being told is an ``address`` in
+    ``ray_init_kwargs`` (``"auto"`` asks for that discovery), or, without one, the
+    ``RAY_ADDRESS`` environment variable: it is set for this process on purpose (by the
+    user, or by ``ray job submit`` in a job's driver), and Ray's tools honour it, so then
+    the address is left to Ray, which joins that cluster. An explicit address, including
+    ``"local"``, wins over ``RAY_ADDRESS``; ``address=None`` counts as no address.
+
+    Args:
+        ray_init_kwargs: the executor's ``ray_init_kwargs``; ``None`` for
+            :data:`DEFAULT_RAY_INIT_KWARGS`. Not modified.
+
+    Returns:
+        A new dict to pass to ``ray.init``.
+    """
+    kwargs = dict(DEFAULT_RAY_INIT_KWARGS if ray_init_kwargs is None else ray_init_kwargs)
+    if kwargs.get("address") is None:
+        kwargs.pop("address", None)
+        if not os.environ.get(RAY_ADDRESS_VARIABLE):  # Ray ignores an empty one too
+            kwargs["address"] = "local"
+    return kwargs
+
+
+def _init_ray(kwargs: dict[str, Any]) -> None:
+    """``ray.init(**kwargs)``; Ray's refusal of a cluster that ``RAY_ADDRESS`` chose says so.
+
+    Raises:
+        ValidationError: Ray refused ``kwargs`` for the cluster named by ``RAY_ADDRESS``
+            (e.g. ``num_cpus``, which only a new local Ray takes).
+    """
+    try:
+        ray.init(**kwargs)
+    except ValueError as exc:
+        if "address" in kwargs:
+            raise
+        address = os.environ.get(RAY_ADDRESS_VARIABLE)
+        reason = str(exc).rstrip(".")
+        raise ValidationError(
+            f"Ray refused ray_init_kwargs {kwargs} when joining the cluster at "
+            f"{RAY_ADDRESS_VARIABLE}={address} ({reason}); leave those arguments out to join it, "
+            f"or add 'address': 'local' to start a local Ray instead"
+        ) from exc
+
+
 class RayExecutor:
     """Places replicas as Ray actors, on a Ray it starts or one already running.
 
     Args:
-        ray_init_kwargs: arguments of ``ray.init`` when Ray is not initialised yet
-            (``address=`` joins an existing cluster); ``None`` uses
-            :data:`DEFAULT_RAY_INIT_KWARGS`. Ignored when Ray is already initialised.
+        ray_init_kwargs: arguments of ``ray.init`` when Ray is not initialised yet;
+            ``None`` uses :data:`DEFAULT_RAY_INIT_KWARGS`. Without an ``address`` (or
+            ``RAY_ADDRESS``) the executor starts a local Ray of its own; ``address=``
+            joins a cluster (see :func:`ray_init_arguments`). Ignored when Ray is
+            already initialised in this process.
         start_timeout_s: how long a replica may take to be placed and constructed.
     """
 
@@ -449,7 +516,7 @@ class RayExecutor:
             if ray_init_kwargs:
                 log.info("Ray is already initialised; ray_init_kwargs %s are not used", ray_init_kwargs)
         else:
-            ray.init(**(DEFAULT_RAY_INIT_KWARGS if ray_init_kwargs is None else ray_init_kwargs))
+            _init_ray(ray_init_arguments(ray_init_kwargs))
             self._started_ray = True
         self._start_timeout = start_timeout_s
         self._prefix = f"serve_core-{uuid.uuid4().hex[:12]}"

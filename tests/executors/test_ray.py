@@ -1,4 +1,5 @@
-"""The Ray executor on a local Ray (shared, 2 CPUs) and on a two-node cluster on this machine."""
+"""The Ray executor on a local Ray (shared, 2 CPUs), on a two-node cluster on this machine, and
+beside a cluster that someone else started with ``ray start``."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import serve_core as serve
 from serve_core import BackendConfig, ReplicaDiedError, Serve, ServeError
 
 from ..conftest import WAIT, require
-from ..ray_fixtures import LOCAL_RAY, RayEvent
+from ..ray_fixtures import LOCAL_RAY, ForeignRay, RayEvent, start_local_ray
 
 pytestmark = pytest.mark.ray
 
@@ -557,3 +558,123 @@ def node_of_replica(request: Any) -> str:
 
 def _connect_kwargs() -> dict[str, Any]:
     return {k: v for k, v in LOCAL_RAY.items() if k in ("log_to_driver", "configure_logging")}
+
+
+# ------------------------------------------------------- a cluster started by someone else
+# On a machine where someone ran `ray start`, a bare `ray.init()` joins that cluster (and
+# refuses num_cpus); RAY_ADDRESS does the same. Nothing of ours may join one unasked.
+@pytest.mark.parametrize(
+    ("kwargs", "ray_address", "expected"),
+    [
+        (None, None, {"include_dashboard": False, "address": "local"}),
+        ({"num_cpus": 1}, None, {"num_cpus": 1, "address": "local"}),
+        ({"address": None, "num_cpus": 1}, None, {"num_cpus": 1, "address": "local"}),
+        (None, "", {"include_dashboard": False, "address": "local"}),  # Ray ignores an empty one too
+        ({"address": "auto"}, None, {"address": "auto"}),
+        ({"address": "10.1.2.3:6379"}, "head:6379", {"address": "10.1.2.3:6379"}),
+        ({"address": "local"}, "head:6379", {"address": "local"}),
+        (None, "head:6379", {"include_dashboard": False}),  # no address: Ray joins RAY_ADDRESS
+    ],
+)
+def test_ray_init_arguments_start_a_local_ray_unless_told_to_join_one(
+    kwargs: dict[str, Any] | None, ray_address: str | None, expected: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require(importlib.util.find_spec("ray") is not None, "ray is not installed")
+    from serve_core.executors.ray import DEFAULT_RAY_INIT_KWARGS, ray_init_arguments
+
+    if ray_address is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", ray_address)
+    given = None if kwargs is None else dict(kwargs)
+    assert ray_init_arguments(given) == expected
+    assert given == kwargs and DEFAULT_RAY_INIT_KWARGS == {"include_dashboard": False}
+
+
+def _on_a_machine_with(cluster: ForeignRay, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Put this process where a bare ``ray.init()`` would join ``cluster``; returns ``ray``.
+
+    The shared local Ray is shut down (the next test that needs it starts it again): an
+    executor would use it rather than start or join one.
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setenv("RAY_TMPDIR", str(cluster.temp_root))  # where cluster recorded its address
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ValueError, match="existing cluster"):  # the trap, as it was
+        ray.init(num_cpus=1, include_dashboard=False)
+    assert not ray.is_initialized()
+    return ray
+
+
+def _gcs_address(ray: Any) -> str:
+    return str(ray.get_runtime_context().gcs_address)
+
+
+def test_the_shared_local_ray_is_its_own_beside_a_foreign_cluster(
+    foreign_ray: ForeignRay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ray = _on_a_machine_with(foreign_ray, monkeypatch)
+    try:
+        start_local_ray()
+        assert _gcs_address(ray) != foreign_ray.address
+        assert ray.cluster_resources()["CPU"] == LOCAL_RAY["num_cpus"]
+    finally:
+        ray.shutdown()  # it lives under the foreign cluster's RAY_TMPDIR, which the test drops
+
+
+@pytest.mark.parametrize("ray_init_kwargs", [None, {"num_cpus": 1, **_connect_kwargs()}], ids=["default", "num_cpus"])
+def test_the_executor_starts_its_own_ray_beside_a_foreign_cluster(
+    foreign_ray: ForeignRay, monkeypatch: pytest.MonkeyPatch, make_serve: MakeServe, ray_init_kwargs: Any
+) -> None:
+    ray = _on_a_machine_with(foreign_ray, monkeypatch)
+    srv = make_serve(executor="ray", ray_init_kwargs=ray_init_kwargs)
+    assert _gcs_address(ray) != foreign_ray.address
+    if ray_init_kwargs is not None:
+        assert ray.cluster_resources()["CPU"] == 1
+    srv.create_endpoint("here", None)
+    srv.create_backend(node_of_replica, "here:v1")
+    srv.link("here", "here:v1")
+    assert _python_call(srv, "here") == ray.get_runtime_context().get_node_id()
+    srv.shutdown()
+    assert not ray.is_initialized()  # it started that Ray, so it stopped it
+    assert foreign_ray.process.poll() is None
+
+
+@pytest.mark.parametrize("told_by", ["address", "auto", "RAY_ADDRESS"])
+def test_the_executor_joins_a_foreign_cluster_when_told(
+    foreign_ray: ForeignRay, monkeypatch: pytest.MonkeyPatch, make_serve: MakeServe, told_by: str
+) -> None:
+    ray = _on_a_machine_with(foreign_ray, monkeypatch)
+    kwargs: dict[str, Any] | None = {"address": foreign_ray.address if told_by == "address" else "auto"}
+    if told_by == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", foreign_ray.address)
+        kwargs = None
+    srv = make_serve(executor="ray", ray_init_kwargs=kwargs)
+    assert _gcs_address(ray) == foreign_ray.address
+    srv.create_endpoint("here", None)
+    srv.create_backend(node_of_replica, "here:v1")
+    srv.link("here", "here:v1")
+    assert _python_call(srv, "here") == ray.get_runtime_context().get_node_id()
+    srv.shutdown()
+    assert not ray.is_initialized()  # disconnected; the cluster itself is not ours to stop
+    assert foreign_ray.process.poll() is None
+
+
+def test_an_explicit_address_wins_over_ray_address(foreign_ray: ForeignRay, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve_core import ValidationError
+    from serve_core.executors.ray import RayExecutor
+
+    ray = _on_a_machine_with(foreign_ray, monkeypatch)
+    monkeypatch.setenv("RAY_ADDRESS", foreign_ray.address)
+    with pytest.raises(ValidationError, match="RAY_ADDRESS.*'address': 'local'"):
+        RayExecutor(ray_init_kwargs={"num_cpus": 1})  # only a new local Ray takes num_cpus
+    assert not ray.is_initialized()
+    executor = RayExecutor(ray_init_kwargs={"address": "local", "num_cpus": 1, **_connect_kwargs()})
+    try:
+        assert _gcs_address(ray) != foreign_ray.address
+    finally:
+        executor.shutdown()
+    assert not ray.is_initialized()
