@@ -68,8 +68,8 @@ def import_ref(obj: Any) -> str | None:
         return None
     if getattr(sys.modules.get(module), "__spec__", None) is None:  # e.g. run from a file by runpy
         return None
-    try:
-        found = resolve_ref(f"{module}:{qualname}")
+    try:  # the module may still be initialising (it calls init itself): what it has defined counts
+        found = resolve_ref(f"{module}:{qualname}", while_initializing=True)
     except StoreError:
         return None
     return f"{module}:{qualname}" if found is obj else None
@@ -79,17 +79,19 @@ class ModuleInitializingError(StoreError):
     """The module holding a stored backend is still being imported (it is the one calling ``init``)."""
 
 
-def resolve_ref(ref: str) -> Any:
+def resolve_ref(ref: str, while_initializing: bool = False) -> Any:
     """Import ``module:qualname``.
 
     Raises:
-        ModuleInitializingError: the module is being imported right now (retry once it is).
+        ModuleInitializingError: the module is being imported right now (retry once it is),
+            unless ``while_initializing``.
         StoreError: the module or attribute cannot be imported.
     """
     module_name, _, qualname = ref.partition(":")
     # importlib marks a module's spec while the module body runs; CPython's own "partially
     # initialized module" error reads the same flag.
-    if getattr(getattr(sys.modules.get(module_name), "__spec__", None), "_initializing", False):
+    spec = getattr(sys.modules.get(module_name), "__spec__", None)
+    if not while_initializing and getattr(spec, "_initializing", False):
         raise ModuleInitializingError(f"module {module_name!r} is still being imported; {ref!r} is loaded once it is")
     try:
         found: Any = importlib.import_module(module_name)

@@ -163,6 +163,7 @@ class Serve:
         self._notes: list[str] = []
         self._started_wall = self.clock.wall()
         self._next_beat = -math.inf
+        self._next_sweep = -math.inf
         self._http_attached: str | None = None
         self._watcher: RegistryWatcher | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -357,7 +358,6 @@ class Serve:
             report.endpoints.extend(registry.endpoints)
         if snapshot.revision != self._revision:
             self._next_beat = -math.inf  # tell the store at once which revision is applied here
-            self._drop_expired(snapshot)
         self._registry, self._revision = registry, snapshot.revision
 
     def _converge_backends(self, snapshot: Snapshot, registry: Registry, report: RestoreReport | None) -> None:
@@ -470,6 +470,9 @@ class Serve:
             backends=backends,
         )
         self._store.save_instance(self.instance_id, record.to_json())
+        if now >= self._next_sweep:  # dead instances' records: swept by whoever is alive
+            self._next_sweep = now + self.instance_expiry_s
+            self._drop_expired(self._store.load())
 
     def _drop_expired(self, snapshot: Snapshot) -> None:
         _, expired = live_instances(snapshot.group(INSTANCE), self.clock.wall(), self.instance_expiry_s)

@@ -166,8 +166,16 @@ class SQLKVStore(UpdateBased):
 
     def _create_table(self) -> None:
         # IF NOT EXISTS, not a check then a CREATE: other processes may open the same store.
-        with self.engine.begin() as conn:
-            conn.execute(CreateTable(self.table, if_not_exists=True))
+        # PostgreSQL can still fail two concurrent creators with a unique violation on its
+        # catalogue; the loser finds the table there on its second try.
+        for attempt in range(2):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(CreateTable(self.table, if_not_exists=True))
+                return
+            except IntegrityError:
+                if attempt:
+                    raise
 
     def close(self) -> None:
         """Dispose the engine's connections (only if this store created the engine)."""

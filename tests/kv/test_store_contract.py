@@ -213,3 +213,44 @@ def test_a_missing_database_driver_is_a_store_error_naming_it() -> None:
 
     with pytest.raises(StoreError, match="driver is not installed.*pymysql"):
         SQLKVStore("mysql+pymysql://user@127.0.0.1/db", "ns")
+
+
+def test_compare_and_update_writes_only_while_its_key_is_unchanged(open_kv: OpenKV) -> None:
+    from serve_core.kv.base import AtomicKVStore
+
+    store = open_kv("ns")
+    assert isinstance(store, AtomicKVStore)
+    assert store.compare_and_update("rev", None, {"rev": 1, "a": "first"})
+    assert not store.compare_and_update("rev", None, {"rev": 1, "a": "lost"})  # it exists now
+    assert not store.compare_and_update("rev", 7, {"rev": 8, "a": "lost"}, delete=["a"])  # stale
+    assert store.as_dict() == {"rev": 1, "a": "first"}  # a miss writes nothing, deletes nothing
+    assert store.compare_and_update("rev", 1, {"rev": 2, "b": [1]}, delete=["a"])
+    assert store.as_dict() == {"rev": 2, "b": [1]}
+    with pytest.raises(ValidationError, match="must write its key"):
+        store.compare_and_update("rev", 2, {"other": 1})
+
+
+def test_compare_and_update_loses_no_increment_under_contention(open_kv: OpenKV) -> None:
+    import threading
+
+    stores = [open_kv("ns") for _ in range(4)]  # one store object (and connection pool) per writer
+    per_writer = 15
+
+    def bump(store: Any) -> None:
+        for _ in range(per_writer):
+            while True:
+                current = store.get("n")
+                if store.compare_and_update("n", current, {"n": (current or 0) + 1, f"seen/{current}": True}):
+                    break
+
+    writers = [threading.Thread(target=bump, args=(store,)) for store in stores]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+    total = len(stores) * per_writer
+    data = stores[0].as_dict()
+    assert data["n"] == total
+    assert sorted(k for k in data if k.startswith("seen/")) == sorted(
+        ["seen/None", *(f"seen/{i}" for i in range(1, total))]
+    )
