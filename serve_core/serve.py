@@ -15,6 +15,7 @@ queries from endpoints to them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 import math
@@ -576,6 +577,12 @@ class Serve:
                     func_or_class, backend_tag, actor_init_args, backend_config, replace
                 )
                 stored = registry.backends.get(info.tag)
+                if stored is not None and stored.code_id is None:  # written before code ids: record it now
+                    items = self._store.encode_backend(info, registry.configs[info.tag])
+                    if not self._store.commit(snapshot.revision, items):
+                        continue
+                    snapshot = self._store.load()
+                    stored = dataclasses.replace(stored, code_id=info.code_id)
                 if stored is not None and stored.code_id == info.code_id:
                     self._adopt(info, registry.configs[info.tag], backend_config, snapshot)
                     return

@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -178,3 +179,44 @@ def _serve_then_stop(app: Path, store: str, cwd: Path) -> int:
     code = proc.wait(WAIT)
     proc.stdout.close()
     return code
+
+
+class _PlainStore:
+    """A 0.8-style store without a signing key: records are not sealed, as on PostgreSQL without a secret."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def put(self, key: str, value: Any) -> None:
+        self.data[key] = value
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+def shout(request: object = None, name: str = "x") -> str:
+    return name.upper()
+
+
+def test_a_record_stored_before_code_ids_is_adopted_then_guarded(
+    make_serve: MakeServe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .kv.backends import echo
+
+    monkeypatch.delenv("SERVE_CORE_SECRET", raising=False)
+    store = _PlainStore()
+    first = make_serve(kv_store_connector=lambda ns: store, executor="inline")
+    first.create_backend(echo, "b:v1")
+    record = dict(store.data["backend/b:v1"])
+    del record["code_id"], record["accepts_batch"]  # as an older serve_core wrote it
+    store.data["backend/b:v1"] = record
+    first.shutdown()
+    srv = make_serve(kv_store_connector=lambda ns: store, executor="inline")
+    assert srv.restored.backends == ["b:v1"]
+    srv.create_backend(echo, "b:v1")  # the deployment file again: the id is recorded now
+    assert store.data["backend/b:v1"]["code_id"] == code_id(echo)
+    with pytest.raises(ConflictError):
+        srv.create_backend(shout, "b:v1")

@@ -173,18 +173,23 @@ def _answers(url: str) -> set[str]:
         return set()
 
 
-def test_gunicorn_workers_converge_on_one_registry(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", ["gunicorn", "granian"])
+def test_wsgi_workers_converge_on_one_registry(server: str, tmp_path: Path) -> None:
     from ..conftest import require
 
-    require(_has("gunicorn"), "gunicorn is not installed (pip install gunicorn)")
+    require(_has(server), f"{server} is not installed (pip install {server})")
     app, store = tmp_path / "app.py", str(tmp_path / "s.db")
     app.write_text(textwrap.dedent(APP))
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), SERVE_CORE_APP=str(app), SERVE_CORE_KV_STORE=store)
+    if server == "gunicorn":  # an app factory, no --preload: each worker builds its own instance
+        command = ["-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5",
+                   "serve_core.http.granian:app_from_env()"]
+    else:
+        command = ["-m", "serve_core.cli", "run", str(app), "--server", "granian", "--workers", "2",
+                   "--port", str(port), "--kv-store", store]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}", "--graceful-timeout", "5",
-         "serve_core.http.granian:app_from_env()"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [sys.executable, *command], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
         assert wait_until(lambda: Path(store).exists() and _converged(store, tmp_path, 2), 6 * WAIT)
