@@ -4,7 +4,8 @@ A Hypothesis state machine drives one ``Serve`` on a fake clock: calls (with and
 deadlines, to a split endpoint, a batched backend and an endpoint without traffic yet),
 completions, user errors, replica crashes, failing replacements, scale up and down,
 link and split, time passing (deadlines, batch waits, the waiting room's timeout),
-cancellation by the caller, and shutdown. After every step no future has been resolved
+cancellation by the caller, replacing a backend's code under its tag (the old runtime drains
+while the new one takes the calls), and shutdown. After every step no future has been resolved
 twice, nothing was logged as a failure of the scheduler and no thread died of an
 exception; after ``shutdown()`` no future is pending.
 
@@ -41,6 +42,11 @@ def answer(*, i: int = 0, fail: bool = False) -> int:
     return i
 
 
+def answer_edited(*, i: int = 0, fail: bool = False) -> int:
+    """Another definition of ``answer`` (other code): replacing one with the other swaps runtimes."""
+    return answer(i=i, fail=fail) + 0
+
+
 @serve.accept_batch
 def batched(requests: Any, *, i: list[int], fail: list[bool]) -> list[int]:
     if any(fail):
@@ -61,8 +67,9 @@ class _Failures(logging.Handler):
 
 
 def _wait_for_replacements() -> None:
-    """Replacements run on helper threads: wait until they are over, so every run is the same."""
-    wait_until(lambda: not any(t.name.startswith("serve-replace-") for t in threading.enumerate()), WAIT)
+    """Replacements and retirements run on helper threads: wait until they are over, so every run is the same."""
+    helpers = ("serve-replace-", "serve-retire")
+    wait_until(lambda: not any(t.name.startswith(helpers) for t in threading.enumerate()), WAIT)
 
 
 class Scheduler(RuleBasedStateMachine):
@@ -156,6 +163,16 @@ class Scheduler(RuleBasedStateMachine):
         config.num_replicas = replicas
         try:
             self.srv.set_backend_config(tag, config)
+        except RuntimeError as exc:
+            assert "scripted" in str(exc)
+        self.executor.failing_starts = 0
+
+    @precondition(lambda self: not self.stopped)
+    @rule(edited=st.booleans(), start_fails=st.booleans())
+    def replace(self, edited: bool, start_fails: bool) -> None:
+        self.executor.failing_starts = int(start_fails)
+        try:
+            self.srv.create_backend(answer_edited if edited else answer, "s", replace=True)
         except RuntimeError as exc:
             assert "scripted" in str(exc)
         self.executor.failing_starts = 0
