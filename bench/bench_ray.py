@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=1000)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a foreign cluster
     try:
         actor = ray.remote(BareActor).remote()
         bare_call, bare_wait = actor.f.remote, ray.get
