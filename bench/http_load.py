@@ -227,8 +227,10 @@ def main() -> None:
         f"{os.cpu_count()} CPUs; {args.duration} s per point"
     )
     for server in args.servers:
+        before = os.getloadavg()[0]
         results = measure(server, args.concurrency, args.duration, args.granian_threads, args.rounds)
         report(server, results["bare"], results["serve"])
+        print(f"  load average (1 min) {before:.2f} before, {os.getloadavg()[0]:.2f} after")
 
 
 if __name__ == "__main__":

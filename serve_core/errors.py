@@ -120,7 +120,12 @@ class NotDeliveredError(ReplicaDiedError):
 
 
 class BackPressureError(ServeError):
-    """A bounded queue is full; the caller should retry later."""
+    """A bounded queue is full; the caller should retry later.
+
+    ``retry_after_s`` is a hint of when a retry is likely to be admitted (HTTP ``Retry-After``):
+    for a full backend queue, the runtime's estimate of how long the queue takes to drain at
+    its recent service rate (1 to 60 s); 1 s when nothing better is known.
+    """
 
     status_code = 503
 

@@ -32,6 +32,7 @@ from .batching import ExecutionTimes, form_batch
 from .clock import Clock, Timer, wait_for
 from .config import BackendConfig
 from .errors import (
+    BackPressureError,
     DeadlineExceededError,
     NotDeliveredError,
     ReplicaDiedError,
@@ -51,6 +52,25 @@ MAX_REQUEUES = 3
 
 HISTOGRAMS = ("latency_s", "queue_wait_s", "execution_s", "batch_size")
 """Per-backend windowed histograms: arrival to answer, time queued, time of a call, batch sizes."""
+
+RETRY_AFTER_BOUNDS_S = (1.0, 60.0)
+"""Range of the ``retry_after_s`` hint of the ``BackPressureError`` of a full queue."""
+
+SERVICE_WINDOW_S = 10.0
+"""Trailing window of call times over which a backend's service rate is estimated for that hint."""
+
+
+def retry_after_hint(queued: int, in_flight: int, mean_call_s: float) -> float:
+    """Seconds until ``queued`` queries have drained at the backend's recent service rate, bounded.
+
+    The rate is Little's law over the replicas: ``in_flight`` queries held by them, each
+    taking ``mean_call_s`` from dispatch to answer, complete at ``in_flight / mean_call_s``
+    per second. Nothing in flight or no recent call: no rate, the lower bound.
+    """
+    low, high = RETRY_AFTER_BOUNDS_S
+    if in_flight <= 0 or not mean_call_s > 0:
+        return low
+    return min(high, max(low, queued * mean_call_s / in_flight))
 
 
 class Slot:
@@ -192,13 +212,23 @@ class BackendRuntime:
             if self._broken is not None:
                 raise ReplicaDiedError(self._broken)
             query.backend = self.tag
-            self._queue.push(query)
+            try:
+                self._queue.push(query)
+            except BackPressureError as full:
+                full.retry_after_s = self._retry_after()
+                raise
             if not (dispatch and self._idle):
                 if self._config.drop_expired and query.deadline != NO_DEADLINE:
                     self._wake_at(self._queue.earliest_deadline())
                 return
             work, expired = self._take()
         self._run(work, expired)
+
+    def _retry_after(self) -> float:
+        """The ``retry_after_s`` hint of a full queue (under the lock; O(calls in the window))."""
+        calls = self._execution.window(SERVICE_WINDOW_S, self._clock.monotonic())
+        in_flight = sum(len(queries) for slot in self._active for queries in slot.calls.values())
+        return retry_after_hint(len(self._queue), in_flight, float(calls.mean()) if calls.size else 0.0)
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self) -> None:

@@ -38,7 +38,9 @@ class ServeApp:
 
     Args:
         serve: the instance whose endpoints are served.
-        max_body_bytes: largest accepted request body (413 past it).
+        max_body_bytes: largest accepted request body (413 past it, before any of it is read).
+            The standalone server reads it too (``BodyLimited`` in :mod:`.server`) and
+            refuses a larger declared body itself, before calling the app.
         request_timeout_s: how long a request waits for its answer (504 past it; a query
             still queued then is withdrawn); ``None`` waits as long as it takes.
         debug: put tracebacks of failed calls in 500 bodies (never do this in production).

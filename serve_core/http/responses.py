@@ -13,9 +13,11 @@ anything else               JSON (numpy → lists/numbers) ``application/json``
 ==========================  ===========================  ==============================
 
 Errors: a :class:`~serve_core.errors.ServeError` answers with its ``status_code`` and its
-message as plain text (``Allow`` on 405, ``Retry-After`` on 503). Anything else — the
-backend raised, or an internal failure — is a 500 with a short message and an error id
-that is logged with the traceback; the traceback is in the body only in debug mode.
+message as plain text (``Allow`` on 405; ``Retry-After`` on a ``BackPressureError``'s 503:
+its ``retry_after_s`` hint, estimated by the runtime from the queue and the service rate,
+rounded up to whole seconds, at least 1). Anything else — the backend raised, or an
+internal failure — is a 500 with a short message and an error id that is logged with the
+traceback; the traceback is in the body only in debug mode.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """One interface over the two ways the HTTP tests reach the app: Werkzeug's test client
-(in-process) and ``requests`` through a real socket on 127.0.0.1."""
+(in-process) and ``requests`` through a real socket on 127.0.0.1; and a raw socket client
+(:class:`Wire`) for what ``requests`` hides (keep-alive, ``100 Continue``, framing)."""
 
 from __future__ import annotations
 
 import dataclasses
+import socket
 from typing import Any
 
 import requests
@@ -64,3 +66,60 @@ class OverSocket:
         response = requests.request(method, self.base + path, timeout=WAIT, **kwargs)
         headers = {k.lower(): v for k, v in response.headers.items()}
         return Reply(response.status_code, headers, response.content)
+
+
+class Wire:
+    """A raw HTTP/1.x client connection: bytes out, responses read exactly as they are framed.
+
+    Every read waits at most ``WAIT`` seconds (the socket's timeout).
+    """
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock = socket.create_connection(address, timeout=WAIT)
+        self._file = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def head(self) -> tuple[int, dict[str, str]]:
+        """The next status line and headers (a ``100 Continue`` counts as a response of its own)."""
+        status = self._file.readline()
+        if not status:
+            raise ConnectionError("the server closed the connection")
+        headers: dict[str, str] = {}
+        while (line := self._file.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return int(status.split()[1]), headers
+
+    def response(self, head_only: bool = False) -> Reply:
+        """The next response, its body read by ``Content-Length``, chunks, or to the end of the connection."""
+        status, headers = self.head()
+        if head_only or status in (204, 304):
+            body = b""
+        elif "content-length" in headers:
+            body = self._file.read(int(headers["content-length"]))
+        elif headers.get("transfer-encoding") == "chunked":
+            body = self._chunks()
+        else:
+            body = self._file.read()
+        return Reply(status, headers, body)
+
+    def closed_by_server(self) -> bool:
+        """Whether the server closes the connection (waits up to the socket's timeout for it)."""
+        try:
+            return self._file.read(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
+
+    def _chunks(self) -> bytes:
+        parts: list[bytes] = []
+        while size := int(self._file.readline().strip(), 16):
+            parts.append(self._file.read(size))
+            self._file.readline()
+        self._file.readline()  # the blank line after the last chunk
+        return b"".join(parts)

@@ -13,9 +13,13 @@ import pytest
 from werkzeug.wrappers import Request, Response
 
 import serve_core as serve
-from serve_core import BackendConfig, Serve
+from serve_core import BackendConfig, BackPressureError, Serve
+from serve_core.runtime import retry_after_hint
+from serve_core.testing import FakeClock
 
 from ..conftest import WAIT
+from ..scripted import ScriptedExecutor
+from .helpers import InProcess
 
 MakeApp = Callable[..., tuple[Serve, Any]]
 
@@ -334,3 +338,42 @@ def test_split_50_50_over_http(make_app: MakeApp) -> None:
     srv.split("e", {"e:v1": 0.5, "e:v2": 0.5})
     answers = [client.request("GET", "/e").text for _ in range(100)]
     assert 25 <= answers.count("v1") <= 75 and answers.count("v1") + answers.count("v2") == 100
+
+
+@pytest.mark.parametrize(
+    ("queued", "in_flight", "mean_call_s", "expected"),
+    [
+        (4, 1, 0.5, 2.0),  # 4 queued at 2 per second
+        (40, 4, 0.5, 5.0),  # 4 replicas (or slots) serve 8 per second
+        (3, 1, 0.1, 1.0),  # under a second: the lower bound
+        (10_000, 1, 0.5, 60.0),  # the upper bound
+        (10, 0, 0.5, 1.0),  # nothing in flight: no rate
+        (10, 2, 0.0, 1.0),  # no recent call: no rate
+    ],
+)
+def test_retry_after_hint_is_queue_over_service_rate_bounded(
+    queued: int, in_flight: int, mean_call_s: float, expected: float
+) -> None:
+    assert retry_after_hint(queued, in_flight, mean_call_s) == expected
+
+
+def test_full_queue_retry_after_from_queue_length_and_service_rate(make_serve: Callable[..., Serve]) -> None:
+    executor, clock = ScriptedExecutor(), FakeClock()
+    srv = make_serve(executor=executor, clock=clock)
+    _deploy(srv, lambda request: "ok", max_queue_size=4)
+    handle = srv.get_handle("f")
+    (replica,) = executor.started
+    answered = []
+    for _ in range(3):  # three calls of 0.5 s on the fake clock: 2 per second
+        answered.append(handle.remote())
+        clock.advance(0.5)
+        replica.complete()
+    held = [handle.remote() for _ in range(5)]  # one on the replica, four queued: the queue is full
+    with pytest.raises(BackPressureError) as refused:
+        handle.remote()
+    assert refused.value.retry_after_s == 2.0  # 4 queued / (1 in flight / 0.5 s)
+    reply = InProcess(srv).request("GET", "/f")
+    assert (reply.status, reply.headers["retry-after"]) == (503, "2")
+    while replica.held:
+        replica.complete()
+    assert all(future.result(0) == "ok" for future in answered + held)

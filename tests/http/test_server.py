@@ -20,10 +20,10 @@ from werkzeug.wrappers import Request
 import serve_core as serve
 from serve_core import Serve, ServeStateError
 from serve_core.http.request import ServeRequest
+from serve_core.http.server import HTTPServer
 
 from ..conftest import WAIT
 from ..net import port_is_free
-from ..procs import wait_until
 from .helpers import base_url
 
 
@@ -127,23 +127,18 @@ def test_core_does_not_import_werkzeug() -> None:
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=WAIT)
 
 
-def test_connections_past_the_cap_get_503(make_serve: Callable[..., Serve], monkeypatch: pytest.MonkeyPatch) -> None:
-    from serve_core.http import server
-
-    monkeypatch.setattr(server, "MAX_CONNECTIONS", 2)
-    srv = make_serve(start_server=True, http_port=0, blocking=True)
-    host, port = srv.http_address() or ("", 0)
-    assert srv._http is not None
-    connections = srv._http._server._connections
-    # blocking=True probed the server; that connection counts until its thread sees it closed
-    assert wait_until(lambda: not connections, WAIT)
-    idle = [socket.create_connection((host, port), timeout=WAIT) for _ in range(2)]
+def test_connections_past_the_cap_get_503(make_serve: Callable[..., Serve]) -> None:
+    srv = make_serve()
+    server = HTTPServer(srv.wsgi_app(), "127.0.0.1", 0, max_connections=2)
+    idle = [socket.create_connection(server.address, timeout=WAIT) for _ in range(2)]
     try:
         for sock in idle:  # each is served (held by a thread) once it has been answered once
             sock.sendall(b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert sock.recv(1024).startswith(b"HTTP/1.1 200")
-        response = requests.get(f"http://{host}:{port}/-/healthz", timeout=WAIT)
+        assert server.open_connections == 2
+        response = requests.get(f"{server.url}/-/healthz", timeout=WAIT)
         assert response.status_code == 503 and response.headers["Retry-After"] == "1"
     finally:
         for sock in idle:
             sock.close()
+        server.close()
