@@ -9,6 +9,9 @@ Keys of the registry namespace (values are JSON)::
     config/<tag>      BackendConfig.to_dict()
     traffic/<name>    {"<backend tag>": weight, ...}
     instance/<id>     {"host", "pid", "http", "executor", "started", "last_seen", "revision", "backends"}
+    deployed/traffic/<name>, deployed/config/<tag>
+                      what a deployment file last set (Serve.keep_store_state): a stored value
+                      that differs from it was changed at runtime since
 
 Every registry change is validated against a :class:`Snapshot` of the store, then committed
 with :meth:`RegistryStore.commit`, a compare-and-set on ``meta/revision``: if another writer
@@ -39,7 +42,8 @@ log = logging.getLogger("serve_core")
 
 REVISION = "meta/revision"
 ENDPOINT, BACKEND, CONFIG, TRAFFIC, INSTANCE = "endpoint/", "backend/", "config/", "traffic/", "instance/"
-_GROUPS = (ENDPOINT, BACKEND, CONFIG, TRAFFIC, INSTANCE)
+DEPLOYED = "deployed/"
+_GROUPS = (ENDPOINT, BACKEND, CONFIG, TRAFFIC, INSTANCE, DEPLOYED)
 
 
 @dataclasses.dataclass
@@ -76,6 +80,10 @@ class Snapshot:
 
     def group(self, prefix: str) -> dict[str, Any]:
         return self.records.get(prefix, {})
+
+    def deployed(self, kind_prefix: str, name: str) -> Any:
+        """What a deployment file last set for ``TRAFFIC``/``CONFIG`` ``name`` (``None``: never)."""
+        return self.group(DEPLOYED).get(kind_prefix + name)
 
     def registry(self, where: str) -> tuple[Registry, dict[str, str]]:
         """The registry these records describe, and store key → why a record was left out."""
@@ -230,12 +238,20 @@ def endpoint_items(info: EndpointInfo) -> dict[str, Any]:
     return {ENDPOINT + info.name: {"route": info.route, "methods": list(info.methods)}}
 
 
-def config_items(tag: str, config: BackendConfig) -> dict[str, Any]:
-    return {CONFIG + tag: config.to_dict()}
+def config_items(tag: str, config: BackendConfig, deployed: bool = False) -> dict[str, Any]:
+    """The keys of a config change (``deployed``: made by a deployment file, marked as such)."""
+    items: dict[str, Any] = {CONFIG + tag: config.to_dict()}
+    if deployed:
+        items[DEPLOYED + CONFIG + tag] = config.to_dict()
+    return items
 
 
-def traffic_items(endpoint: str, weights: dict[str, float]) -> dict[str, Any]:
-    return {TRAFFIC + endpoint: dict(weights)}
+def traffic_items(endpoint: str, weights: dict[str, float], deployed: bool = False) -> dict[str, Any]:
+    """The keys of a traffic change (``deployed``: made by a deployment file, marked as such)."""
+    items: dict[str, Any] = {TRAFFIC + endpoint: dict(weights)}
+    if deployed:
+        items[DEPLOYED + TRAFFIC + endpoint] = dict(weights)
+    return items
 
 
 def open_registry_store(kv_store_path: Any, kv_store_connector: Callable[[str], Any] | None) -> RegistryStore:

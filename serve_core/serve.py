@@ -39,6 +39,7 @@ from .handle import ServeHandle
 from .metrics import check_stat_args
 from .persistence import (
     BACKEND,
+    CONFIG,
     INSTANCE,
     TRAFFIC,
     RestoreReport,
@@ -514,7 +515,7 @@ class Serve:
             self._notes.append(text)
 
     # ------------------------------------------------------------ changes
-    def _change(self, plan: Callable[[Registry], dict[str, Any] | None]) -> None:
+    def _change(self, plan: Callable[[Registry, Snapshot], dict[str, Any] | None]) -> None:
         """Validate a change against the store's registry and commit it, then converge.
 
         ``plan`` returns the keys to write, or ``None`` for a no-op; it is asked again
@@ -522,7 +523,7 @@ class Serve:
         """
         for _ in range(COMMIT_ATTEMPTS):
             snapshot = self._store.load()
-            items = plan(snapshot.registry(self._store.description)[0])
+            items = plan(snapshot.registry(self._store.description)[0], snapshot)
             if not items:
                 self._converge(snapshot)
                 return
@@ -541,7 +542,7 @@ class Serve:
             ValidationError: bad name, route or method. ConflictError: name or route taken.
         """
 
-        def plan(registry: Registry) -> dict[str, Any] | None:
+        def plan(registry: Registry, snapshot: Snapshot) -> dict[str, Any] | None:
             info = registry.check_endpoint(endpoint_name, route, methods)
             return None if info is None else endpoint_items(info)
 
@@ -689,7 +690,13 @@ class Serve:
                 snapshot = self._store.load()
                 registry = snapshot.registry(self._store.description)[0]
                 config = registry.check_config(registry.backend(backend_tag), backend_config)
-                if self._keeping_store and backend_tag not in self._changed_here:
+                stored = registry.configs[backend_tag]
+                if (
+                    self._keeping_store
+                    and backend_tag not in self._changed_here
+                    and stored != config
+                    and snapshot.deployed(CONFIG, backend_tag) != stored.to_dict()  # changed at runtime since
+                ):
                     self._note(f"backend {backend_tag!r}: kept the stored config instead of the file's")
                     self._converge(snapshot)
                     return
@@ -701,7 +708,8 @@ class Serve:
                     self._converge(snapshot)
                     return
                 try:
-                    committed = self._store.commit(snapshot.revision, config_items(backend_tag, config))
+                    items = config_items(backend_tag, config, deployed=self._keeping_store)
+                    committed = self._store.commit(snapshot.revision, items)
                 except BaseException:
                     if runtime is not None and old is not None:
                         runtime.reconfigure(old)
@@ -731,15 +739,18 @@ class Serve:
     def split(self, endpoint_name: str, traffic_policy_dictionary: dict[str, float]) -> None:
         """Split the endpoint's traffic by weight, on every instance; invalid input changes nothing."""
 
-        def plan(registry: Registry) -> dict[str, Any] | None:
+        def plan(registry: Registry, snapshot: Snapshot) -> dict[str, Any] | None:
             weights = registry.check_split(endpoint_name, traffic_policy_dictionary)
             stored = registry.traffic.get(endpoint_name)
             if stored == weights:
                 return None
             if self._keeping_store and stored is not None and not self._changed_here.intersection(weights):
-                self._note(f"endpoint {endpoint_name!r}: kept the stored traffic {stored} (the file asks {weights})")
-                return None
-            return traffic_items(endpoint_name, weights)
+                if snapshot.deployed(TRAFFIC, endpoint_name) != stored:  # changed at runtime since
+                    self._note(
+                        f"endpoint {endpoint_name!r}: kept the stored traffic {stored} (the file asks {weights})"
+                    )
+                    return None
+            return traffic_items(endpoint_name, weights, deployed=self._keeping_store)
 
         with self._admin:
             self._check_running()

@@ -6,8 +6,13 @@ import socket
 
 
 def port_is_free(port: int) -> bool:
-    """Whether nothing listens on ``127.0.0.1:port`` (a bind succeeds)."""
+    """Whether nothing listens on ``127.0.0.1:port`` (a bind succeeds).
+
+    With ``SO_REUSEADDR``, as servers bind: connections the server closed (kept-alive ones it
+    ended) linger in TIME_WAIT on that port, which only a listener should count as taking it.
+    """
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -203,3 +203,26 @@ def test_the_module_pattern_restarts_with_its_scaled_config(tmp_path: Path) -> N
 
     state = json.loads(done.stdout)
     assert state == {"failed": {}, "deferred": ["hello:v1"], "replicas": 3, "num_replicas": 3, "answer": "hello"}
+
+
+def test_a_file_run_again_replays_its_own_steps_but_keeps_runtime_changes(shared: Callable[..., Serve]) -> None:
+    """The file links, then splits: run again, it does the same, unless traffic was changed in between."""
+    one = shared()
+
+    def deployment_file() -> list[str]:
+        with one.keep_store_state() as notes:
+            one.create_endpoint("api")
+            one.create_backend(echo, "echo:v1")
+            one.link("api", "echo:v1")
+            seen.append(one.get_traffic_policy("api"))
+            one.create_backend(make_shout("!"), "shout:v1")
+            one.split("api", {"echo:v1": 0.5, "shout:v1": 0.5})
+        return notes
+
+    seen: list[dict[str, float]] = []
+    assert deployment_file() == []
+    assert deployment_file() == []  # nothing changed since: its steps replay as the first time
+    assert seen == [{"echo:v1": 1.0}, {"echo:v1": 1.0}]
+    one.split("api", {"shout:v1": 1.0})  # at runtime
+    notes = deployment_file()
+    assert one.get_traffic_policy("api") == {"shout:v1": 1.0} and len(notes) == 2
