@@ -6,6 +6,8 @@
    process executor and on the thread executor (the GIL serialises the latter), next
    to a bare ``ProcessPoolExecutor`` with 1 and 2 workers: the speedup the machine
    itself gives at that moment (other load on a shared machine lowers all of them).
+3. How long ``start_replica`` takes: the first one of an executor (which also starts
+   its fork server) and the next ones (a fork), and with ``start_method="spawn"``.
 
 Run ``PYTHONPATH=. python bench/bench_process.py`` (or ``python -m pytest
 bench/test_bench_process.py -s``). Targets: 2 process replicas >= 1.6x the
@@ -15,10 +17,13 @@ throughput of 1 on a 2-core machine; the no-op round trip within 2x of the bare 
 from __future__ import annotations
 
 import concurrent.futures
+import statistics
 import time
 from typing import Any
 
 from serve_core import BackendConfig, Serve
+from serve_core.executors.base import ReplicaSpec
+from serve_core.executors.process import ProcessExecutor
 
 ROUND_TRIPS = 2000
 REPEATS = 5
@@ -116,6 +121,25 @@ def bare_pool_throughput() -> dict[int, float]:
     return best
 
 
+def replica_starts(start_method: str, count: int = REPEATS + 1) -> list[float]:
+    """Seconds per ``start_replica`` of a fresh executor, one after the other."""
+
+    def nothing() -> None:
+        return None
+
+    executor = ProcessExecutor(start_method=start_method)
+    seconds = []
+    try:
+        for i in range(count):
+            start = time.perf_counter()
+            replica = executor.start_replica(ReplicaSpec("start", f"start#{i}", nothing, (), BackendConfig()))
+            seconds.append(time.perf_counter() - start)
+            replica.stop(10)
+    finally:
+        executor.shutdown()
+    return seconds
+
+
 def run() -> dict[str, float]:
     """Measure everything; returns raw numbers and the ratios."""
     out: dict[str, float] = {
@@ -127,6 +151,10 @@ def run() -> dict[str, float]:
             out[f"{executor}_{replicas}_replicas_calls_per_s"] = calls_per_s
     for workers, calls_per_s in bare_pool_throughput().items():
         out[f"bare_pool_{workers}_workers_calls_per_s"] = calls_per_s
+    first, *rest = replica_starts("forkserver")
+    out["forkserver_first_replica_start_ms"] = first * 1e3
+    out["forkserver_next_replica_start_ms"] = statistics.median(rest) * 1e3
+    out["spawn_replica_start_ms"] = statistics.median(replica_starts("spawn")) * 1e3
     out["round_trip_ratio_handle_vs_bare_pool"] = out["handle_round_trip_us"] / out["bare_pool_round_trip_us"]
     for executor in ("process", "thread"):
         one, two = (out[f"{executor}_{n}_replicas_calls_per_s"] for n in (1, 2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench_process import report, run
+from bench.bench_process import report, run
 
 
 def test_process_executor_ratios(benchmark: Any) -> None:

@@ -1,9 +1,10 @@
 """What crosses the pipe between the process executor and its worker processes.
 
 Both sides import this module. Messages are small named dataclasses pickled with
-:mod:`pickle` first (fast) and :mod:`cloudpickle` as a fallback (objects defined in
-``__main__``, closures, classes defined inside functions). Exceptions travel wrapped
-so that they keep their type and gain the worker's traceback as ``__cause__``, the
+:mod:`pickle` first (fast) and :mod:`cloudpickle` as a fallback (closures, classes
+defined inside functions, and whatever the standard pickler would name as ``__main__.x``:
+workers never run the user's script, so those are sent by value). Exceptions travel
+wrapped so that they keep their type and gain the worker's traceback as ``__cause__``, the
 way ``concurrent.futures.ProcessPoolExecutor`` does it.
 
 Web requests travel as they are: the HTTP front's ``ServeRequest`` pickles itself to a
@@ -21,9 +22,17 @@ import cloudpickle
 
 @dataclasses.dataclass(frozen=True)
 class WorkerBoot:
-    """How a worker builds its backend: the cloudpickled ``(target, init_args)``."""
+    """The first message to a worker: set itself up like its parent, then build the backend.
 
-    payload: bytes
+    What multiprocessing's ``spawn`` copies from the parent, except the main module.
+    """
+
+    payload: bytes  # the cloudpickled (target, init_args)
+    name: str  # multiprocessing.current_process().name, e.g. "serve-replica-b#1"
+    sys_path: tuple[str, ...]  # what the backend refers to by module name is imported from there
+    cwd: str
+    argv: tuple[str, ...]
+    authkey: bytes  # multiprocessing's: proxies of the parent's managers connect from the worker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +57,17 @@ class Stop:
 def dumps(obj: Any) -> bytes:
     """Pickle with the standard pickler, falling back to cloudpickle.
 
+    A pickle that names ``__main__`` (a class or function of the parent's script, by
+    reference) is made again with cloudpickle, which sends those by value. A false alarm
+    (the text ``__main__`` in the data) only costs the slower pickler.
+
     Raises:
         Exception: whatever cloudpickle raised when neither could pickle ``obj``.
     """
     try:
-        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
     except Exception:  # noqa: BLE001 - retry with the pickler that handles more
         return cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    if b"__main__" in data:
+        return cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    return data

@@ -1,11 +1,14 @@
 """The process executor: one long-lived worker process per replica, on this machine.
 
 For CPU-bound pure-Python backends, which the GIL serialises on the thread executor.
-Each replica is a worker process started with ``forkserver`` (or ``spawn``; never a
-plain ``fork`` of a threaded parent). The worker unpickles the backend (function, or
-class and init args, shipped with cloudpickle), builds it once, and runs calls sent
-over a pipe (see :mod:`._worker`). In the parent, one reader thread per replica reads
-the answers and resolves the futures: no thread per request.
+A worker is an interpreter that imports serve_core and never the user's main script
+(see :mod:`._worker`), so a script needs no ``if __name__ == "__main__":`` guard. By
+default the workers fork from the executor's own fork server, a clean interpreter started
+once with ``python -m serve_core.executors._worker`` (a replica starts in milliseconds);
+``start_method="spawn"`` starts a fresh interpreter per worker. The worker unpickles the
+backend (function, or class and init args, shipped with cloudpickle), builds it once, and
+runs calls sent over a pipe. In the parent, one reader thread per replica reads the
+answers and resolves the futures: no thread per request.
 
 Faults: a worker that dies (signal, ``os._exit``, segfault) fails the calls it held
 with :class:`~serve_core.errors.ReplicaDiedError` naming the exit code or signal; the
@@ -20,15 +23,17 @@ import collections
 import enum
 import logging
 import multiprocessing
+import os
 import pickle
 import signal
+import subprocess
+import sys
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
-from multiprocessing.connection import wait
-from multiprocessing.context import BaseContext
-from multiprocessing.util import Finalize
-from typing import Any
+from multiprocessing.connection import Connection, wait
+from typing import Any, Protocol
 
 import cloudpickle
 
@@ -51,6 +56,21 @@ _SIGNAL_HINTS = {
 }
 
 
+class _Worker(Protocol):
+    """A worker process as the replica sees it: ``subprocess.Popen``'s interface."""
+
+    pid: int
+    returncode: int | None
+
+    def wait(self, timeout: float | None = None) -> int | None: ...
+
+    def kill(self) -> None: ...
+
+
+Launch = Callable[[Connection, Connection], _Worker]
+"""Starts a worker process on the child ends of its two pipes."""
+
+
 class _State(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
@@ -62,28 +82,28 @@ class ProcessReplica:
 
     default_max_concurrent_queries = 1  # the original's rule: every waiting query stays in the EDF queue
 
-    def __init__(self, spec: ReplicaSpec, context: BaseContext, start_timeout_s: float) -> None:
+    def __init__(self, spec: ReplicaSpec, launch: Launch, start_timeout_s: float) -> None:
         self.replica_id = spec.replica_id
         self._start_timeout = start_timeout_s
-        boot = WorkerBoot(_pickle_backend(spec))
-        self._conn, child_conn = context.Pipe()
-        alive_r, alive_w = context.Pipe(duplex=False)
-        self._process: Any = context.Process(  # type: ignore[attr-defined]
-            target=_worker.worker_main,
-            args=(child_conn, alive_r, boot),
-            name=f"serve-replica-{spec.replica_id}",
-        )
-        self._process.start()
-        child_conn.close()
-        alive_r.close()
-        # Closing alive_w tells the worker to exit; at interpreter exit this runs
-        # before multiprocessing joins its children, so nothing waits on a worker.
-        self._release_worker = Finalize(self, alive_w.close, exitpriority=10)
+        boot = _boot(spec)
+        self._conn, child_conn = multiprocessing.Pipe()
+        alive_r, alive_w = multiprocessing.Pipe(duplex=False)
+        try:
+            self._process = launch(child_conn, alive_r)
+        except BaseException:
+            self._conn.close()
+            alive_w.close()
+            raise
+        finally:
+            child_conn.close()
+            alive_r.close()
+        # Closing alive_w tells the worker to exit: at stop, or when this object is dropped.
+        self._release_worker = weakref.finalize(self, alive_w.close)
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()  # keeps sends in the order of _inflight
         self._inflight: collections.deque[tuple[Future[list[Outcome]], int]] = collections.deque()
         self._state = _State.RUNNING
-        self.pid: int = self._await_ready()
+        self.pid: int = self._await_ready(boot)
         self._reader = threading.Thread(
             target=self._read_loop, name=f"serve-replica-{spec.replica_id}-reader", daemon=True
         )
@@ -94,8 +114,9 @@ class ProcessReplica:
         return self._state is _State.RUNNING
 
     # ------------------------------------------------------------- start-up
-    def _await_ready(self) -> int:
+    def _await_ready(self, boot: bytes) -> int:
         try:
+            self._send_boot(boot)
             message = self._first_message()
         except BaseException:  # e.g. KeyboardInterrupt while the constructor runs
             self._process.kill()
@@ -114,13 +135,19 @@ class ProcessReplica:
                 "(a constructor that hangs?); its worker was killed"
             )
         raise ReplicaDiedError(
-            _describe_exit(self.replica_id, self._process.pid, self._process.exitcode)
-            + " before its backend was built (a script that starts serve_core must guard its "
-            "entry point with `if __name__ == '__main__':`, as any multiprocessing program)"
+            _describe_exit(self.replica_id, self._process.pid, self._process.returncode)
+            + " before its backend was built (its standard error may say why)"
         )
 
+    def _send_boot(self, boot: bytes) -> None:
+        try:
+            self._conn.send_bytes(boot)
+        except OSError:
+            pass  # the worker is gone already: _first_message sees the end of the pipe
+
     def _first_message(self) -> Any:
-        if not wait([self._conn, self._process.sentinel], self._start_timeout):
+        # The worker holds the only other end of the pipe (not inheritable): its exit ends the wait.
+        if not wait([self._conn], self._start_timeout):
             return _TIMED_OUT
         try:
             return pickle.loads(self._conn.recv_bytes())
@@ -131,12 +158,17 @@ class ProcessReplica:
 
     def _abort(self) -> None:
         self._state = _State.DEAD
-        self._process.join(EXIT_GRACE_S)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
+        self._reap()
         self._release_worker()
         self._conn.close()
+
+    def _reap(self) -> None:
+        """Wait for the worker that closed its pipe to exit; kill it when it lingers."""
+        try:
+            self._process.wait(EXIT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
 
     # ---------------------------------------------------------------- calls
     def submit(self, call: Call) -> Future[list[Outcome]]:
@@ -196,10 +228,7 @@ class ProcessReplica:
         future.set_result(message)
 
     def _on_worker_exit(self) -> None:
-        self._process.join(EXIT_GRACE_S)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
+        self._reap()
         with self._lock:
             expected = self._state is _State.STOPPING
             self._state = _State.DEAD
@@ -208,7 +237,7 @@ class ProcessReplica:
         self._conn.close()
         if not lost:
             return
-        message = _describe_exit(self.replica_id, self._process.pid, self._process.exitcode)
+        message = _describe_exit(self.replica_id, self._process.pid, self._process.returncode)
         if expected:
             message += " (it was being stopped and did not drain in time)"
         else:
@@ -248,8 +277,9 @@ class ProcessExecutor:
     """Starts one worker process per replica.
 
     Args:
-        start_method: ``"forkserver"`` (default where available: fast starts, the
-            server preloads serve_core) or ``"spawn"``.
+        start_method: ``"forkserver"`` (default: workers fork from a clean interpreter
+            that imported serve_core once, so replicas start fast) or ``"spawn"`` (a fresh
+            interpreter per worker). Neither runs the user's main script.
         start_timeout_s: how long a worker may take to build its backend before it is
             killed and ``start_replica`` fails.
     """
@@ -260,19 +290,16 @@ class ProcessExecutor:
     def __init__(
         self, start_method: str | None = None, start_timeout_s: float = DEFAULT_START_TIMEOUT_S
     ) -> None:
-        self._start_timeout = start_timeout_s
-        available = multiprocessing.get_all_start_methods()
+        _worker.refuse_while_loading()
+        available = START_METHODS if hasattr(os, "fork") else ("spawn",)
         if start_method is None:
-            start_method = "forkserver" if "forkserver" in available else "spawn"
-        if start_method not in START_METHODS or start_method not in available:
-            raise ValidationError(
-                f"start_method must be one of {[m for m in START_METHODS if m in available]}, "
-                f"got {start_method!r}"
-            )
-        self._context = multiprocessing.get_context(start_method)
-        if start_method == "forkserver":
-            # Workers fork from a server that already imported serve_core (once per process).
-            self._context.set_forkserver_preload([_worker.__name__])
+            start_method = available[0]
+        if start_method not in available:
+            raise ValidationError(f"start_method must be one of {list(available)}, got {start_method!r}")
+        self._start_method = start_method
+        self._start_timeout = start_timeout_s
+        self._fork_server: _worker.ForkServer | None = None  # started with the first replica
+        self._lock = threading.Lock()
         self._replicas: weakref.WeakSet[ProcessReplica] = weakref.WeakSet()
 
     def start_replica(self, spec: ReplicaSpec) -> ProcessReplica:
@@ -282,30 +309,56 @@ class ProcessExecutor:
             ServeTypeError: the backend cannot be pickled.
             Exception: the error the backend's constructor raised (its type is kept).
         """
-        replica = ProcessReplica(spec, self._context, self._start_timeout)
+        replica = ProcessReplica(spec, self._launch, self._start_timeout)
         self._replicas.add(replica)
         return replica
 
     def shutdown(self) -> None:
-        """Stop replicas nobody stopped (normally none are left)."""
+        """Stop replicas nobody stopped (normally none are left), then the fork server."""
         for replica in list(self._replicas):
             replica.stop(0)
+        with self._lock:
+            server, self._fork_server = self._fork_server, None
+        if server is not None:
+            server.close()
+
+    def _launch(self, conn: Connection, alive: Connection) -> _Worker:
+        if self._start_method == "spawn":
+            return _worker.spawn_worker(conn, alive)
+        with self._lock:
+            if self._fork_server is None or self._fork_server.poll() is not None:
+                if self._fork_server is not None:
+                    log.warning("the fork server of the process executor died; starting a new one")
+                    self._fork_server.close()
+                self._fork_server = _worker.ForkServer()
+            server = self._fork_server
+        return server.fork(conn, alive, self._start_timeout)
 
 
-def _pickle_backend(spec: ReplicaSpec) -> bytes:
+def _boot(spec: ReplicaSpec) -> bytes:
     try:
-        return cloudpickle.dumps((spec.target, spec.init_args), pickle.HIGHEST_PROTOCOL)
+        payload = cloudpickle.dumps((spec.target, spec.init_args), pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # noqa: BLE001
         raise ServeTypeError(
             f"backend {spec.backend_tag!r} cannot be sent to a worker process: {type(exc).__name__}: "
             f"{exc}; the process executor needs a backend and init args that cloudpickle can pickle"
         ) from exc
+    process = multiprocessing.current_process()
+    boot = WorkerBoot(
+        payload=payload,
+        name=f"serve-replica-{spec.replica_id}",
+        sys_path=tuple(p for p in sys.path if isinstance(p, str)),
+        cwd=os.getcwd(),
+        argv=tuple(sys.argv),
+        authkey=bytes(process.authkey),
+    )
+    return pickle.dumps(boot, pickle.HIGHEST_PROTOCOL)
 
 
 def _describe_exit(replica_id: str, pid: int | None, exitcode: int | None) -> str:
     head = f"the worker process (pid {pid}) of replica {replica_id}"
     if exitcode is None:
-        return f"{head} closed its pipe without exiting"
+        return f"{head} exited; its exit code is unknown (the executor's fork server died first)"
     if exitcode >= 0:
         return f"{head} exited unexpectedly with code {exitcode}"
     try:

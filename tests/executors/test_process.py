@@ -162,6 +162,11 @@ def test_replica_killed_from_outside_mid_call(psrv: Serve, tmp_path: Path) -> No
 
 
 def test_constructor_error_raises_and_leaves_no_process(psrv: Serve) -> None:
+    class Working:
+        def __call__(self) -> str:
+            return "ok"
+
+    handle = _serve_backend(psrv, Working)  # the executor's fork server now runs: not a leftover
     before = descendants()
 
     class ConstructorError(Exception):
@@ -179,12 +184,7 @@ def test_constructor_error_raises_and_leaves_no_process(psrv: Serve) -> None:
     assert isinstance(info.value.__cause__, RemoteTraceback)
     assert "in __init__" in str(info.value.__cause__)
     assert descendants() - before == set()
-
-    class Working:
-        def __call__(self) -> str:
-            return "ok"
-
-    assert _serve_backend(psrv, Working).remote().result(WAIT) == "ok"
+    assert handle.remote().result(WAIT) == "ok"
 
 
 def test_unpicklable_return_value(psrv: Serve) -> None:
@@ -347,6 +347,138 @@ def test_parent_exiting_without_shutdown_leaves_no_worker(tmp_path: Path) -> Non
     assert proc.wait(WAIT) == 0
     proc.communicate(timeout=WAIT)
     assert wait_until(lambda: not any(map(is_running, pids)), WAIT), "orphaned workers"
+
+
+_UNGUARDED_SCRIPT = """
+import sys
+
+import serve_core as serve
+from serve_core.executors.process import ProcessExecutor
+
+
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+
+def add(flask_request, p=None, fail=False):
+    if fail:
+        raise ValueError("no such point")
+    return Point(p.x + p.y, 0)
+
+
+serve.init(executor=ProcessExecutor(start_method=sys.argv[1]), start_server=False)
+serve.create_endpoint("add")
+serve.create_backend(add, "add:v1")
+serve.link("add", "add:v1")
+handle = serve.get_handle("add")
+result = handle.remote(p=Point(2, 3)).result(10)
+print(type(result) is Point, result.x)
+error = handle.remote(fail=True).exception(10)
+print(repr(error))
+print(error.__cause__)
+serve.shutdown()
+"""
+
+
+def _run_script(tmp_path: Path, name: str, source: str, *args: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / name
+    script.write_text(textwrap.dedent(source))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=WAIT * 3
+    )
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_a_script_needs_no_main_guard(tmp_path: Path, start_method: str) -> None:
+    done = _run_script(tmp_path, "unguarded.py", _UNGUARDED_SCRIPT, start_method)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stdout.splitlines()
+    # A class of the script crosses both ways by value and comes back as itself.
+    assert lines[:2] == ["True 5", "ValueError('no such point')"]
+    line = _UNGUARDED_SCRIPT.splitlines().index('        raise ValueError("no such point")') + 1
+    assert f'File "{tmp_path / "unguarded.py"}", line {line}, in add' in done.stdout
+    assert 'raise ValueError("no such point")' in done.stdout
+
+
+def test_worker_traceback_names_the_users_file_and_line(psrv: Serve) -> None:
+    def fails(flask_request: Any) -> None:
+        raise LookupError("not here")
+
+    error = _serve_backend(psrv, fails).remote().exception(WAIT)
+    assert isinstance(error, LookupError)
+    text = str(error.__cause__)
+    line = fails.__code__.co_firstlineno + 1
+    assert f'File "{__file__}", line {line}, in fails' in text
+    assert 'raise LookupError("not here")' in text  # the source line: the worker read the file
+    assert "<dynamic-code>" not in text
+
+
+_IMPORTED_MODULE = """
+import serve_core as serve
+
+
+def hello(flask_request):
+    return "hello"
+
+
+serve.init(executor="process", start_server=False)
+serve.create_endpoint("hello")
+serve.create_backend(hello, "hello:v1")
+"""
+
+
+def test_a_module_starting_serve_when_imported_fails_in_one_paragraph(tmp_path: Path) -> None:
+    # The backend lives in an importable module, so it travels by reference: the worker
+    # imports the module, whose top level would start workers of its own.
+    (tmp_path / "appmod.py").write_text(textwrap.dedent(_IMPORTED_MODULE))
+    done = _run_script(tmp_path, "main.py", """
+        import sys
+        from serve_core.errors import ServeStateError
+        try:
+            import appmod
+        except ServeStateError as exc:
+            print(exc, file=sys.stderr)
+            sys.exit(1)
+    """)
+    assert done.returncode == 1, done.stdout + done.stderr
+    line = _IMPORTED_MODULE.splitlines().index('serve.init(executor="process", start_server=False)') + 1
+    assert done.stderr.startswith(f"{tmp_path / 'appmod.py'}, line {line} starts serve_core's process executor")
+    assert "__main__" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert "Traceback" not in done.stderr
+
+
+def _fork_servers() -> list[int]:
+    """This process's fork servers (the workers they fork share their command line, not their parent)."""
+    servers = []
+    for pid in descendants():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()  # "pid (comm) state ppid ..."
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # it exited meanwhile
+        if int(stat.rpartition(")")[2].split()[1]) == os.getpid() and b"fork-server" in cmdline:
+            servers.append(pid)
+    return servers
+
+
+def test_a_dead_fork_server_is_replaced(psrv: Serve) -> None:
+    def pid() -> int:
+        return os.getpid()
+
+    handle = _serve_backend(psrv, pid)
+    worker = handle.remote().result(WAIT)
+    (server,) = _fork_servers()
+    os.kill(server, signal.SIGKILL)
+    assert wait_until(lambda: not is_running(server), WAIT)
+    assert handle.remote().result(WAIT) == worker  # its workers do not depend on it
+    config = psrv.get_backend_config("b")
+    config.num_replicas = 2
+    psrv.set_backend_config("b", config)
+    assert wait_until(lambda: len(_pids(handle, 10)) == 2, WAIT)
+    assert len(_fork_servers()) == 1
 
 
 def test_workers_do_not_import_the_tests(psrv: Serve) -> None:
