@@ -324,3 +324,25 @@ def test_user_errors_are_one_line_without_a_traceback(app_file: Path, tmp_path: 
     (line,) = err.strip().splitlines()
     assert line.startswith(f"serve-core: cannot serve HTTP on 127.0.0.1:{port}") and "--port" in line
     assert "http_port" not in line
+
+
+@pytest.mark.parametrize(
+    ("store", "says"),
+    [
+        ("mysql+pymysql://user@127.0.0.1/db", "driver"),  # a driver that is not installed
+        ("notadialect://x/y", "KV store"),  # a URL SQLAlchemy cannot use
+        (f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test", "cannot"),  # nothing listens there
+    ],
+)
+def test_store_errors_are_one_line_and_a_traceback_only_with_debug(
+    app_file: Path, tmp_path: Path, store: str, says: str
+) -> None:
+    for command in (["run", str(app_file), "--port", "0", "--kv-store", store], ["status", "--kv-store", store]):
+        proc = _cli(*command, cwd=tmp_path)
+        _, err = proc.communicate(timeout=3 * WAIT)
+        assert proc.returncode == 1, err
+        (line,) = err.strip().splitlines()
+        assert line.startswith("serve-core: ") and says in line and "Traceback" not in err
+        debug = _cli(*command, "--debug", cwd=tmp_path)
+        _, err = debug.communicate(timeout=3 * WAIT)
+        assert debug.returncode == 1 and "Traceback" in err
