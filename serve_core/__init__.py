@@ -30,7 +30,7 @@ from .api import (
     stat,
     wsgi_app,
 )
-from .config import BackendConfig
+from .config import AutoscalingConfig, BackendConfig
 from .context import context
 from .errors import (
     BackPressureError,
@@ -57,6 +57,7 @@ from .serve import Serve
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoscalingConfig",
     "BackPressureError",
     "BackendConfig",
     "BatchAnnotationError",

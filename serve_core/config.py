@@ -1,4 +1,4 @@
-"""Validated configuration objects: :class:`BackendConfig`.
+"""Validated configuration objects: :class:`BackendConfig` and :class:`AutoscalingConfig`.
 
 ``BackendConfig`` is keyword-only and validated on construction *and* on attribute
 assignment, because the original API edits a fetched config in place
@@ -60,6 +60,62 @@ def _boolean(name: str, value: Any) -> None:
         raise ServeTypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
+def _positive_number(name: str, value: Any) -> None:
+    _non_negative_number(name, value, allow_none=False)
+    if value == 0:
+        raise ValidationError(f"{name} must be > 0, got {value}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AutoscalingConfig:
+    """How many replicas a backend runs, chosen from its load (``BackendConfig(autoscaling=...)``).
+
+    Every :data:`serve_core.autoscale.DECISION_PERIOD_S` the desired count is
+    ``ceil((queued + in flight) / target_ongoing_requests)``, clamped to
+    ``[min_replicas, max_replicas]``; the replica count changes to it only once it has
+    wanted more for ``upscale_delay_s`` (or fewer for ``downscale_delay_s``) without a break.
+    Removed replicas drain, as with ``num_replicas``. The defaults are Ray Serve's.
+
+    Args:
+        min_replicas: the fewest replicas (>= 1; the count it starts with).
+        max_replicas: the most replicas (>= ``min_replicas``).
+        target_ongoing_requests: calls queued or running per replica to aim for (> 0).
+        upscale_delay_s, downscale_delay_s: how long the wish must hold before acting (>= 0).
+    """
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        _positive_int("min_replicas", self.min_replicas)
+        _positive_int("max_replicas", self.max_replicas)
+        _positive_number("target_ongoing_requests", self.target_ongoing_requests)
+        _non_negative_number("upscale_delay_s", self.upscale_delay_s, allow_none=False)
+        _non_negative_number("downscale_delay_s", self.downscale_delay_s, allow_none=False)
+        if self.max_replicas < self.min_replicas:
+            raise ValidationError(
+                f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AutoscalingConfig:
+        unknown = set(data) - {field.name for field in dataclasses.fields(cls)}
+        if unknown:
+            raise ServeTypeError(f"unknown AutoscalingConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+def _autoscaling(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, AutoscalingConfig):
+        raise ServeTypeError(f"{name} must be an AutoscalingConfig or None, got {type(value).__name__}")
+
+
 _VALIDATORS: dict[str, Callable[[str, Any], None]] = {
     "num_replicas": _positive_int,
     "max_batch_size": lambda n, v: _positive_int(n, v, allow_none=True),
@@ -73,7 +129,13 @@ _VALIDATORS: dict[str, Callable[[str, Any], None]] = {
     "memory": _non_negative_number,
     "object_store_memory": _non_negative_number,
     "resources": _resources,
+    "autoscaling": _autoscaling,
+    "health_check_period_s": _positive_number,
+    "health_check_timeout_s": _positive_number,
 }
+
+DEFAULT_HEALTH_CHECK_PERIOD_S = 10.0
+DEFAULT_HEALTH_CHECK_TIMEOUT_S = 30.0
 
 
 @dataclasses.dataclass(kw_only=True, eq=True)
@@ -100,6 +162,12 @@ class BackendConfig:
         executor: executor name for this backend; ``None`` uses the instance default.
         num_cpus, num_gpus, memory, object_store_memory, resources: placement
             hints for executors that place replicas (Ray).
+        autoscaling: choose the replica count from the load (:class:`AutoscalingConfig`);
+            exclusive with ``num_replicas`` (leave it at its default, 1).
+        health_check_period_s: how often a class backend's ``check_health()`` runs on each
+            replica (> 0).
+        health_check_timeout_s: how long one check may take before the replica counts as
+            unhealthy (> 0).
     """
 
     num_replicas: int = 1
@@ -114,6 +182,29 @@ class BackendConfig:
     memory: float | None = None
     object_store_memory: float | None = None
     resources: dict[str, float] | None = None
+    autoscaling: AutoscalingConfig | None = None
+    health_check_period_s: float = DEFAULT_HEALTH_CHECK_PERIOD_S
+    health_check_timeout_s: float = DEFAULT_HEALTH_CHECK_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Validate what involves several fields (assignment checks each field alone).
+
+        Raises:
+            ValidationError: ``num_replicas`` set beside ``autoscaling``.
+        """
+        if self.autoscaling is not None and self.num_replicas != 1:
+            raise ValidationError(
+                f"num_replicas={self.num_replicas} and autoscaling are mutually exclusive: leave num_replicas "
+                "at its default (the autoscaler chooses between min_replicas and max_replicas)"
+            )
+
+    @property
+    def initial_replicas(self) -> int:
+        """How many replicas to start with: ``num_replicas``, or the autoscaler's ``min_replicas``."""
+        return self.num_replicas if self.autoscaling is None else self.autoscaling.min_replicas
 
     def __setattr__(self, name: str, value: Any) -> None:
         validator = _VALIDATORS.get(name)
@@ -126,14 +217,14 @@ class BackendConfig:
 
     def copy(self, **changes: Any) -> BackendConfig:
         """Return a detached copy, optionally with some fields changed."""
-        return BackendConfig(**{**self.to_dict(), **changes})
+        return BackendConfig.from_dict({**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-safe form (used by stores and for comparison)."""
         data = dataclasses.asdict(self)
         if data["resources"] is not None:
             data["resources"] = dict(data["resources"])
-        return data
+        return data  # autoscaling: asdict made it a dict too
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BackendConfig:
@@ -141,6 +232,9 @@ class BackendConfig:
         unknown = set(data) - set(_VALIDATORS)
         if unknown:
             raise ServeTypeError(f"unknown BackendConfig fields: {sorted(unknown)}")
+        autoscaling = data.get("autoscaling")
+        if isinstance(autoscaling, dict):
+            data = {**data, "autoscaling": AutoscalingConfig.from_dict(autoscaling)}
         return cls(**data)
 
     def placement(self) -> dict[str, Any]:

@@ -14,6 +14,10 @@ decides its behaviour, the same in every process and across restarts:
 Left out on purpose: line numbers, file names and docstrings (moving or documenting code
 does not change it), and the state of other objects (an instance held in a global counts
 by its type only; library code counts by its import path, not its source).
+
+:func:`shape_id` is the same walk without the *values* of module globals and class
+attributes (their types stay): state a module keeps at run time (a cache, a counter, a model
+loaded lazily) changes ``code_id`` but not ``shape_id``, while any edit of the code does.
 """
 
 from __future__ import annotations
@@ -32,17 +36,34 @@ DIGEST_CHARS = 32
 def code_id(target: Any, init_args: tuple[Any, ...] = ()) -> str:
     """The identity of a backend definition: equal for the same code and arguments, different
     after any edit of a constant, default, closure value or called name."""
-    walker = _Walker(getattr(target, "__module__", None))
+    return _digest(target, init_args, values=True)
+
+
+def shape_id(target: Any, init_args: tuple[Any, ...] = ()) -> str:
+    """Like :func:`code_id`, but blind to the values module globals and class attributes hold now."""
+    return _digest(target, init_args, values=False)
+
+
+def _digest(target: Any, init_args: tuple[Any, ...], values: bool) -> str:
+    walker = _Walker(getattr(target, "__module__", None), values)
     walker.feed(target)
     walker.feed(tuple(init_args))
     return walker.digest.hexdigest()[:DIGEST_CHARS]
 
 
 class _Walker:
-    def __init__(self, home: str | None) -> None:
+    def __init__(self, home: str | None, values: bool) -> None:
         self.home = home  # the target's module: its functions and classes are walked, not named
+        self.values = values  # False: globals and class attributes that are data count by type
         self.digest = hashlib.sha256()
         self.seen: dict[int, int] = {}
+
+    def feed_state(self, obj: Any) -> None:
+        """A value a module or class holds (it may change at run time)."""
+        if self.values or not isinstance(obj, (*_DATA, tuple, list, set, frozenset, dict)):
+            self.feed(obj)
+        else:
+            self.emit("state", type(obj).__name__)
 
     def emit(self, *parts: object) -> None:
         for part in parts:
@@ -133,7 +154,7 @@ class _Walker:
         for name in sorted(_global_names(func.__code__)):
             if name in func.__globals__:
                 self.emit("global", name)
-                self.feed(func.__globals__[name])
+                self.feed_state(func.__globals__[name])
 
     def _class(self, cls: type) -> None:
         if cls.__module__ != self.home:
@@ -145,7 +166,7 @@ class _Walker:
         for key in sorted(vars(cls)):
             if key not in _SKIPPED_CLASS_ATTRS:
                 self.emit("attr", key)
-                self.feed(vars(cls)[key])
+                self.feed_state(vars(cls)[key])
 
 
 def _global_names(code: types.CodeType) -> set[str]:

@@ -48,6 +48,9 @@ class PythonCallRequest:
 
 _PLACEHOLDER = PythonCallRequest()
 
+WARMUP_METHOD = "warmup"
+"""A class backend's optional hook, run once after its constructor, before the replica takes calls."""
+
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, tuple, dict})
 """Result types that are never awaitable: skips ``inspect.isawaitable`` on the common answers."""
 
@@ -79,14 +82,17 @@ class Invoker:
     """Holds one replica's backend object and runs calls on it."""
 
     def __init__(self, target: Any, init_args: tuple[Any, ...] = ()) -> None:
+        self._methods: dict[str, tuple[Callable[..., Any], bool]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         if inspect.isclass(target):
             self._obj: Any = target(*init_args)
             self._is_class = True
+            warmup = getattr(self._obj, WARMUP_METHOD, None)
+            if callable(warmup):  # before the replica is ready, so it gets no call until it returned
+                self._await(warmup())
         else:
             self._obj = target
             self._is_class = False
-        self._methods: dict[str, tuple[Callable[..., Any], bool]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self, call: Call) -> list[Outcome]:
         """Run a call; one outcome per query, never raises."""

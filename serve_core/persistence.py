@@ -33,7 +33,7 @@ from typing import Any
 from .codestore import CodeStore, Signer
 from .config import BackendConfig
 from .errors import StoreError
-from .fingerprint import code_id
+from .fingerprint import code_id, shape_id
 from .invoke import accepts_batch
 from .kv.base import AtomicKVStore
 from .registry import BackendInfo, BackendSpec, EndpointInfo, Registry, normalise_methods
@@ -120,8 +120,13 @@ def _set_traffic(registry: Registry, name: str, weights: Any) -> None:
 def _spec(tag: str, value: Any) -> BackendSpec:
     if not isinstance(value, dict):
         raise StoreError(f"backend {tag!r}: the stored record is not an object")
-    code_id, batch = value.get("code_id"), value.get("accepts_batch")
-    return BackendSpec(tag, code_id if isinstance(code_id, str) else None, batch if isinstance(batch, bool) else None)
+    code, shape, batch = value.get("code_id"), value.get("shape_id"), value.get("accepts_batch")
+    return BackendSpec(
+        tag,
+        code if isinstance(code, str) else None,
+        batch if isinstance(batch, bool) else None,
+        shape if isinstance(shape, str) else None,
+    )
 
 
 def _config(tag: str, value: Any) -> BackendConfig:
@@ -191,6 +196,7 @@ class RegistryStore:
             "target": self.code.encode_target(info.tag, info.target),
             "init_args": self.code.encode_args(info.tag, info.init_args),
             "code_id": info.code_id,
+            "shape_id": info.shape_id,
             "accepts_batch": info.accepts_batch,
         })
         return {BACKEND + info.tag: code, CONFIG + info.tag: config.to_dict()}
@@ -205,16 +211,18 @@ class RegistryStore:
         body = self.code.check(tag, record)
         target = self.code.decode_target(tag, body["target"])
         init_args = self.code.decode_args(tag, body["init_args"])
-        actual = code_id(target, init_args)
+        # Code stored by import path is whatever the module holds now: refused if it was edited
+        # since (its shape differs), not for state the module keeps (a cache, a counter).
         by_import = body["target"].get("kind") == "import"
-        if by_import and spec.code_id is not None and actual != spec.code_id:
+        shape = shape_id(target, init_args)
+        if by_import and spec.shape_id is not None and shape != spec.shape_id:
             raise StoreError(
                 f"backend {tag!r}: the code at {body['target'].get('ref')!r} has changed since it was stored "
                 f"in {self.description}; create the new code under a new tag, or replace it with "
                 "create_backend(..., replace=True)"
             )
         batch = accepts_batch(target) if spec.accepts_batch is None else spec.accepts_batch
-        return BackendInfo(tag, target, init_args, batch, spec.code_id or actual)
+        return BackendInfo(tag, target, init_args, batch, spec.code_id or code_id(target, init_args), shape)
 
     def save_instance(self, instance_id: str, record: dict[str, Any]) -> None:
         """Write a heartbeat (not a registry change: the revision stays)."""

@@ -24,7 +24,7 @@ from .errors import (
     ServeTypeError,
     ValidationError,
 )
-from .fingerprint import code_id
+from .fingerprint import code_id, shape_id
 from .invoke import accepts_batch, is_public_method
 from .split import validate_weights
 
@@ -50,6 +50,7 @@ class BackendInfo:
     init_args: tuple[Any, ...]
     accepts_batch: bool
     code_id: str  # serve_core.fingerprint.code_id of target and init_args
+    shape_id: str = ""  # serve_core.fingerprint.shape_id: the same, blind to module state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,7 @@ class BackendSpec:
     tag: str
     code_id: str | None
     accepts_batch: bool | None
+    shape_id: str | None = None
 
 
 def _name(kind: str, value: Any) -> str:
@@ -183,7 +185,8 @@ class Registry:
             )
         if inspect.isfunction(target) and init_args:
             raise ServeTypeError("init arguments are only accepted for class backends")
-        info = BackendInfo(tag, target, tuple(init_args), accepts_batch(target), code_id(target, init_args))
+        args = tuple(init_args)
+        info = BackendInfo(tag, target, args, accepts_batch(target), code_id(target, args), shape_id(target, args))
         config = self.check_config(info, BackendConfig() if config is None else config)
         existing = self.backends.get(tag)
         if not replace and existing is not None and existing.code_id not in (None, info.code_id):

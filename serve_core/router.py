@@ -143,6 +143,8 @@ class Router:
             out[f"{tag}_request_counter"] = stats.requests
             out[f"backend_{tag}_queue_size"] = stats.queue_size
             out[f"backend_{tag}_num_replicas"] = stats.replicas
+            out[f"backend_{tag}_desired_replicas"] = stats.desired
+            out[f"backend_{tag}_health_check_failures"] = stats.health_failures
             for name, snapshot in stats.histograms.items():
                 snapshots[f"{tag}_{name}"] = snapshot
         for name, requests, errors in endpoints:

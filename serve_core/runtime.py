@@ -3,7 +3,8 @@
 A runtime owns everything of its backend that changes at run time: the config (held
 here only), the deadline-ordered queue, one :class:`Slot` per replica, the metrics,
 and the replica lifecycle (start, scale up and down with drain, replace a dead
-replica, replace all on a placement change, drain and close on shutdown).
+replica, replace all on a placement change, drain and close on shutdown). Its
+:class:`~serve_core.supervision.Supervisor` runs the autoscaling decisions and health checks.
 
 Who owns a query, and so who may answer it: the queue while it is queued, then the
 slot's call it was dispatched in (keyed by a token). Whoever takes it out of its
@@ -44,6 +45,7 @@ from .executors.base import Call, ExecutorPool, Outcome, Replica, ReplicaSpec
 from .metrics import Counter, WindowedHistogram
 from .queues import NO_DEADLINE, BackendQueue, Query
 from .registry import BackendInfo
+from .supervision import Supervisor, checks_health
 
 log = logging.getLogger("serve_core")
 
@@ -103,6 +105,8 @@ class RuntimeStats:
     queue_size: int
     replicas: int
     histograms: dict[str, Any]  # name -> the histogram's snapshot
+    desired: int = 0  # replicas the runtime keeps (num_replicas, or the autoscaler's choice)
+    health_failures: int = 0  # replicas taken out of rotation by a failed health check
 
 
 def capacity(config: BackendConfig, replica: Replica) -> int:
@@ -163,6 +167,8 @@ class BackendRuntime:
         self._replacers: list[threading.Thread] = []
         self._local = threading.local()  # per thread: the dispatch loop it is running, if any
         self._times = ExecutionTimes()
+        self._target = config.initial_replicas  # replicas to keep: num_replicas, or the autoscaler's
+        self._supervisor = Supervisor(self, clock, checks_health(definition.target))
         self._hinted: set[tuple[str, str]] = set()
         self.requests = Counter()
         self.errors = Counter()
@@ -186,6 +192,18 @@ class BackendRuntime:
         with self._lock:
             return [slot.replica for slot in self._slots]
 
+    in_service = replicas
+
+    @property
+    def target_replicas(self) -> int:
+        """The replica count kept: ``num_replicas``, or what the autoscaler chose last."""
+        return self._target
+
+    def ongoing(self) -> int:
+        """Queries queued or held by replicas (the autoscaler's load)."""
+        with self._lock:
+            return len(self._queue) + sum(len(call) for slot in self._active for call in slot.calls.values())
+
     def stats(self) -> RuntimeStats:
         now = self._clock.monotonic()
         with self._lock:
@@ -195,6 +213,8 @@ class BackendRuntime:
                 len(self._queue),
                 len(self._slots),
                 {name: hist.snapshot(now) for name, hist in self.histograms.items()},
+                self._target,
+                self._supervisor.health_failures,
             )
 
     # ---------------------------------------------------------------- admission
@@ -470,10 +490,12 @@ class BackendRuntime:
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        """Start ``num_replicas`` replicas; returns when they are ready (raises if one fails)."""
+        """Start ``num_replicas`` replicas (autoscaling: ``min_replicas``); returns when they are
+        ready (raises if one fails), then starts the supervisor's timers."""
         with self._lifecycle:
-            for replica in self._start_replicas(self._config.num_replicas):
+            for replica in self._start_replicas(self._target):
                 self._add(replica)
+        self._supervisor.start()
 
     def reconfigure(self, config: BackendConfig) -> None:
         """Apply a config live: queue bound, batching, concurrency, placement, replica count.
@@ -483,19 +505,62 @@ class BackendRuntime:
         replicas already replaced stay) and the error is raised.
         """
         with self._lifecycle:
-            old = self._config
+            old, old_target = self._config, self._target
             self._apply(config)
+            self._target = _target_for(config, old_target)
             try:
                 if config.placement() != old.placement():
                     self._replace_all()
-                self._scale(config.num_replicas)
+                self._scale(self._target)
             except BaseException:
                 self._apply(old)
+                self._target = old_target
                 try:
-                    self._scale(old.num_replicas)
+                    self._scale(old_target)
                 except Exception:  # noqa: BLE001 - the first error is the one to raise
-                    log.exception("backend %r: could not scale back to %d replicas", self.tag, old.num_replicas)
+                    log.exception("backend %r: could not scale back to %d replicas", self.tag, old_target)
                 raise
+        self._supervisor.reconfigure(config)
+
+    def resize_later(self, count: int) -> None:
+        """Scale to ``count`` replicas (the autoscaler's decision), from a helper thread."""
+        self._in_helper(f"serve-scale-{self.tag}", self._resize, count)
+
+    def _resize(self, count: int) -> None:
+        with self._lifecycle:
+            if self._closed or self._config.autoscaling is None:
+                return
+            self._target = count
+            try:
+                self._scale(count)
+            except Exception:  # noqa: BLE001 - the next decision tries again
+                log.exception("backend %r: autoscaling to %d replicas failed", self.tag, count)
+
+    def evict_later(self, replica: Replica, reason: str) -> None:
+        """Take an unhealthy replica out of rotation, drain and replace it, from a helper thread."""
+        self._in_helper(f"serve-evict-{replica.replica_id}", self._evict, replica)
+
+    def _evict(self, replica: Replica) -> None:
+        with self._lifecycle:
+            with self._lock:
+                slot = next((s for s in self._slots if s.replica is replica), None)
+            if slot is None or self._closed:
+                return  # already gone (died, retired, shut down)
+            if len(self._slots) <= self._target:  # the replacement first: no gap in service
+                try:
+                    (fresh,) = self._start_replicas(1)
+                    self._add(fresh)
+                except Exception:  # noqa: BLE001 - the unhealthy one goes anyway
+                    log.exception("backend %r: could not start a replacement for %s", self.tag, replica.replica_id)
+            self._retire_slots([slot])
+
+    def _in_helper(self, name: str, work: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=work, args=args, name=name, daemon=True)
+        with self._lock:  # started under the lock: close() never joins a thread not started yet
+            if self._closed:
+                return
+            self._replacers = [t for t in self._replacers if t.is_alive()] + [thread]
+            thread.start()
 
     def _apply(self, config: BackendConfig) -> None:
         with self._lock:
@@ -578,7 +643,13 @@ class BackendRuntime:
         with self._lock:
             cut = slice(0, count) if oldest else slice(len(self._slots) - count, None)
             retired = self._slots[cut]
-            del self._slots[cut]
+        self._retire_slots(retired)
+
+    def _retire_slots(self, retired: list[Slot]) -> None:
+        """Take these slots out of service, let them finish their calls (one drain time), stop them."""
+        with self._lock:
+            retired = [slot for slot in retired if slot in self._slots]
+            self._slots = [slot for slot in self._slots if slot not in retired]
             for slot in retired:
                 slot.retired = True
                 if slot in self._idle:
@@ -594,14 +665,7 @@ class BackendRuntime:
 
     def _replace_later(self, dead: Replica) -> None:
         """Replace a replica that died, from a helper thread (never on the caller's)."""
-        thread = threading.Thread(
-            target=self._replace, args=(dead,), name=f"serve-replace-{dead.replica_id}", daemon=True
-        )
-        with self._lock:  # started under the lock: close() never joins a thread not started yet
-            if self._closed:
-                return
-            self._replacers = [t for t in self._replacers if t.is_alive()] + [thread]
-            thread.start()
+        self._in_helper(f"serve-replace-{dead.replica_id}", self._replace, dead)
 
     def _replace(self, dead: Replica) -> None:
         try:
@@ -609,7 +673,7 @@ class BackendRuntime:
         except Exception:  # noqa: BLE001 - it is already dead; cleanup is best effort
             log.debug("stopping dead replica %s failed", dead.replica_id, exc_info=True)
         with self._lifecycle:
-            if self._closed or len(self._slots) >= self._config.num_replicas:
+            if self._closed or len(self._slots) >= self._target:
                 return
             try:
                 (replica,) = self._start_replicas(1)
@@ -662,6 +726,7 @@ class BackendRuntime:
         """Fail what is still queued or in flight with ``ShuttingDownError`` and stop the replicas."""
         # Not under _lifecycle: a replacement still starting (which may take long) must not hold up
         # the shutdown; it finds the runtime closed when it is done and stops its replica.
+        self._supervisor.stop()
         with self._lock:
             self._admitting, self._closed = False, True
             leftovers = self._queue.drain()
@@ -683,6 +748,14 @@ class BackendRuntime:
             self._active.clear()
         for query in abandoned:
             _answer(query, False, ShuttingDownError("serve instance shut down before the call finished"))
+
+
+def _target_for(config: BackendConfig, current: int) -> int:
+    """The replica count to keep under ``config``: ``num_replicas``, or ``current`` within the autoscaling bounds."""
+    autoscaling = config.autoscaling
+    if autoscaling is None:
+        return config.num_replicas
+    return max(autoscaling.min_replicas, min(autoscaling.max_replicas, current))
 
 
 def _answer(query: Query, ok: bool, value: Any) -> None:

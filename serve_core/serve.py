@@ -489,6 +489,34 @@ class Serve:
         live, _ = live_instances(snapshot.group(INSTANCE), self.clock.wall(), self.instance_expiry_s)
         return live
 
+    def readiness(self) -> dict[str, Any]:
+        """Whether every endpoint with traffic can be served here (``GET /-/readyz``).
+
+        Returns:
+            ``{"ready": bool, "not_ready": {endpoint: why}}``: an endpoint is ready when a
+            backend it sends traffic to (weight > 0) has a replica in service on this instance.
+            Traffic is the store's (one key read; the registry when this instance lags behind it).
+        """
+        if self._state is not State.RUNNING:
+            return {"ready": False, "not_ready": {"*": f"this instance is {self._state.value}"}}
+        registry = self._registry
+        try:  # measured against the store: this instance may still be converging on a change
+            if self._store.revision() != self._revision:
+                registry = self._store.load().registry(self._store.description)[0]
+        except StoreError as exc:
+            return {"ready": False, "not_ready": {"*": f"the store cannot be read: {exc}"}}
+        not_ready: dict[str, str] = {}
+        for name, weights in sorted(registry.traffic.items()):
+            reasons = []
+            for tag in sorted(tag for tag, weight in weights.items() if weight > 0):
+                runtime = self._runtimes.get(tag)
+                if runtime is not None and runtime.replicas():
+                    break
+                reasons.append(f"{tag}: {'no replica ready' if runtime is not None else 'not started here'}")
+            else:
+                not_ready[name] = "; ".join(reasons) or "no backend with weight"
+        return {"ready": not not_ready, "not_ready": not_ready}
+
     @property
     def revision(self) -> int:
         """The store revision this instance has applied."""

@@ -220,3 +220,14 @@ def test_a_record_stored_before_code_ids_is_adopted_then_guarded(
     assert store.data["backend/b:v1"]["code_id"] == code_id(echo)
     with pytest.raises(ConflictError):
         srv.create_backend(shout, "b:v1")
+
+
+def test_state_a_module_keeps_changes_the_code_id_but_not_the_shape(tmp_path: Path) -> None:
+    from serve_core.fingerprint import shape_id
+
+    module = _load(MODULE, tmp_path)
+    code, shape = code_id(module.backend), shape_id(module.backend)
+    module.ANSWER = "changed at run time"  # e.g. a cache or a model loaded lazily
+    assert code_id(module.backend) != code and shape_id(module.backend) == shape
+    edited = _load(MODULE.replace("+ helper(name) +", "+ other(name) +"), tmp_path)
+    assert shape_id(edited.backend) != shape
