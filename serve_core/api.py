@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .handle import ServeHandle
     from .http.app import ServeApp
     from .policy import PolicySpec
+    from .prom import MetricsConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -86,6 +87,7 @@ def init(
     heartbeat_s: float = DEFAULT_HEARTBEAT_S,
     instance_expiry_s: float = DEFAULT_INSTANCE_EXPIRY_S,
     run_replicas: bool = True,
+    metrics: bool | MetricsConfig = True,
 ) -> Serve:
     """Start the default instance (see :class:`Serve` for the arguments).
 

@@ -48,6 +48,9 @@ class PythonCallRequest:
 
 _PLACEHOLDER = PythonCallRequest()
 
+REQUEST_ID_KEY = "serve_core.request_id"
+"""The environ key of a web request's id (``serve.context.request_id``), set by the HTTP front."""
+
 WARMUP_METHOD = "warmup"
 """A class backend's optional hook, run once after its constructor, before the replica takes calls."""
 
@@ -136,10 +139,16 @@ class Invoker:
         return resolved
 
     def _run_single(self, call: Call, func: Callable[..., Any], positional: bool) -> Outcome:
-        request = call.requests[0] if call.web else _PLACEHOLDER
+        if call.web:
+            request = call.requests[0]
+            # The HTTP front puts the request id in the environ, which travels with the request
+            # to worker processes and Ray actors (str values survive its pickling).
+            request_id = request.environ.get(REQUEST_ID_KEY)
+        else:
+            request, request_id = _PLACEHOLDER, None
         args = (request,) if positional else ()
         try:
-            with call_context(call.web, None):
+            with call_context(call.web, None, request_id):
                 return Outcome(True, self._await(func(*args, **call.kwargs[0])))
         except BaseException as exc:  # noqa: BLE001 - see run()
             return Outcome(False, exc)

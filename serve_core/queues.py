@@ -25,8 +25,30 @@ from .errors import BackPressureError
 NO_DEADLINE = math.inf
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timing:
+    """Where and how long a query spent, attached to its future by the runtime before it is answered.
+
+    ``queue_s`` is the time queued until a replica was free for it, ``batch_wait_s`` the time
+    a free replica then held its batch open to fill (``batch_wait_timeout_s``; 0 otherwise),
+    ``execution_s`` the time of the replica call it was part of. Set for web queries that
+    reached a replica (the HTTP front's ``Server-Timing`` header and access log read it).
+    """
+
+    backend: str
+    replica: str
+    queue_s: float
+    batch_wait_s: float
+    execution_s: float
+
+
 class ServeFuture(Future):
-    """A ``concurrent.futures.Future`` that can also be awaited from asyncio."""
+    """A ``concurrent.futures.Future`` that can also be awaited from asyncio.
+
+    ``timing`` is the query's :class:`Timing` once it is answered, when the runtime recorded one.
+    """
+
+    timing: Timing | None = None
 
     def __await__(self) -> Any:
         import asyncio
@@ -51,6 +73,7 @@ class Query:
     started: bool = False  # future set running: the caller can no longer cancel it
     requeues: int = 0  # times it came back from a replica it never reached
     dispatched: float = 0.0  # monotonic time it was handed to a replica
+    batch_wait: float = 0.0  # of its time queued, seconds a free replica held its batch open to fill
 
     @property
     def web(self) -> bool:

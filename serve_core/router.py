@@ -15,9 +15,10 @@ import threading
 from typing import Any
 
 from .clock import Clock
-from .errors import ServeError, ShuttingDownError
+from .errors import BackPressureError, ServeError, ShuttingDownError
 from .metrics import Counter, percentile_keys
 from .policy import Policy, PolicySpec
+from .prom import Meter, Metrics
 from .queues import Query
 from .runtime import BackendRuntime
 from .split import Traffic
@@ -46,6 +47,7 @@ class Router:
         rng: random.Random,
         max_pending_per_endpoint: int,
         pending_timeout_s: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self._clock = clock
         self._policy = policy
@@ -56,6 +58,8 @@ class Router:
         self._endpoints: dict[str, _Endpoint] = {}
         self._waiting = WaitingRoom(clock, max_pending_per_endpoint, pending_timeout_s, self._expired)
         self._closed = False
+        # Queries answered before reaching a backend (backend label ""), counted under self._lock.
+        self._meter: Meter | None = metrics.meter("", self._lock, None) if metrics is not None else None
 
     def add_backend(self, runtime: BackendRuntime) -> None:
         with self._lock:
@@ -88,11 +92,16 @@ class Router:
         """
         with self._lock:
             if self._closed:
+                self._count((query,), "shutdown")
                 raise ShuttingDownError("serve instance is shutting down; no new calls")
             ep = self._endpoints.get(query.endpoint) or self._endpoint(query.endpoint)
             ep.requests.value += 1
             if ep.policy is None:
-                self._waiting.hold(ep.name, query)
+                try:
+                    self._waiting.hold(ep.name, query)
+                except BackPressureError:
+                    self._count((query,), "backpressure")
+                    raise
                 return
             runtime = self._runtimes[ep.policy.choose(query.shard_key, self._queue_length)]
         runtime.admit(query)
@@ -111,7 +120,14 @@ class Router:
     def _queue_length(self, tag: str) -> int:
         return self._runtimes[tag].queue_length
 
+    def _count(self, queries: tuple[Query, ...] | list[Query], kind: str) -> None:
+        """Count queries answered here, before any backend, with error ``kind`` (under the lock)."""
+        if self._meter is not None:
+            self._meter.answered(queries, kind)
+
     def _expired(self, endpoint: str, queries: list[Query]) -> None:
+        with self._lock:
+            self._count(queries, "deadline")
         error = self._waiting.expired_error(endpoint)
         for query in queries:
             query.settle(False, error)
@@ -125,7 +141,10 @@ class Router:
         """Refuse new queries, and answer those waiting for traffic (they have nowhere to go)."""
         with self._lock:
             self._closed = True
-        for query in self._waiting.close():
+        leftovers = self._waiting.close()
+        with self._lock:
+            self._count(leftovers, "shutdown")
+        for query in leftovers:
             query.settle(False, ShuttingDownError("serve instance shut down while the query waited for traffic"))
 
     def stat(self, percentiles: list[float], windows: list[float]) -> dict[str, float]:

@@ -43,7 +43,8 @@ from .errors import (
 )
 from .executors.base import Call, ExecutorPool, Outcome, Replica, ReplicaSpec
 from .metrics import Counter, WindowedHistogram
-from .queues import NO_DEADLINE, BackendQueue, Query
+from .prom import BackendLoad, Meter, Metrics, error_kind
+from .queues import NO_DEADLINE, BackendQueue, Query, Timing
 from .registry import BackendInfo
 from .supervision import Supervisor, checks_health
 
@@ -131,6 +132,7 @@ class BackendRuntime:
         gc_window_seconds: how much metric history to keep.
         drain_timeout_s: how long a retired replica may take to finish its calls.
         count_error: called with the endpoint of each query answered with an error.
+        metrics: where the Prometheus metrics are recorded (None: not recorded).
     """
 
     def __init__(
@@ -143,6 +145,7 @@ class BackendRuntime:
         gc_window_seconds: float,
         drain_timeout_s: float,
         count_error: Callable[[str], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self.tag = definition.tag
         self.definition = definition
@@ -167,6 +170,7 @@ class BackendRuntime:
         self._replacers: list[threading.Thread] = []
         self._local = threading.local()  # per thread: the dispatch loop it is running, if any
         self._times = ExecutionTimes()
+        self._filling_since: float | None = None  # when a free replica began holding a batch open to fill
         self._target = config.initial_replicas  # replicas to keep: num_replicas, or the autoscaler's
         self._supervisor = Supervisor(self, clock, checks_health(definition.target))
         self._hinted: set[tuple[str, str]] = set()
@@ -176,6 +180,8 @@ class BackendRuntime:
         self._latency, self._queue_wait, self._execution, self._batch_size = (
             self.histograms[name] for name in HISTOGRAMS
         )
+        # Recorded under self._lock, like the histograms above.
+        self._meter: Meter | None = metrics.meter(self.tag, self._lock, self.load) if metrics is not None else None
 
     # ------------------------------------------------------------------ reading
     @property
@@ -217,6 +223,15 @@ class BackendRuntime:
                 self._supervisor.health_failures,
             )
 
+    def load(self) -> BackendLoad | None:
+        """The gauges of the Prometheus export (None once closed): queued, in flight, replicas."""
+        with self._lock:
+            if self._closed:
+                return None
+            in_flight = sum(len(queries) for slot in self._active for queries in slot.calls.values())
+            desired = self._target if self._admitting else 0  # num_replicas, or the autoscaler's count
+            return BackendLoad(len(self._queue), in_flight, desired, len(self._slots))
+
     # ---------------------------------------------------------------- admission
     def admit(self, query: Query, *, dispatch: bool = True) -> None:
         """Queue a query and dispatch what can run (with ``dispatch=False``, the caller calls :meth:`dispatch`).
@@ -228,14 +243,17 @@ class BackendRuntime:
         """
         with self._lock:
             if not self._admitting:
+                self._refused(query, "shutdown")
                 raise ShuttingDownError(f"backend {self.tag!r} is shutting down; no new calls")
             if self._broken is not None:
+                self._refused(query, "replica_died")
                 raise ReplicaDiedError(self._broken)
             query.backend = self.tag
             try:
                 self._queue.push(query)
             except BackPressureError as full:
                 full.retry_after_s = self._retry_after()
+                self._refused(query, "backpressure")
                 raise
             if not (dispatch and self._idle):
                 if self._config.drop_expired and query.deadline != NO_DEADLINE:
@@ -243,6 +261,11 @@ class BackendRuntime:
                 return
             work, expired = self._take()
         self._run(work, expired)
+
+    def _refused(self, query: Query, kind: str) -> None:
+        """Count a query refused at admission (under the lock)."""
+        if self._meter is not None:
+            self._meter.answered((query,), kind)
 
     def _retry_after(self) -> float:
         """The ``retry_after_s`` hint of a full queue (under the lock; O(calls in the window))."""
@@ -272,14 +295,20 @@ class BackendRuntime:
             batch = form_batch(queue, config.max_batch_size, now, config.drop_expired, wait_s, self._times.estimate)
             expired += batch.expired
             if batch.wait_until is not None:
+                if self._filling_since is None:
+                    self._filling_since = now
                 self._wake_at(batch.wait_until)
                 break
             queries = batch.queries
             if len(queries) == 1:
                 if not queries[0].claim():
-                    continue  # cancelled by its caller: dropped
+                    self._dropped(queries)  # cancelled by its caller: dropped
+                    continue
             else:
-                queries = [query for query in queries if query.claim()]
+                claimed = [query for query in queries if query.claim()]
+                if len(claimed) < len(queries):
+                    self._dropped([query for query in queries if not query.started])
+                queries = claimed
                 if not queries:
                     continue
             slot = idle.popleft()
@@ -289,12 +318,24 @@ class BackendRuntime:
             self._active.add(slot)
             if len(calls) < slot.capacity:
                 idle.append(slot)
+            filling, self._filling_since = self._filling_since, None
             for query in queries:
                 query.dispatched = now
+                if filling is not None:  # the batch waited to fill: since then, or since the query came
+                    query.batch_wait = now - max(filling, query.arrival)
             work.append((slot, token, queries))
+        if not queue:
+            self._filling_since = None
         if config.drop_expired and queue:
             self._wake_at(self._queue.earliest_deadline())
+        if expired and self._meter is not None:
+            self._meter.answered(expired, "deadline")
         return work, expired
+
+    def _dropped(self, queries: list[Query]) -> None:
+        """Count queries their callers cancelled while queued (under the lock): requests, no error."""
+        if self._meter is not None:
+            self._meter.answered(queries, None)
 
     def _run(self, work: list[Work], expired: list[Query], done: Done | None = None) -> None:
         """Finish ``done``, answer expired queries and submit work, outside the lock.
@@ -386,6 +427,9 @@ class BackendRuntime:
                 failed, error, outcomes = queries, _as_replica_death(slot.replica, died), []
                 self.requests.inc(len(queries))
                 self.errors.inc(len(queries))
+                self._stamp(slot, queries, now)
+                if self._meter is not None:
+                    self._meter.answered(queries, "replica_died")
             else:
                 outcomes = _checked(slot, queries, outcomes)
                 self._record(slot, queries, outcomes, now)
@@ -422,6 +466,10 @@ class BackendRuntime:
         seconds = now - queries[0].dispatched
         self._execution.record(seconds, now)
         self._batch_size.record(len(queries), now)
+        if self._meter is not None:
+            self._meter.finished(queries, outcomes, now)
+        if queries[0].request is not None:  # web calls: the HTTP front reads it (one batch is all web or none)
+            self._stamp(slot, queries, now)
         if self._config.batch_wait_timeout_s:  # the model only serves batches that wait
             self._times.observe(len(queries), seconds)
         if slot.retired:
@@ -431,6 +479,15 @@ class BackendRuntime:
             # Not "was full": after max_concurrent_queries was lowered a slot can stay full
             # through several finished calls, and must enter the idle list once.
             self._idle.append(slot)
+
+    def _stamp(self, slot: Slot, queries: list[Query], now: float) -> None:
+        """Attach each query's :class:`Timing` to its future, before it is answered (under the lock)."""
+        replica, execution = slot.replica.replica_id, now - queries[0].dispatched
+        for query in queries:
+            waited = query.batch_wait
+            query.future.timing = Timing(
+                self.tag, replica, query.dispatched - query.arrival - waited, waited, execution
+            )
 
     def _requeue(self, slot: Slot, queries: list[Query]) -> tuple[bool, list[Query], BaseException | None]:
         """The replica never got the call: the queries go back in the queue, the slot goes (under the lock)."""
@@ -454,6 +511,8 @@ class BackendRuntime:
         if failed:
             self.requests.inc(len(failed))
             self.errors.inc(len(failed))
+            if self._meter is not None and error is not None:
+                self._meter.answered(failed, error_kind(error))
         return replace, failed, error
 
     def _drop(self, slot: Slot) -> bool:
@@ -695,6 +754,8 @@ class BackendRuntime:
             self._broken = reason
             leftovers = self._queue.drain()
             waiters = self._idle_now()
+            if leftovers and self._meter is not None:
+                self._meter.answered(leftovers, "replica_died")
         for query in leftovers:
             _answer(query, False, ReplicaDiedError(reason))
         for waiter in waiters:
@@ -735,6 +796,8 @@ class BackendRuntime:
             if self._alarm is not None:
                 self._alarm.cancel()
             replacers = self._replacers
+            if leftovers and self._meter is not None:
+                self._meter.answered(leftovers, "shutdown")
         for query in leftovers:
             _answer(query, False, ShuttingDownError("serve instance shut down before the query ran"))
         for slot in slots:
@@ -746,6 +809,8 @@ class BackendRuntime:
             for slot in self._active:
                 slot.calls.clear()
             self._active.clear()
+            if abandoned and self._meter is not None:
+                self._meter.answered(abandoned, "shutdown")
         for query in abandoned:
             _answer(query, False, ShuttingDownError("serve instance shut down before the call finished"))
 

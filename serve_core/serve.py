@@ -50,6 +50,7 @@ from .persistence import (
     traffic_items,
 )
 from .policy import PolicySpec, RoutePolicy
+from .prom import Metrics, MetricsConfig
 from .queues import NO_DEADLINE, Query, ServeFuture
 from .registry import BackendInfo, BackendSpec, Registry
 from .router import Router
@@ -102,6 +103,9 @@ class Serve:
             store, and after how long without one an instance counts as dead.
         run_replicas: ``False`` for a registry-only client (``serve-core deploy``): changes go
             to the store, no replica starts here, and it is not listed as an instance.
+        metrics: the Prometheus metrics, request ids and ``Server-Timing`` header
+            (``True``: all on, the default; ``False``: metrics off; a
+            :class:`~serve_core.prom.MetricsConfig` for buckets and each part; docs/metrics.md).
 
     The registry is kept in the store named by ``kv_store_connector`` / ``kv_store_path``
     (memory when neither is given, or ``":memory:"``) and restored from it here;
@@ -136,6 +140,7 @@ class Serve:
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
         instance_expiry_s: float = DEFAULT_INSTANCE_EXPIRY_S,
         run_replicas: bool = True,
+        metrics: bool | MetricsConfig = True,
     ) -> None:
         self.init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_stat_args((), (), gc_window_seconds)
@@ -170,6 +175,7 @@ class Serve:
         self._watcher: RegistryWatcher | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._admin = threading.RLock()  # serialises registry changes, convergence and shutdown
+        self.metrics = Metrics(MetricsConfig.of(metrics), self.clock)
         self._router = self._build_router(
             queueing_policy, dict(policy_kwargs or {}), rng, max_pending_per_endpoint, pending_timeout_s
         )
@@ -212,6 +218,7 @@ class Serve:
             rng=rng or random.Random(),
             max_pending_per_endpoint=max_pending_per_endpoint,
             pending_timeout_s=pending_timeout_s,
+            metrics=self.metrics,
         )
 
     # ------------------------------------------------------------ lifecycle
@@ -324,6 +331,7 @@ class Serve:
         store = getattr(self, "_store", None)
         if store is not None:
             store.close()
+        self.metrics.close()
         if self._own_clock is not None:
             self._own_clock.close()
         self._stopped.set()
@@ -671,6 +679,7 @@ class Serve:
             gc_window_seconds=self.gc_window_seconds,
             drain_timeout_s=self.drain_timeout_s,
             count_error=self._router.count_error,
+            metrics=self.metrics,
         )
 
     def _install(self, runtime: BackendRuntime) -> None:
@@ -883,6 +892,19 @@ class Serve:
                 debug=self.debug,
             )
         return self._app
+
+    def metrics_app(self) -> Callable[..., Iterable[bytes]]:
+        """A WSGI app answering every request with this instance's Prometheus metrics.
+
+        For serving them apart from ``/-/metrics`` (another port, behind other auth), e.g.
+        ``DispatcherMiddleware(flask_app, {"/metrics": srv.metrics_app()})``. Needs
+        ``pip install serve-core[metrics]``.
+
+        Raises:
+            NotFoundError: metrics are disabled (``metrics=False``).
+            ServeStateError: prometheus-client is not installed.
+        """
+        return self.metrics.exporter().wsgi_app()
 
     def http_address(self) -> tuple[str, int] | None:
         """``(host, port)`` of the standalone HTTP server, or None when it is not running."""

@@ -8,12 +8,18 @@ and can be mounted anywhere, e.g. under a prefix with Werkzeug's ``DispatcherMid
     app = DispatcherMiddleware(flask_app, {"/serve": serve.wsgi_app()})
 
 Built-in routes under the reserved ``/-/`` prefix: ``/-/routes`` (``{route: [endpoint,
-[methods]]}``), ``/-/healthz`` (200 while the instance runs) and ``/-/stat`` (``stat()``;
-``?percentiles=50,99&windows=60`` choose what it aggregates).
+[methods]]}``), ``/-/healthz`` (200 while the instance runs), ``/-/stat`` (``stat()``;
+``?percentiles=50,99&windows=60`` choose what it aggregates) and ``/-/metrics`` (the
+Prometheus exposition, docs/metrics.md).
+
+Every response carries the request's ``X-Request-ID`` and, for a call that reached a
+replica, a ``Server-Timing`` header; each request is one record of the access log
+(:mod:`.accesslog`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
@@ -21,6 +27,16 @@ from typing import TYPE_CHECKING, Any
 from werkzeug.wrappers import Response
 
 from ..errors import MethodNotAllowedError, NotFoundError, RequestTimeoutError, ValidationError
+from ..invoke import REQUEST_ID_KEY
+from .accesslog import (
+    MAX_REQUEST_ID_LENGTH,
+    REQUEST_ID_ENVIRON,
+    REQUEST_ID_HEADER,
+    AccessLog,
+    RequestIds,
+    server_timing,
+    valid_request_id,
+)
 from .request import ServeRequest, buffer_body, call_method, parse_slo, shard_key
 from .responses import PlainResponse, encode_result, error_response, json_response, text_response
 from .routing import RouteMap
@@ -31,6 +47,7 @@ if TYPE_CHECKING:
 StartResponse = Callable[..., Any]
 AnyResponse = Response | PlainResponse
 _BUILTIN_ALLOW = "GET, HEAD, OPTIONS"
+_OURS = frozenset({"x-request-id", "server-timing"})  # response headers the front sets
 
 
 class ServeApp:
@@ -58,7 +75,12 @@ class ServeApp:
             "/-/routes": lambda request: json_response(self.serve.route_table()),
             "/-/healthz": self._healthz,
             "/-/stat": self._stat,
+            "/-/metrics": self._metrics,
         }
+        config = serve.metrics.config
+        self._ids = RequestIds() if config.request_ids else None
+        self._server_timing = config.server_timing
+        self._access = AccessLog()
 
     @property
     def url_map(self) -> RouteMap:
@@ -92,27 +114,71 @@ class ServeApp:
         future = self.serve.enqueue(
             entry.endpoint, request=request, method_name=method, slo=slo, shard_key=shard_key(request)
         )
+        request.serve_endpoint = entry.endpoint
         try:
             result = future.result(self.request_timeout_s)
         except FutureTimeout:
             if future.done():
                 raise  # the backend's own TimeoutError: its answer
             future.cancel()  # withdrawn if still queued; a running call finishes unheard
+            self.serve.metrics.front_error(entry.endpoint, "timeout")
             raise RequestTimeoutError(
                 f"no answer from endpoint {entry.endpoint!r} within {self.request_timeout_s} s"
             ) from None
+        finally:
+            request.serve_timing = future.timing
         return encode_result(result)
 
     def wsgi_app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """The WSGI entry point (wrap this one with middleware)."""
+        started = time.perf_counter()
         request = ServeRequest(environ)
+        request_id = None
         try:
+            if self._ids is not None:
+                request_id = self._request_id(self._ids, environ)
             response = self.dispatch_request(request)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a response, even a
             # backend's SystemExit or CancelledError (they are answers, not this thread's signals)
             where = f"{request.method} {request.path}"
             response = error_response(exc, debug=self.debug, where=where)
-        return response(environ, start_response)
+            if self._ids is not None and request_id is None:  # the id itself was refused
+                request_id = self._ids.new()
+        timing = request.serve_timing
+        extra: list[tuple[str, str]] = []
+        if request_id is not None:
+            extra.append((REQUEST_ID_HEADER, request_id))
+        if timing is not None and self._server_timing:
+            extra.append(("Server-Timing", server_timing(timing)))
+        if not extra:
+            body = response(environ, start_response)
+        elif type(response) is PlainResponse:  # built for this request: ours to add to
+            response.headers.extend(extra)
+            body = response(environ, start_response)
+        else:  # the backend's own Response, maybe shared: headers added on the way out
+            body = response(environ, _adding(start_response, extra))
+        if self._access.enabled:
+            self._access.write(environ, response.status_code, started, request.serve_endpoint, timing, request_id)
+        return body
+
+    def _request_id(self, ids: RequestIds, environ: dict[str, Any]) -> str:
+        """The client's ``X-Request-ID`` if valid, else a new one; put where the backend finds it.
+
+        Raises:
+            ValidationError: the client's id is too long or has other characters (400).
+        """
+        given = environ.get(REQUEST_ID_ENVIRON)
+        if given:
+            if not valid_request_id(given):
+                raise ValidationError(
+                    f"{REQUEST_ID_HEADER} must be 1 to {MAX_REQUEST_ID_LENGTH} characters of A-Z a-z 0-9 . _ : -"
+                    f" (got {len(given)} characters); send a valid one or none (the server then makes one)"
+                )
+            request_id = given
+        else:
+            request_id = environ[REQUEST_ID_ENVIRON] = ids.new()
+        environ[REQUEST_ID_KEY] = request_id
+        return str(request_id)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         return self.wsgi_app(environ, start_response)
@@ -142,6 +208,11 @@ class ServeApp:
                     raise ValidationError(f"{name} must be comma-separated numbers, got {text!r}") from None
         return json_response(self.serve.stat(**options))
 
+    def _metrics(self, request: ServeRequest) -> PlainResponse:
+        """The Prometheus exposition (OpenMetrics when the scraper's ``Accept`` asks for it)."""
+        body, content_type = self.serve.metrics.exporter().exposition(request.headers.get("Accept"))
+        return PlainResponse(body, content_type)
+
     def _healthz(self, request: ServeRequest) -> PlainResponse:
         if self.serve.running:
             return text_response("ok\n")
@@ -149,3 +220,15 @@ class ServeApp:
 
     def __repr__(self) -> str:
         return f"<ServeApp {self.serve!r} routes={len(self.url_map)}>"
+
+
+def _adding(start_response: StartResponse, extra: list[tuple[str, str]]) -> StartResponse:
+    """``start_response`` that sends ``extra`` in place of the response's own headers of those names."""
+
+    def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        headers = [(name, value) for name, value in headers if name.lower() not in _OURS] + extra
+        if exc_info is None:
+            return start_response(status, headers)
+        return start_response(status, headers, exc_info)
+
+    return start

@@ -18,6 +18,7 @@ from werkzeug.wsgi import get_input_stream
 
 from ..errors import MethodNotFoundError, PayloadTooLargeError, ValidationError
 from ..invoke import is_public_method
+from ..queues import Timing
 from ..slo import NO_SLO, SLO
 
 CALL_METHOD_KEY = "HTTP_X_SERVE_CALL_METHOD"  # the X-SERVE-CALL-METHOD header in the environ
@@ -29,7 +30,14 @@ _CHUNK = 64 * 1024
 
 
 class ServeRequest(Request):
-    """A Werkzeug request whose body is buffered and which survives pickling."""
+    """A Werkzeug request whose body is buffered and which survives pickling.
+
+    The front notes on it what its response and access log need: the endpoint it was
+    routed to and the :class:`~serve_core.queues.Timing` of its call (neither is pickled).
+    """
+
+    serve_endpoint: str | None = None
+    serve_timing: Timing | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         environ = {k: v for k, v in self.environ.items() if isinstance(v, _PLAIN)}

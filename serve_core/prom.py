@@ -1,0 +1,388 @@
+"""Prometheus metrics of an instance: what the hot path records, and the registry of it.
+
+Metric families (docs/metrics.md has the full reference):
+
+====================================  =========  ==============================  ================================
+name                                  type       labels                          counts
+====================================  =========  ==============================  ================================
+``serve_core_requests_total``         counter    endpoint, backend               every query, once, when answered
+``serve_core_errors_total``           counter    endpoint, backend, kind         queries answered with an error
+``serve_core_request_latency_seconds`` histogram endpoint, backend, phase        queries that ran on a replica
+``serve_core_batch_size``             histogram  backend                         replica calls
+``serve_core_queue_length``           gauge      backend                         queued queries
+``serve_core_in_flight``              gauge      backend                         queries held by replicas
+``serve_core_replicas``               gauge      backend, state                  desired and running replicas
+====================================  =========  ==============================  ================================
+
+Recording costs a few integer increments under the lock the recording code already holds
+(a backend runtime's, the router's): a :class:`LocalMeter` keeps per ``(endpoint, backend)``
+bucket counts in plain lists, one ``bisect`` per observation, and nothing here imports
+``prometheus_client``. The export (:mod:`serve_core.http.metrics`, imported on the first
+scrape) reads the meters and computes the gauges from the runtimes when scraped.
+
+Several worker processes (``gunicorn -w N``) each hold an instance, and a scrape reaches
+one of them. With ``PROMETHEUS_MULTIPROC_DIR`` set, every worker therefore writes through
+to prometheus-client's multiprocess files instead (:class:`serve_core.http.metrics.SharedMeter`,
+about ten times the cost of a local record) and sets its gauges every
+``MetricsConfig.multiprocess_refresh_s`` and before it answers a scrape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .clock import Clock, Timer
+from .errors import (
+    BackPressureError,
+    DeadlineExceededError,
+    NotFoundError,
+    ReplicaDiedError,
+    RequestTimeoutError,
+    ServeStateError,
+    ServeTypeError,
+    ShuttingDownError,
+    ValidationError,
+)
+
+if TYPE_CHECKING:
+    from .executors.base import Outcome
+    from .queues import Query
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+DEFAULT_LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+"""Upper bounds (seconds) of the latency histogram; ``+Inf`` is always added. From 0.5 ms, since a
+no-op call takes tens of microseconds, to a minute."""
+
+DEFAULT_BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Upper bounds of the batch size histogram; ``+Inf`` is always added."""
+
+PHASES = ("queue", "batch_wait", "execution", "total")
+"""Values of the latency histogram's ``phase`` label: queued until a replica was free, held by a
+free replica for its batch to fill, the replica call, and arrival to answer (the sum of the three)."""
+
+ERROR_KINDS = ("user_error", "deadline", "backpressure", "replica_died", "timeout", "shutdown")
+"""Values of ``serve_core_errors_total``'s ``kind`` label (see :func:`error_kind`)."""
+
+
+def error_kind(error: BaseException) -> str:
+    """The ``kind`` an error answered by serve_core counts as (``user_error`` for anything the backend raised)."""
+    if isinstance(error, RequestTimeoutError):
+        return "timeout"
+    if isinstance(error, DeadlineExceededError):
+        return "deadline"
+    if isinstance(error, BackPressureError):
+        return "backpressure"
+    if isinstance(error, ReplicaDiedError):
+        return "replica_died"
+    if isinstance(error, ShuttingDownError):
+        return "shutdown"
+    return "user_error"
+
+
+def _buckets(name: str, value: Any) -> tuple[float, ...]:
+    """Validated upper bounds: finite, positive, strictly increasing; a trailing +Inf is dropped."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ServeTypeError(f"{name} must be a sequence of numbers, got {type(value).__name__}")
+    bounds = list(value)
+    if bounds and bounds[-1] == math.inf:
+        bounds.pop()
+    for bound in bounds:
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound <= 0:
+            raise ValidationError(f"{name} must hold finite numbers > 0, got {bound!r}")
+    if not bounds or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise ValidationError(f"{name} must be non-empty and strictly increasing, got {tuple(value)!r}")
+    return tuple(float(bound) for bound in bounds)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    """What an instance records and adds to HTTP responses: ``Serve(metrics=MetricsConfig(...))``.
+
+    ``Serve(metrics=True)`` (the default) is ``MetricsConfig()``; ``metrics=False`` is
+    ``MetricsConfig(enabled=False)``.
+
+    Attributes:
+        enabled: record the Prometheus metrics (``/-/metrics``, ``Serve.metrics_app()``).
+        latency_buckets: upper bounds in seconds of ``serve_core_request_latency_seconds``.
+        batch_size_buckets: upper bounds of ``serve_core_batch_size``.
+        request_ids: take, or generate, an ``X-Request-ID`` per HTTP request, pass it to the
+            backend (``serve.context.request_id``) and return it.
+        server_timing: add a ``Server-Timing`` header (queue, batch wait, execution, backend).
+        multiprocess_refresh_s: under ``PROMETHEUS_MULTIPROC_DIR``, how often a worker sets its gauges.
+    """
+
+    enabled: bool = True
+    latency_buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS
+    batch_size_buckets: tuple[float, ...] = DEFAULT_BATCH_SIZE_BUCKETS
+    request_ids: bool = True
+    server_timing: bool = True
+    multiprocess_refresh_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "request_ids", "server_timing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ServeTypeError(f"MetricsConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("latency_buckets", "batch_size_buckets"):
+            object.__setattr__(self, name, _buckets(f"MetricsConfig.{name}", getattr(self, name)))
+        refresh = self.multiprocess_refresh_s
+        if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or not 0 < refresh < math.inf:
+            raise ValidationError(f"MetricsConfig.multiprocess_refresh_s must be a positive number, got {refresh!r}")
+
+    @classmethod
+    def of(cls, value: bool | MetricsConfig) -> MetricsConfig:
+        """The config for ``Serve(metrics=value)``."""
+        if isinstance(value, MetricsConfig):
+            return value
+        if isinstance(value, bool):
+            return cls(enabled=value)
+        raise ServeTypeError(f"metrics must be a bool or a MetricsConfig, got {type(value).__name__}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BackendLoad:
+    """A backend runtime's gauges at one instant."""
+
+    queued: int
+    in_flight: int
+    desired: int
+    running: int
+
+
+LoadSource = Callable[[], "BackendLoad | None"]  # None once the runtime is closed
+
+
+class Meter(Protocol):
+    """Where one backend's (or the front's) queries are counted; called under its owner's lock."""
+
+    backend: str
+    load: LoadSource | None
+
+    def finished(self, queries: Sequence[Query], outcomes: Sequence[Outcome], now: float) -> None:
+        """A replica call ended: a request, four latency phases and maybe a user error per query."""
+
+    def answered(self, queries: Iterable[Query], kind: str | None) -> None:
+        """Queries answered without running: with error ``kind``, or dropped (cancelled) when None."""
+
+    def error(self, endpoint: str, kind: str) -> None:
+        """An error whose request is counted elsewhere (the HTTP front's timeout)."""
+
+
+class Series:
+    """The counts of one ``(endpoint, backend)``: requests, errors by kind, latency buckets per phase."""
+
+    __slots__ = ("requests", "errors", "counts", "sums")
+
+    def __init__(self, width: int) -> None:
+        self.requests = 0
+        self.errors: dict[str, int] = {}
+        self.counts = [0] * (len(PHASES) * width)  # per-bucket (not cumulative) counts, phase after phase
+        self.sums = [0.0] * len(PHASES)
+
+    def copy(self) -> Series:
+        copy = Series.__new__(Series)
+        copy.requests, copy.errors = self.requests, dict(self.errors)
+        copy.counts, copy.sums = list(self.counts), list(self.sums)
+        return copy
+
+
+@dataclasses.dataclass(frozen=True)
+class MeterSnapshot:
+    """A copy of a :class:`LocalMeter`'s counts, taken under its lock."""
+
+    backend: str
+    series: dict[str, Series]
+    batch_counts: list[int]
+    batch_sum: float
+
+
+class LocalMeter:
+    """Counts in plain Python lists, recorded under ``lock`` (held by the caller) and read at scrape.
+
+    Args:
+        backend: the ``backend`` label ("" for queries that never reached one).
+        lock: the lock every recording call holds; :meth:`snapshot` takes it.
+        load: the gauges of the backend's runtime.
+        config: the bucket bounds.
+    """
+
+    __slots__ = ("backend", "lock", "load", "_bounds", "_width", "_sizes", "_series", "_batch_counts", "_batch_sum")
+
+    def __init__(self, backend: str, lock: Any, load: LoadSource | None, config: MetricsConfig) -> None:
+        self.backend = backend
+        self.lock = lock
+        self.load = load
+        self._bounds = config.latency_buckets
+        self._width = len(self._bounds) + 1
+        self._sizes = config.batch_size_buckets
+        self._series: dict[str, Series] = {}
+        self._batch_counts = [0] * (len(self._sizes) + 1)
+        self._batch_sum = 0.0
+
+    def _new(self, endpoint: str) -> Series:
+        series = self._series[endpoint] = Series(self._width)
+        return series
+
+    def finished(self, queries: Sequence[Query], outcomes: Sequence[Outcome], now: float) -> None:
+        bounds, width, known = self._bounds, self._width, self._series
+        size = len(queries)
+        self._batch_counts[bisect_left(self._sizes, size)] += 1
+        self._batch_sum += size
+        execution = now - queries[0].dispatched
+        at_execution = 2 * width + bisect_left(bounds, execution)
+        for query, outcome in zip(queries, outcomes):
+            series = known.get(query.endpoint) or self._new(query.endpoint)
+            series.requests += 1
+            counts, sums = series.counts, series.sums
+            waited = query.batch_wait
+            queued = query.dispatched - query.arrival - waited
+            total = now - query.arrival
+            counts[bisect_left(bounds, queued)] += 1
+            counts[width + bisect_left(bounds, waited)] += 1
+            counts[at_execution] += 1
+            counts[3 * width + bisect_left(bounds, total)] += 1
+            sums[0] += queued
+            sums[1] += waited
+            sums[2] += execution
+            sums[3] += total
+            if not outcome.ok:
+                series.errors["user_error"] = series.errors.get("user_error", 0) + 1
+
+    def answered(self, queries: Iterable[Query], kind: str | None) -> None:
+        for query in queries:
+            series = self._series.get(query.endpoint) or self._new(query.endpoint)
+            series.requests += 1
+            if kind is not None:
+                series.errors[kind] = series.errors.get(kind, 0) + 1
+
+    def error(self, endpoint: str, kind: str) -> None:
+        series = self._series.get(endpoint) or self._new(endpoint)
+        series.errors[kind] = series.errors.get(kind, 0) + 1
+
+    def snapshot(self) -> MeterSnapshot:
+        with self.lock:
+            series = {endpoint: counts.copy() for endpoint, counts in self._series.items()}
+            return MeterSnapshot(self.backend, series, list(self._batch_counts), self._batch_sum)
+
+
+class Metrics:
+    """An instance's meters (one per backend runtime, the router's, the HTTP front's) and their export.
+
+    Args:
+        config: what to record (``enabled=False``: :meth:`meter` returns None, nothing is recorded).
+        clock: runs the gauge refresh timer of multiprocess mode.
+    """
+
+    def __init__(self, config: MetricsConfig, clock: Clock) -> None:
+        self.config = config
+        self._clock = clock
+        self._lock = threading.Lock()  # the list of meters, and the front's meter
+        self._meters: list[Any] = []
+        self._exporter: Any = None
+        self._shared: Any = None  # the multiprocess families, under PROMETHEUS_MULTIPROC_DIR
+        self._timer: Timer | None = None
+        self._closed = False
+        if config.enabled and os.environ.get(MULTIPROC_ENV):
+            from .http.metrics import SharedFamilies  # lazy: prometheus-client only when used
+
+            self._shared = SharedFamilies(config)
+            self._timer = clock.call_later(config.multiprocess_refresh_s, self._tick)
+        self._front = self.meter("", self._lock, None)
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    @property
+    def multiprocess(self) -> bool:
+        """True when every worker writes through to ``PROMETHEUS_MULTIPROC_DIR``."""
+        return self._shared is not None
+
+    def meter(self, backend: str, lock: Any, load: LoadSource | None) -> Meter | None:
+        """A new meter for a backend runtime (or the router, ``backend=""``); None when metrics are off.
+
+        Meters of one tag (a runtime replaced by a new one) add up in the export.
+        """
+        if not self.config.enabled:
+            return None
+        meter: Meter
+        if self._shared is not None:
+            meter = self._shared.meter(backend, load)
+        else:
+            meter = LocalMeter(backend, lock, load, self.config)
+        with self._lock:
+            self._meters.append(meter)
+        return meter
+
+    def front_error(self, endpoint: str, kind: str) -> None:
+        """Count an error of the HTTP front (``kind="timeout"``): its query is counted where it ends."""
+        if self._front is not None:
+            with self._lock:
+                self._front.error(endpoint, kind)
+
+    def meters(self) -> list[Any]:
+        with self._lock:
+            return list(self._meters)
+
+    def loads(self) -> dict[str, BackendLoad]:
+        """The gauges of every live runtime, summed per backend tag."""
+        totals: dict[str, BackendLoad] = {}
+        for meter in self.meters():
+            load = meter.load() if meter.load is not None else None
+            if load is None:
+                continue
+            seen = totals.get(meter.backend)
+            if seen is not None:
+                load = BackendLoad(*(a + b for a, b in zip(dataclasses.astuple(seen), dataclasses.astuple(load))))
+            totals[meter.backend] = load
+        return totals
+
+    def refresh(self) -> None:
+        """Multiprocess mode: write this worker's gauges now (before a scrape; also on a timer)."""
+        if self._shared is not None:
+            self._shared.set_gauges(self.loads())
+
+    def exporter(self) -> Any:
+        """The :class:`serve_core.http.metrics.Exporter` of this instance (built on first use).
+
+        Raises:
+            NotFoundError: metrics are disabled on this instance.
+            ServeStateError: prometheus-client is not installed.
+        """
+        if not self.config.enabled:
+            raise NotFoundError("metrics are disabled on this instance (Serve(metrics=False))")
+        if self._exporter is None:
+            try:
+                from .http.metrics import Exporter  # lazy: prometheus-client only when scraped
+            except ImportError as exc:
+                raise ServeStateError(
+                    f"exporting metrics needs prometheus-client: pip install 'serve-core[metrics]' ({exc})"
+                ) from exc
+            self._exporter = Exporter(self)
+        return self._exporter
+
+    def _tick(self) -> None:
+        try:
+            self.refresh()
+        finally:
+            with self._lock:
+                if not self._closed:
+                    self._timer = self._clock.call_later(self.config.multiprocess_refresh_s, self._tick)
+
+    def close(self) -> None:
+        """Stop the gauge timer; in multiprocess mode, this worker's gauges drop to zero."""
+        with self._lock:
+            self._closed = True
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        if self._shared is not None:
+            self._shared.set_gauges({})
