@@ -88,6 +88,7 @@ def init(
     instance_expiry_s: float = DEFAULT_INSTANCE_EXPIRY_S,
     run_replicas: bool = True,
     metrics: bool | MetricsConfig = True,
+    allow_unsigned_store: bool = False,
 ) -> Serve:
     """Start the default instance (see :class:`Serve` for the arguments).
 

@@ -155,6 +155,31 @@ class CodeStore:
         sig = self.signer.sign(f"{tag}/{field}", data)
         return {"kind": "pickle", "data": base64.b64encode(data).decode("ascii"), "sig": sig}
 
+    def seal_value(self, key: str, value: Any) -> Any:
+        """A registry record as stored: ``{"value": value, "sig": hmac}`` (the bare value without a key).
+
+        The signature covers the store key too, so a record cannot be moved to another key.
+        """
+        if not self.signer.can_sign:
+            return value
+        return {"value": value, "sig": self.signer.sign(f"value/{key}", _canonical({"v": value}))}
+
+    def open_value(self, key: str, stored: Any) -> Any:
+        """The value of a record written by :meth:`seal_value`, verified when this store has a key.
+
+        Raises:
+            StoreError: with a key, the record is unsigned or its signature does not verify.
+        """
+        wrapped = isinstance(stored, dict) and set(stored) == {"value", "sig"}
+        if not self.signer.can_sign:
+            return stored["value"] if wrapped else stored
+        if not wrapped or not self.signer.verify(f"value/{key}", _canonical({"v": stored["value"]}), stored["sig"]):
+            raise StoreError(
+                f"record {key!r} in {self.where} is unsigned or its signature does not verify (tampered, written "
+                "without the key, or signed with another one); it was ignored. Set it again through serve_core"
+            )
+        return stored["value"]
+
     def seal(self, tag: str, record: Record) -> Record:
         """``record`` plus a signature over its canonical JSON (unchanged without a key)."""
         if not self.signer.can_sign:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -44,6 +45,7 @@ REVISION = "meta/revision"
 ENDPOINT, BACKEND, CONFIG, TRAFFIC, INSTANCE = "endpoint/", "backend/", "config/", "traffic/", "instance/"
 DEPLOYED = "deployed/"
 _GROUPS = (ENDPOINT, BACKEND, CONFIG, TRAFFIC, INSTANCE, DEPLOYED)
+_SIGNED = (ENDPOINT, CONFIG, TRAFFIC, DEPLOYED)  # wrapped and signed; backend records carry their own seal
 
 
 @dataclasses.dataclass
@@ -73,10 +75,15 @@ class RestoreReport:
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
-    """The store's registry at one revision (one consistent read), records still raw JSON."""
+    """The store's registry at one revision (one consistent read), signatures checked.
+
+    ``records`` holds the verified values (backend records keep their own seal, checked when
+    their code is loaded); ``refused`` names the records whose signature did not verify.
+    """
 
     revision: int
     records: dict[str, dict[str, Any]]  # group prefix -> {name: value}
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)  # store key -> why
 
     def group(self, prefix: str) -> dict[str, Any]:
         return self.records.get(prefix, {})
@@ -88,10 +95,13 @@ class Snapshot:
     def registry(self, where: str) -> tuple[Registry, dict[str, str]]:
         """The registry these records describe, and store key → why a record was left out."""
         registry = Registry(where)
-        problems: dict[str, str] = {}
+        problems: dict[str, str] = dict(self.refused)
         for name, value in self.group(ENDPOINT).items():
             _parse(problems, ENDPOINT + name, partial(_add_endpoint, registry, name, value))
         for tag, value in self.group(BACKEND).items():
+            if CONFIG + tag in self.refused:
+                problems[BACKEND + tag] = f"its config was refused: {self.refused[CONFIG + tag]}"
+                continue
             _parse(problems, BACKEND + tag, partial(_add_backend, registry, tag, value, self.group(CONFIG).get(tag)))
         for name, weights in self.group(TRAFFIC).items():
             _parse(problems, TRAFFIC + name, partial(_set_traffic, registry, name, weights))
@@ -158,15 +168,31 @@ class RegistryStore:
             StoreError: the store cannot be read.
         """
         records: dict[str, dict[str, Any]] = {prefix: {} for prefix in _GROUPS}
+        refused: dict[str, str] = {}
         revision = 0
         for key, value in sorted(self.store.as_dict().items()):
             if key == REVISION:
                 revision = value if isinstance(value, int) else 0
                 continue
             prefix, _, name = key.partition("/")
-            if prefix + "/" in records:
-                records[prefix + "/"][name] = value
-        return Snapshot(revision, records)
+            group = prefix + "/"
+            if group not in records:
+                continue
+            if group in _SIGNED:
+                try:
+                    value = self.code.open_value(key, value)
+                except StoreError as exc:
+                    refused[key] = f"StoreError: {exc}"
+                    continue
+            records[group][name] = value
+        return Snapshot(revision, records, refused)
+
+    def seal(self, items: dict[str, Any]) -> dict[str, Any]:
+        """Registry items as written: the records that decide what runs, or how, signed."""
+        return {
+            key: self.code.seal_value(key, value) if key.partition("/")[0] + "/" in _SIGNED else value
+            for key, value in items.items()
+        }
 
     def revision(self) -> int:
         """The current registry revision (a cheap read: one key)."""
@@ -184,7 +210,7 @@ class RegistryStore:
             StoreError: the store cannot be written.
         """
         expected = revision or None  # revision 0: the key is not there yet
-        return self.store.compare_and_update(REVISION, expected, {**items, REVISION: revision + 1})
+        return self.store.compare_and_update(REVISION, expected, {**self.seal(items), REVISION: revision + 1})
 
     def encode_backend(self, info: BackendInfo, config: BackendConfig) -> dict[str, Any]:
         """The keys to write for a backend (pure: call before starting replicas).
@@ -262,9 +288,37 @@ def traffic_items(endpoint: str, weights: dict[str, float], deployed: bool = Fal
     return items
 
 
-def open_registry_store(kv_store_path: Any, kv_store_connector: Callable[[str], Any] | None) -> RegistryStore:
-    """Open the store ``init`` asked for (see :func:`serve_core.kv.open_store`)."""
+ALLOW_UNSIGNED_ENV = "SERVE_CORE_ALLOW_UNSIGNED"
+"""Set to ``1`` to accept a store without a signing key (as ``allow_unsigned_store=True``)."""
+
+
+def open_registry_store(
+    kv_store_path: Any, kv_store_connector: Callable[[str], Any] | None, allow_unsigned: bool = False
+) -> RegistryStore:
+    """Open the store ``init`` asked for (see :func:`serve_core.kv.open_store`).
+
+    A store without a signing key (PostgreSQL or a connector's store without
+    ``SERVE_CORE_SECRET``) is refused unless ``allow_unsigned`` (or ``SERVE_CORE_ALLOW_UNSIGNED=1``):
+    whoever can write it could otherwise choose the code, configs and traffic every instance runs.
+
+    Raises:
+        StoreError: the store cannot be opened, or has no key and unsigned records were not allowed.
+    """
     from .kv import open_store  # lazy: the kv package may pull in SQLAlchemy
 
     opened = open_store(kv_store_path, kv_store_connector)
+    if opened.secret is None:
+        if not (allow_unsigned or os.environ.get(ALLOW_UNSIGNED_ENV) == "1"):
+            opened.store.close()
+            raise StoreError(
+                f"store {opened.description} has no key to sign its records: set SERVE_CORE_SECRET (at least 16 "
+                "characters, the same for every process on the store), or accept unsigned records with "
+                f"allow_unsigned_store=True or {ALLOW_UNSIGNED_ENV}=1 (then whoever can write the store decides "
+                "what runs)"
+            )
+        log.warning(
+            "serve_core: store %s has no signing key and unsigned records are allowed: whoever can write it "
+            "decides which code, configs and traffic run here (set SERVE_CORE_SECRET to sign them)",
+            opened.description,
+        )
     return RegistryStore(opened.store, opened.secret, opened.description, opened.durable)

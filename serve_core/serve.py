@@ -106,6 +106,9 @@ class Serve:
         metrics: the Prometheus metrics, request ids and ``Server-Timing`` header
             (``True``: all on, the default; ``False``: metrics off; a
             :class:`~serve_core.prom.MetricsConfig` for buckets and each part; docs/metrics.md).
+        allow_unsigned_store: accept a store without a signing key (PostgreSQL or a connector's
+            store without ``SERVE_CORE_SECRET``; also ``SERVE_CORE_ALLOW_UNSIGNED=1``): its records are
+            then trusted unsigned, with a warning at every start (docs/kv.md, threat model).
 
     The registry is kept in the store named by ``kv_store_connector`` / ``kv_store_path``
     (memory when neither is given, or ``":memory:"``) and restored from it here;
@@ -141,6 +144,7 @@ class Serve:
         instance_expiry_s: float = DEFAULT_INSTANCE_EXPIRY_S,
         run_replicas: bool = True,
         metrics: bool | MetricsConfig = True,
+        allow_unsigned_store: bool = False,
     ) -> None:
         self.init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_stat_args((), (), gc_window_seconds)
@@ -191,7 +195,7 @@ class Serve:
         self._state = State.RUNNING
         self._stopped = threading.Event()
         try:
-            self._store = open_registry_store(kv_store_path, kv_store_connector)
+            self._store = open_registry_store(kv_store_path, kv_store_connector, allow_unsigned_store)
         except BaseException:
             self._stop(())
             raise

@@ -208,13 +208,13 @@ def test_a_record_stored_before_code_ids_is_adopted_then_guarded(
 
     monkeypatch.delenv("SERVE_CORE_SECRET", raising=False)
     store = _PlainStore()
-    first = make_serve(kv_store_connector=lambda ns: store, executor="inline")
+    first = make_serve(kv_store_connector=lambda ns: store, executor="inline", allow_unsigned_store=True)
     first.create_backend(echo, "b:v1")
     record = dict(store.data["backend/b:v1"])
     del record["code_id"], record["accepts_batch"]  # as an older serve_core wrote it
     store.data["backend/b:v1"] = record
     first.shutdown()
-    srv = make_serve(kv_store_connector=lambda ns: store, executor="inline")
+    srv = make_serve(kv_store_connector=lambda ns: store, executor="inline", allow_unsigned_store=True)
     assert srv.restored.backends == ["b:v1"]
     srv.create_backend(echo, "b:v1")  # the deployment file again: the id is recorded now
     assert store.data["backend/b:v1"]["code_id"] == code_id(echo)

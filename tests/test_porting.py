@@ -53,7 +53,8 @@ class Counter:
 
 def test_a_three_method_connector_store_receives_every_write_and_restores(make_serve: MakeServe) -> None:
     store = Store08()
-    srv = make_serve(executor="inline", kv_store_connector=lambda namespace: store)
+    # The 0.8 store has no signing key: its records are trusted unsigned only when asked.
+    srv = make_serve(executor="inline", kv_store_connector=lambda namespace: store, allow_unsigned_store=True)
     srv.create_endpoint("greet", "/greet")
     srv.create_backend(greet, "greet:v1")
     srv.link("greet", "greet:v1")
@@ -61,7 +62,7 @@ def test_a_three_method_connector_store_receives_every_write_and_restores(make_s
     assert {key.split("/")[0] for key in store.writes} == kinds
     assert {"endpoint/greet", "backend/greet:v1", "config/greet:v1", "traffic/greet"} <= set(store.writes)
     srv.shutdown()
-    again = make_serve(executor="inline", kv_store_connector=lambda namespace: store)
+    again = make_serve(executor="inline", kv_store_connector=lambda namespace: store, allow_unsigned_store=True)
     assert again.restored.backends == ["greet:v1"]
     assert again.get_handle("greet").remote(name="0.8").result(0) == "hello 0.8"
 

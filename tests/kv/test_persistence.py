@@ -110,12 +110,13 @@ def test_a_custom_connector_receives_the_writes(make_serve: MakeServe, secret: s
         ["config/shout:v1"],
     ]
     data = store.as_dict()
-    assert data["endpoint/api"] == {"route": "/api", "methods": ["GET", "POST"]}
+    assert data["endpoint/api"]["value"] == {"route": "/api", "methods": ["GET", "POST"]}
+    assert set(data["endpoint/api"]) == {"value", "sig"}  # signed with SERVE_CORE_SECRET
     assert data["backend/greet:v1"]["target"] == {"kind": "import", "ref": "tests.kv.backends:Greeter"}
     assert data["backend/greet:v1"]["init_args"] == {"kind": "json", "value": ["hello"]}
     assert data["backend/shout:v1"]["target"]["kind"] == "pickle"
-    assert data["config/shout:v1"]["num_replicas"] == 2
-    assert data["traffic/api"] == {"greet:v1": 0.5, "shout:v1": 0.5}
+    assert data["config/shout:v1"]["value"]["num_replicas"] == 2
+    assert data["traffic/api"]["value"] == {"greet:v1": 0.5, "shout:v1": 0.5}
 
 
 def test_a_connector_store_shared_by_two_instances_restores(make_serve: MakeServe) -> None:
@@ -156,12 +157,17 @@ def test_a_failed_write_changes_nothing(make_serve: MakeServe, secret: str) -> N
     assert srv.get_handle("api").remote(name="n").result(WAIT) == "echo n"
 
 
-def test_code_that_cannot_be_signed_is_refused_clearly(
-    make_serve: MakeServe, monkeypatch: pytest.MonkeyPatch
+def test_a_store_without_a_key_is_refused_unless_allowed(
+    make_serve: MakeServe, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.delenv("SERVE_CORE_SECRET", raising=False)
     store = RecordingStore("registry")
-    srv = make_serve(kv_store_connector=lambda ns: store)
+    with pytest.raises(StoreError, match="SERVE_CORE_SECRET") as refused:
+        make_serve(kv_store_connector=lambda ns: store)
+    assert "allow_unsigned_store=True" in str(refused.value) and not store.writes
+    with caplog.at_level(logging.WARNING, logger="serve_core"):
+        srv = make_serve(kv_store_connector=lambda ns: store, allow_unsigned_store=True)
+    assert any("unsigned records are allowed" in r.message for r in caplog.records)  # warned at every start
     srv.create_backend(echo, "echo:v1")  # importable: fine without a key
     with pytest.raises(StoreError, match="SERVE_CORE_SECRET"):
         srv.create_backend(make_shout("?"), "shout:v1")
@@ -169,7 +175,25 @@ def test_code_that_cannot_be_signed_is_refused_clearly(
     with pytest.raises(NotFoundError):
         srv.get_backend_config("shout:v1")
     assert "sig" not in store.get("backend/echo:v1")  # no key: import paths only, unsigned
+    monkeypatch.setenv("SERVE_CORE_ALLOW_UNSIGNED", "1")  # the same opt-in, from the environment
     assert make_serve(kv_store_connector=lambda ns: store).restored.backends == ["echo:v1"]
+
+
+def test_tampered_config_and_traffic_records_are_refused(
+    make_serve: MakeServe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "r.db"
+    _sqlite_registry(make_serve, path, monkeypatch)
+    store = SQLKVStore(str(path), "registry")
+    config = store.get("config/greet:v1")
+    config["value"]["num_replicas"] = 50  # an attacker scales it, keeping the old signature
+    store.put("config/greet:v1", config)
+    store.put("traffic/api", {"shout:v1": 1.0})  # or writes a record without one
+    store.close()
+    srv = make_serve(kv_store_path=str(path))
+    assert "signature does not verify" in srv.restored.failed["backend/greet:v1"]
+    assert "unsigned" in srv.restored.failed["traffic/api"]
+    assert "greet:v1" not in srv.restored.backends
 
 
 def test_a_closure_is_signed_with_the_environment_secret(

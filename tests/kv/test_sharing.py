@@ -140,10 +140,11 @@ def test_split_and_scale_from_the_shell_reach_a_running_server(tmp_path: Path) -
     app, store = tmp_path / "app.py", str(tmp_path / "s.db")
     app.write_text(textwrap.dedent(APP))
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serve_core.cli", "run", str(app), "--port", str(port), "--kv-store", store],
-        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    with (tmp_path / "server.log").open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serve_core.cli", "run", str(app), "--port", str(port), "--kv-store", store],
+            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=sink, stderr=sink,
+        )
     try:
         url = f"http://127.0.0.1:{port}/echo"
         assert wait_until(lambda: _answers(url) == {"v1"}, 3 * WAIT)
@@ -163,7 +164,6 @@ def test_split_and_scale_from_the_shell_reach_a_running_server(tmp_path: Path) -
     finally:
         proc.terminate()
         proc.wait(WAIT)
-        proc.stderr.close()  # type: ignore[union-attr]
 
 
 def _answers(url: str) -> set[str]:
@@ -188,11 +188,12 @@ def test_wsgi_workers_converge_on_one_registry(server: str, tmp_path: Path) -> N
     else:
         command = ["-m", "serve_core.cli", "run", str(app), "--server", "granian", "--workers", "2",
                    "--port", str(port), "--kv-store", store]
-    proc = subprocess.Popen(
-        [sys.executable, *command], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    log = tmp_path / "server.log"  # a file, not a pipe nobody reads: a full pipe would block the server
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, *command], cwd=tmp_path, env=env, stdout=sink, stderr=sink)
     try:
-        assert wait_until(lambda: Path(store).exists() and _converged(store, tmp_path, 2), 6 * WAIT)
+        converged = wait_until(lambda: Path(store).exists() and _converged(store, tmp_path, 2), 6 * WAIT)
+        assert converged, log.read_text()
         url = f"http://127.0.0.1:{port}/echo"
         assert _answers(url) == {"v1"}
         split = _cli("split", "--kv-store", store, "echo", "echo:v2=1", cwd=tmp_path)
@@ -202,7 +203,6 @@ def test_wsgi_workers_converge_on_one_registry(server: str, tmp_path: Path) -> N
     finally:
         proc.terminate()
         proc.wait(3 * WAIT)
-        proc.stderr.close()  # type: ignore[union-attr]
 
 
 def _has(module: str) -> bool:
