@@ -132,6 +132,7 @@ _VALIDATORS: dict[str, Callable[[str, Any], None]] = {
     "autoscaling": _autoscaling,
     "health_check_period_s": _positive_number,
     "health_check_timeout_s": _positive_number,
+    "call_timeout_s": lambda n, v: None if v is None else _positive_number(n, v),
 }
 
 DEFAULT_HEALTH_CHECK_PERIOD_S = 10.0
@@ -168,6 +169,8 @@ class BackendConfig:
             replica (> 0).
         health_check_timeout_s: how long one check may take before the replica counts as
             unhealthy (> 0).
+        call_timeout_s: how long one replica call may run (``None``: no limit); past it the
+            call fails with ``DeadlineExceededError`` and its replica is replaced.
     """
 
     num_replicas: int = 1
@@ -185,6 +188,7 @@ class BackendConfig:
     autoscaling: AutoscalingConfig | None = None
     health_check_period_s: float = DEFAULT_HEALTH_CHECK_PERIOD_S
     health_check_timeout_s: float = DEFAULT_HEALTH_CHECK_TIMEOUT_S
+    call_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         self.check()

@@ -79,12 +79,13 @@ def retry_after_hint(queued: int, in_flight: int, mean_call_s: float) -> float:
 class Slot:
     """A replica and the calls it holds (at most ``capacity`` at once), by token."""
 
-    __slots__ = ("replica", "capacity", "calls", "retired", "drained")
+    __slots__ = ("replica", "capacity", "calls", "retired", "drained", "timers")
 
     def __init__(self, replica: Replica, capacity: int) -> None:
         self.replica = replica
         self.capacity = capacity
         self.calls: dict[int, list[Query]] = {}
+        self.timers: dict[int, Timer] = {}  # token -> its call_timeout_s timer, when one is set
         self.retired = False  # taken out of service: finishes its calls, gets no new ones
         self.drained: Future[None] = Future()  # resolves once retired (or dropped) with no call left
 
@@ -323,6 +324,10 @@ class BackendRuntime:
                 query.dispatched = now
                 if filling is not None:  # the batch waited to fill: since then, or since the query came
                     query.batch_wait = now - max(filling, query.arrival)
+            if config.call_timeout_s is not None:
+                slot.timers[token] = self._clock.call_later(
+                    config.call_timeout_s, partial(self._call_timed_out, slot, token, config.call_timeout_s)
+                )
             work.append((slot, token, queries))
         if not queue:
             self._filling_since = None
@@ -415,8 +420,11 @@ class BackendRuntime:
         error: BaseException | None = None
         with self._lock:
             queries = slot.calls.pop(token, None)
+            timer = slot.timers.pop(token, None) if slot.timers else None
+            if timer is not None:
+                timer.cancel()
             if queries is None:
-                return [], []  # abandoned by shutdown, which answered its queries
+                return [], []  # abandoned by shutdown or by its call timeout, which answered its queries
             if not slot.calls:
                 self._active.discard(slot)
             if isinstance(died, NotDeliveredError):
@@ -488,6 +496,45 @@ class BackendRuntime:
             query.future.timing = Timing(
                 self.tag, replica, query.dispatched - query.arrival - waited, waited, execution
             )
+
+    def _call_timed_out(self, slot: Slot, token: int, seconds: float) -> None:
+        """A call ran past ``call_timeout_s`` (a timer): fail it, requeue what waited on that replica, replace it."""
+        with self._lock:
+            queries = slot.calls.pop(token, None)
+            slot.timers.pop(token, None)
+            if queries is None:
+                return  # it finished meanwhile
+            behind = [query for call in slot.calls.values() for query in call]  # handed to it, not started
+            slot.calls.clear()
+            for timer in slot.timers.values():
+                timer.cancel()
+            slot.timers.clear()
+            self._active.discard(slot)
+            replace, failed, error = self._requeue(slot, behind) if behind else (self._drop(slot), [], None)
+            self.requests.inc(len(queries))
+            self.errors.inc(len(queries))
+            self._stamp(slot, queries, self._clock.monotonic())
+            timeout = DeadlineExceededError(
+                f"the call to backend {self.tag!r} ran longer than its call_timeout_s={seconds:g}; its replica "
+                f"{slot.replica.replica_id} is replaced"
+            )
+            if self._meter is not None:
+                self._meter.answered(queries, "deadline")
+            work, expired = self._take() if self._idle and self._queue else ([], [])
+        log.warning(
+            "backend %r: a call on replica %s ran past call_timeout_s=%g; replacing the replica (a process "
+            "or Ray replica is killed; a thread cannot be: a thread or inline replica's call is abandoned, "
+            "still running)", self.tag, slot.replica.replica_id, seconds,
+        )
+        for query in queries:
+            self._count_error(query.endpoint)
+            _answer(query, False, timeout)
+        for query in failed:
+            self._count_error(query.endpoint)
+            _answer(query, False, error)
+        if replace:
+            self._replace_later(slot.replica)
+        self._run(work, expired)
 
     def _requeue(self, slot: Slot, queries: list[Query]) -> tuple[bool, list[Query], BaseException | None]:
         """The replica never got the call: the queries go back in the queue, the slot goes (under the lock)."""
