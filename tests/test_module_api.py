@@ -13,7 +13,7 @@ from serve_core.errors import ServeStateError
 from .conftest import WAIT
 
 EXPORTED = {
-    "BackPressureError", "BackendConfig", "BatchAnnotationError", "BatchResultError", "ConflictError",
+    "AutoscalingConfig", "BackPressureError", "BackendConfig", "BatchAnnotationError", "BatchResultError", "ConflictError",
     "DeadlineExceededError", "MethodNotFoundError", "NotFoundError", "Policy", "RayServeException",
     "ReplicaDiedError", "RoutePolicy", "Serve", "ServeError", "ServeHandle", "ServeStateError",
     "ServeTypeError", "ShuttingDownError", "StoreError", "ValidationError", "WebOnlyAccessError", "__version__",
