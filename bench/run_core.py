@@ -12,6 +12,10 @@ the same machine load. Two ratios are printed:
 It also counts the function calls of one inline request (a work measure that no load
 can skew).
 
+Pairs (d) and (e) compare the handle round trip with the Prometheus metrics recorded (the
+default, ``Serve(metrics=True)``) against the same instance kind with ``metrics=False``
+(issue 13's target: at most 1.05x). ``--only d e`` runs just those.
+
 A thread hand-off is dominated by how fast the OS wakes a thread on the *other* core, which
 on a small VM varies from run to run (a bare hand-off measured 20 to 60 µs here, idle or
 loaded). ``--pin CPU`` runs everything on one CPU, which removes that noise and leaves the
@@ -97,16 +101,20 @@ def main() -> None:
     parser.add_argument(
         "--pin", type=int, metavar="CPU", help="run on this CPU only (no cross-core wake-ups; see below)"
     )
+    parser.add_argument("--only", nargs="+", metavar="LETTER", help="run only these pairs, e.g. --only d e")
     args = parser.parse_args()
     if args.pin is not None:
         os.sched_setaffinity(0, {args.pin})  # threads started from now on inherit it
     with (
         Serve(executor="thread", start_server=False) as threaded,
         Serve(executor="inline", start_server=False) as inline,
+        Serve(executor="thread", start_server=False, metrics=False) as threaded_off,
+        Serve(executor="inline", start_server=False, metrics=False) as inline_off,
         ThreadPoolExecutor(1) as pool,
     ):
         thread_handle = cases.noop_handle(threaded)
         inline_handle = cases.noop_handle(inline)
+        thread_off, inline_off_handle = cases.noop_handle(threaded_off), cases.noop_handle(inline_off)
         cases.warm_pool(pool)
         pairs: list[Pair] = [
             (
@@ -130,7 +138,23 @@ def main() -> None:
                 1000,
                 None,
             ),
+            (
+                "(d) thread handle, metrics on / metrics off",
+                partial(cases.handle_round_trip, thread_handle),
+                partial(cases.handle_round_trip, thread_off),
+                100,
+                1.05,
+            ),
+            (
+                "(e) inline handle, metrics on / metrics off",
+                partial(cases.handle_round_trip, inline_handle),
+                partial(cases.handle_round_trip, inline_off_handle),
+                1000,
+                1.05,
+            ),
         ]
+        if args.only:
+            pairs = [pair for pair in pairs if pair[0][1] in args.only]
         print(f"{'pair':<56} {'subject':>11} {'baseline':>11} {'wall':>9} {'cpu':>9}")
         for name, subject, baseline, loops, target in pairs:
             measure(subject, baseline, loops, 3)  # warm-up
@@ -144,6 +168,8 @@ def main() -> None:
             )
         python_calls, c_calls = calls_per_request(partial(cases.handle_round_trip, inline_handle))
         print(f"function calls per inline request: {python_calls:.0f} Python, {c_calls:.0f} C")
+        python_off, c_off = calls_per_request(partial(cases.handle_round_trip, inline_off_handle))
+        print(f"  with metrics=False: {python_off:.0f} Python, {c_off:.0f} C")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
         help="on SIGTERM/SIGINT, how long queued and running calls may finish (default: %(default)s)",
     )
     run.add_argument("--workers", type=_positive, default=1, help="worker processes (granian only; default: 1)")
+    run.add_argument(
+        "--log-format", choices=("text", "json"), default="text",
+        help="access log on stderr, one record per request: text lines or JSON objects (default: %(default)s)",
+    )
     for name, help_text in (("routes", "print a running server's routes"), ("stat", "print its metrics")):
         query = commands.add_parser(name, help=help_text)
         query.add_argument("--url", default="http://127.0.0.1:8000", help="server URL (default: %(default)s)")
@@ -213,6 +217,9 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     import serve_core as serve
 
+    from .http.accesslog import configure_access_log
+
+    configure_access_log(args.log_format)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

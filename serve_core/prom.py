@@ -176,27 +176,48 @@ class Meter(Protocol):
         """An error whose request is counted elsewhere (the HTTP front's timeout)."""
 
 
+@dataclasses.dataclass
 class Series:
-    """The counts of one ``(endpoint, backend)``: requests, errors by kind, latency buckets per phase."""
+    """The totals of one ``(endpoint, backend)`` in a snapshot: requests, errors, latency per phase.
 
-    __slots__ = ("requests", "errors", "counts", "sums")
+    ``counts`` holds per-bucket (not cumulative) counts, the buckets of one phase after
+    another (:data:`PHASES` order, ``len(bounds) + 1`` buckets each, the last past every
+    bound); ``sums`` the sum of each phase.
+    """
+
+    requests: int
+    errors: dict[str, int]
+    counts: list[int]
+    sums: list[float]
+
+    def add(self, other: Series) -> None:
+        self.requests += other.requests
+        for kind, number in other.errors.items():
+            self.errors[kind] = self.errors.get(kind, 0) + number
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.sums = [a + b for a, b in zip(self.sums, other.sums)]
+
+
+class _Counts:
+    """What the hot path keeps per endpoint; :meth:`LocalMeter.snapshot` completes it to a :class:`Series`.
+
+    Kept to the least the hot path must touch: a query that ran counts as a request through
+    its ``total`` bucket, a zero batch wait (no batching: the common case) is not recorded but
+    derived (queries that ran minus nonzero waits), and the ``total`` sum is the sum of the others.
+    """
+
+    __slots__ = ("answered", "errors", "counts", "sums")
 
     def __init__(self, width: int) -> None:
-        self.requests = 0
+        self.answered = 0  # requests answered without running (refused, expired, dropped...)
         self.errors: dict[str, int] = {}
-        self.counts = [0] * (len(PHASES) * width)  # per-bucket (not cumulative) counts, phase after phase
-        self.sums = [0.0] * len(PHASES)
-
-    def copy(self) -> Series:
-        copy = Series.__new__(Series)
-        copy.requests, copy.errors = self.requests, dict(self.errors)
-        copy.counts, copy.sums = list(self.counts), list(self.sums)
-        return copy
+        self.counts = [0] * (len(PHASES) * width)
+        self.sums = [0.0, 0.0, 0.0]  # queue, batch_wait, execution
 
 
 @dataclasses.dataclass(frozen=True)
 class MeterSnapshot:
-    """A copy of a :class:`LocalMeter`'s counts, taken under its lock."""
+    """A meter's totals, taken under its lock: per endpoint, and the batch size histogram."""
 
     backend: str
     series: dict[str, Series]
@@ -214,52 +235,73 @@ class LocalMeter:
         config: the bucket bounds.
     """
 
-    __slots__ = ("backend", "lock", "load", "_bounds", "_width", "_sizes", "_series", "_batch_counts", "_batch_sum")
+    __slots__ = (
+        "backend", "lock", "load", "_bounds", "_width", "_at_execution", "_at_total", "_sizes", "_series",
+        "_batch_counts", "_batch_sum",
+    )
 
     def __init__(self, backend: str, lock: Any, load: LoadSource | None, config: MetricsConfig) -> None:
         self.backend = backend
         self.lock = lock
         self.load = load
         self._bounds = config.latency_buckets
-        self._width = len(self._bounds) + 1
+        self._width = width = len(self._bounds) + 1
+        self._at_execution, self._at_total = 2 * width, 3 * width  # where those phases' buckets start
         self._sizes = config.batch_size_buckets
-        self._series: dict[str, Series] = {}
+        self._series: dict[str, _Counts] = {}
+        # Calls of more than one query only: single calls are the queries that ran minus these.
         self._batch_counts = [0] * (len(self._sizes) + 1)
-        self._batch_sum = 0.0
+        self._batch_sum = 0
 
-    def _new(self, endpoint: str) -> Series:
-        series = self._series[endpoint] = Series(self._width)
-        return series
+    def _new(self, endpoint: str) -> _Counts:
+        counts = self._series[endpoint] = _Counts(self._width)
+        return counts
 
     def finished(self, queries: Sequence[Query], outcomes: Sequence[Outcome], now: float) -> None:
-        bounds, width, known = self._bounds, self._width, self._series
-        size = len(queries)
-        self._batch_counts[bisect_left(self._sizes, size)] += 1
-        self._batch_sum += size
+        bounds = self._bounds
+        if len(queries) == 1:  # the common case, unrolled
+            query = queries[0]
+            series = self._series.get(query.endpoint) or self._new(query.endpoint)
+            counts, sums = series.counts, series.sums
+            dispatched, arrival, waited = query.dispatched, query.arrival, query.batch_wait
+            queued = dispatched - arrival - waited
+            execution = now - dispatched
+            counts[bisect_left(bounds, queued)] += 1
+            counts[self._at_execution + bisect_left(bounds, execution)] += 1
+            counts[self._at_total + bisect_left(bounds, now - arrival)] += 1
+            sums[0] += queued
+            sums[2] += execution
+            if waited:
+                counts[self._width + bisect_left(bounds, waited)] += 1
+                sums[1] += waited
+            if not outcomes[0].ok:
+                series.errors["user_error"] = series.errors.get("user_error", 0) + 1
+            return
+        width = self._width
+        self._batch_counts[bisect_left(self._sizes, len(queries))] += 1
+        self._batch_sum += len(queries)
         execution = now - queries[0].dispatched
-        at_execution = 2 * width + bisect_left(bounds, execution)
+        at_execution, at_total = self._at_execution + bisect_left(bounds, execution), self._at_total
         for query, outcome in zip(queries, outcomes):
-            series = known.get(query.endpoint) or self._new(query.endpoint)
-            series.requests += 1
+            series = self._series.get(query.endpoint) or self._new(query.endpoint)
             counts, sums = series.counts, series.sums
             waited = query.batch_wait
             queued = query.dispatched - query.arrival - waited
-            total = now - query.arrival
             counts[bisect_left(bounds, queued)] += 1
-            counts[width + bisect_left(bounds, waited)] += 1
             counts[at_execution] += 1
-            counts[3 * width + bisect_left(bounds, total)] += 1
+            counts[at_total + bisect_left(bounds, now - query.arrival)] += 1
             sums[0] += queued
-            sums[1] += waited
             sums[2] += execution
-            sums[3] += total
+            if waited:
+                counts[width + bisect_left(bounds, waited)] += 1
+                sums[1] += waited
             if not outcome.ok:
                 series.errors["user_error"] = series.errors.get("user_error", 0) + 1
 
     def answered(self, queries: Iterable[Query], kind: str | None) -> None:
         for query in queries:
             series = self._series.get(query.endpoint) or self._new(query.endpoint)
-            series.requests += 1
+            series.answered += 1
             if kind is not None:
                 series.errors[kind] = series.errors.get(kind, 0) + 1
 
@@ -268,9 +310,22 @@ class LocalMeter:
         series.errors[kind] = series.errors.get(kind, 0) + 1
 
     def snapshot(self) -> MeterSnapshot:
+        """The totals, the derived counts filled in (copied under the lock, completed outside it)."""
         with self.lock:
-            series = {endpoint: counts.copy() for endpoint, counts in self._series.items()}
-            return MeterSnapshot(self.backend, series, list(self._batch_counts), self._batch_sum)
+            raw = [(e, c.answered, dict(c.errors), list(c.counts), list(c.sums)) for e, c in self._series.items()]
+            batch_counts, batch_sum = list(self._batch_counts), self._batch_sum
+        width = self._width
+        series: dict[str, Series] = {}
+        ran_in_all = 0
+        for endpoint, answered, errors, counts, (queue, batch_wait, execution) in raw:
+            ran = sum(counts[3 * width :])
+            ran_in_all += ran
+            counts[width] += ran - sum(counts[width : 2 * width])  # zero batch waits: the first bucket
+            sums = [queue, batch_wait, execution, queue + batch_wait + execution]
+            series[endpoint] = Series(answered + ran, errors, counts, sums)
+        singles = ran_in_all - batch_sum
+        batch_counts[bisect_left(self._sizes, 1)] += singles
+        return MeterSnapshot(self.backend, series, batch_counts, float(batch_sum + singles))
 
 
 class Metrics:

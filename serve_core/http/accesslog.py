@@ -73,7 +73,7 @@ def server_timing(timing: Timing) -> str:
 def _quoted(text: str) -> str:
     """A header quoted-string; characters outside printable ASCII are percent-encoded (UTF-8)."""
     if not all(" " <= char <= "~" for char in text):
-        text = quote(text, safe=" !#$%&'()*+,-./:;<=>?@[]^_`{|}~")
+        text = quote(text, safe="".join(map(chr, range(0x20, 0x7F))))  # only what is not printable ASCII
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

@@ -34,6 +34,7 @@ ENV_MAX_BODY_BYTES = "SERVE_CORE_MAX_BODY_BYTES"
 ENV_REQUEST_TIMEOUT = "SERVE_CORE_REQUEST_TIMEOUT"  # seconds; 0 for no limit
 ENV_DRAIN_TIMEOUT = "SERVE_CORE_DRAIN_TIMEOUT"  # seconds
 ENV_URL = "SERVE_CORE_URL"  # for the banner printed by the worker
+ENV_LOG_FORMAT = "SERVE_CORE_LOG_FORMAT"  # "text" or "json": the worker writes the access log; unset: it does not
 # Threads running WSGI calls; each waits for its call's result, so this bounds concurrency.
 GRANIAN_THREADS = 32
 
@@ -44,6 +45,11 @@ def app_from_env() -> Any:
     from serve_core.cli import app_search_path, deploy_file, describe
     from serve_core.serve import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HTTP_REQUEST_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
+    log_format = os.environ.get(ENV_LOG_FORMAT)
+    if log_format:
+        from .accesslog import configure_access_log
+
+        configure_access_log(log_format)
     app_file = os.environ.get(ENV_APP)
     if app_file:
         app_search_path(app_file)
@@ -80,6 +86,7 @@ def run_granian(args: argparse.Namespace) -> int:
     os.environ[ENV_REQUEST_TIMEOUT] = str(args.request_timeout or 0)
     os.environ[ENV_DRAIN_TIMEOUT] = str(args.drain_timeout)
     os.environ[ENV_URL] = f"http://{args.host}:{args.port}"
+    os.environ[ENV_LOG_FORMAT] = args.log_format
     if not is_loopback(args.host):
         log.warning(
             "serving HTTP on non-loopback address %s without authentication",
