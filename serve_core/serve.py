@@ -31,16 +31,14 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from .clock import Clock, SystemClock, wait_for
-from .codestore import ModuleInitializingError
 from .config import BackendConfig
+from .converge import Converger
 from .errors import NotFoundError, ServeStateError, ShuttingDownError, StoreError, ValidationError
 from .executors.base import Executor, ExecutorPool, Replica
 from .handle import ServeHandle
 from .metrics import check_stat_args
 from .persistence import (
-    BACKEND,
     CONFIG,
-    INSTANCE,
     TRAFFIC,
     RestoreReport,
     Snapshot,
@@ -52,12 +50,12 @@ from .persistence import (
 from .policy import PolicySpec, RoutePolicy
 from .prom import Metrics, MetricsConfig
 from .queues import NO_DEADLINE, Query, ServeFuture
-from .registry import BackendInfo, BackendSpec, Registry
+from .registry import BackendInfo, Registry
 from .router import Router
 from .runtime import BackendRuntime
 from .slo import NO_SLO, SLO
 from .split import Traffic
-from .sync import InstanceRecord, RegistryWatcher, live_instances
+from .sync import InstanceBeacon, InstanceRecord, RegistryWatcher
 
 if TYPE_CHECKING:
     from .http.app import ServeApp
@@ -160,21 +158,9 @@ class Serve:
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.heartbeat_s, self.instance_expiry_s = heartbeat_s, instance_expiry_s
         self._run_replicas = run_replicas
-        self._registry = Registry()
-        self._revision = -1  # the store revision applied here (-1: none yet)
-        self._routes_version = 0
-        self._runtimes: dict[str, BackendRuntime] = {}
-        self._applied_traffic: dict[str, dict[str, float]] = {}
-        self._deferred: set[str] = set()  # backends whose module is still being imported
-        self._failed: dict[str, str | None] = {}  # tag -> code id that could not be loaded here
-        self._reported: set[str] = set()  # store problems already logged
-        self._retiring: list[threading.Thread] = []
         self._keeping_store = False  # inside keep_store_state()
         self._changed_here: set[str] = set()  # backends whose code keep_store_state()'s block wrote
         self._notes: list[str] = []
-        self._started_wall = self.clock.wall()
-        self._next_beat = -math.inf
-        self._next_sweep = -math.inf
         self._http_attached: str | None = None
         self._watcher: RegistryWatcher | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -199,6 +185,15 @@ class Serve:
         except BaseException:
             self._stop(())
             raise
+        self._beacon = InstanceBeacon(self._store, self.clock, self.instance_id, heartbeat_s, instance_expiry_s)
+        self._conv = Converger(
+            store=self._store,
+            router=self._router,
+            new_runtime=self._new_runtime,
+            clock=self.clock,
+            drain_timeout_s=drain_timeout_s,
+            run_replicas=run_replicas,
+        )
         self.restored: RestoreReport = self._restore()
         if start_server:
             self._start_http(http_host, http_port, blocking)
@@ -278,7 +273,7 @@ class Serve:
         with self._admin:
             first = self._state is State.RUNNING
             self._state = State.DRAINING if first else self._state
-            runtimes = list(self._runtimes.values())
+            runtimes = list(self._conv.runtimes.values())
         if not first:  # another thread is shutting it down: return once it has stopped
             self._stopped.wait(2 * self.drain_timeout_s + STOP_GRACE_S)
             return
@@ -317,18 +312,18 @@ class Serve:
             self._watcher.stop()
         if self._watcher is not None:
             try:  # gone from `serve-core status` at once, rather than when the record expires
-                self._store.drop_instances([self.instance_id])
+                self._beacon.remove()
             except StoreError as exc:
                 log.warning("serve_core: could not remove this instance's record: %s", exc)
 
     def _stop(self, runtimes: Iterable[BackendRuntime], stop_timeout: float = 0.0) -> None:
         with self._admin:
             self._state = State.STOPPED
-            retiring = list(self._retiring)
         for runtime in runtimes:
             runtime.close(stop_timeout)
-        for thread in retiring:
-            thread.join(stop_timeout)
+        converger = getattr(self, "_conv", None)  # absent when the store could not be opened
+        if converger is not None:
+            converger.join_retiring(stop_timeout)
         self._executors.shutdown()
         if self._http is not None:
             self._http.close()
@@ -353,153 +348,38 @@ class Serve:
         with self._admin:
             if self._state is not State.RUNNING:
                 return
-            if self._store.revision() != self._revision or self._deferred:
+            if self._store.revision() != self._conv.revision or self._conv.deferred:
                 self._converge(self._store.load())
             if self._watcher is not None:
                 self._beat()
 
     def _converge(self, snapshot: Snapshot, report: RestoreReport | None = None) -> None:
-        """Make this instance serve what ``snapshot`` holds: routes, backends, configs, traffic."""
-        registry, problems = snapshot.registry(self._store.description)
-        for key, why in problems.items():
-            self._problem(key, why, report)
-        if self._run_replicas:
-            self._converge_backends(snapshot, registry, report)
-            self._converge_traffic(registry, report)
-        if registry.route_table() != self._registry.route_table():
-            self._routes_version += 1
-        if report is not None:
-            report.endpoints.extend(registry.endpoints)
-        if snapshot.revision != self._revision:
-            self._next_beat = -math.inf  # tell the store at once which revision is applied here
-        self._registry, self._revision = registry, snapshot.revision
-
-    def _converge_backends(self, snapshot: Snapshot, registry: Registry, report: RestoreReport | None) -> None:
-        records = snapshot.group(BACKEND)
-        for tag, spec in registry.backends.items():
-            runtime = self._runtimes.get(tag)
-            config = registry.configs[tag]
-            if runtime is not None and spec.code_id in (None, runtime.definition.code_id):
-                if runtime.config != config:
-                    self._reconfigure(runtime, config)
-                continue
-            if tag in self._failed and self._failed[tag] == spec.code_id:
-                continue  # this code failed here already: wait for new code (or a restart)
-            self._start_stored(tag, records[tag], spec, config, report)
-
-    def _start_stored(
-        self, tag: str, record: Any, spec: BackendSpec, config: BackendConfig, report: RestoreReport | None
-    ) -> None:
-        try:
-            info = self._store.decode_backend(tag, record, spec)
-        except ModuleInitializingError as exc:
-            if tag not in self._deferred:
-                log.info("serve_core: backend %r waits: %s", tag, exc)
-                if report is not None:
-                    report.deferred.append(tag)
-            self._deferred.add(tag)
-            return
-        except Exception as exc:  # noqa: BLE001 - loading user code can raise anything
-            self._failed[tag] = spec.code_id
-            self._problem(BACKEND + tag, f"{type(exc).__name__}: {exc}", report)
-            return
-        self._deferred.discard(tag)
-        runtime = self._new_runtime(info, config)
-        try:
-            runtime.start()
-        except Exception as exc:  # noqa: BLE001 - a constructor that raises must not stop the others
-            runtime.close(0)
-            self._failed[tag] = spec.code_id
-            self._problem(BACKEND + tag, f"{type(exc).__name__}: {exc}", report)
-            return
-        self._failed.pop(tag, None)
-        self._install(runtime)
-        if report is not None:
-            report.backends.append(tag)
-
-    def _reconfigure(self, runtime: BackendRuntime, config: BackendConfig) -> None:
-        try:
-            runtime.reconfigure(config)
-        except Exception as exc:  # noqa: BLE001 - the store's config stays desired; status shows the gap
-            log.error(
-                "serve_core: backend %r: could not apply the stored config here (%s: %s); running %d replicas",
-                runtime.tag, type(exc).__name__, exc, len(runtime.replicas()),
-            )
-
-    def _converge_traffic(self, registry: Registry, report: RestoreReport | None) -> None:
-        for name, weights in registry.traffic.items():
-            kept = {tag: weight for tag, weight in weights.items() if tag in self._runtimes}
-            missing = sorted(tag for tag, weight in weights.items() if tag not in kept and weight > 0)
-            total = sum(kept.values())
-            if total <= 0:
-                if not self._deferred.intersection(weights):
-                    why = f"StoreError: none of its backends with weight runs here (missing {missing})"
-                    self._problem(TRAFFIC + name, why, report)
-                continue
-            effective = {tag: weight / total for tag, weight in kept.items()} if missing else dict(weights)
-            if missing and not self._deferred.intersection(missing):
-                note = f"serving without {missing}; weights renormalised to {effective}"
-                if report is not None:
-                    report.degraded[name] = note
-                if "degraded/" + name + note not in self._reported:
-                    self._reported.add("degraded/" + name + note)
-                    log.warning("serve_core: endpoint %r %s", name, note)
-            if self._applied_traffic.get(name) != effective:
-                self._router.set_traffic(name, effective)
-                self._applied_traffic[name] = effective
-            if report is not None:
-                report.traffic.append(name)
-
-    def _problem(self, key: str, why: str, report: RestoreReport | None) -> None:
-        if report is not None:
-            report.failed[key] = why
-        if key + why not in self._reported:  # logged once, not at every convergence
-            self._reported.add(key + why)
-            log.error("serve_core: could not restore %s: %s", key, why)
+        """Make this instance serve what ``snapshot`` holds (:class:`~serve_core.converge.Converger`)."""
+        if self._conv.converge(snapshot, report):
+            self._beacon.stale()  # tell the store at once which revision is applied here
 
     # -------------------------------------------------------------- instances
     def _beat(self, force: bool = False) -> None:
         """Refresh this instance's record in the store, when due (or now with ``force``)."""
-        now = self.clock.monotonic()
-        if not force and now < self._next_beat:
-            return
-        self._next_beat = now + self.heartbeat_s
         address = self.http_address()
-        backends = {
-            tag: {
-                "desired": config.num_replicas,
-                "running": len(self._runtimes[tag].replicas()) if tag in self._runtimes else 0,
-            }
-            for tag, config in self._registry.configs.items()
-        }
-        record = InstanceRecord(
-            instance_id=self.instance_id,
-            host=socket.gethostname(),
-            pid=os.getpid(),
+        runtimes = self._conv.runtimes
+        self._beacon.beat(
             http=None if address is None else f"{address[0]}:{address[1]}",
             executor=str(self._executors.default),
-            started=self._started_wall,
-            last_seen=self.clock.wall(),
-            revision=self._revision,
-            backends=backends,
+            revision=self._conv.revision,
+            backends={
+                tag: {
+                    "desired": runtimes[tag].target_replicas if tag in runtimes else config.initial_replicas,
+                    "running": len(runtimes[tag].replicas()) if tag in runtimes else 0,
+                }
+                for tag, config in self._conv.registry.configs.items()
+            },
+            force=force,
         )
-        self._store.save_instance(self.instance_id, record.to_json())
-        if now >= self._next_sweep:  # dead instances' records: swept by whoever is alive
-            self._next_sweep = now + self.instance_expiry_s
-            self._drop_expired(self._store.load())
-
-    def _drop_expired(self, snapshot: Snapshot) -> None:
-        _, expired = live_instances(snapshot.group(INSTANCE), self.clock.wall(), self.instance_expiry_s)
-        expired = [instance_id for instance_id in expired if instance_id != self.instance_id]
-        if expired:
-            log.info("serve_core: instances %s stopped sending heartbeats; removing their records", expired)
-            self._store.drop_instances(expired)
 
     def instances(self) -> list[InstanceRecord]:
         """The live instances on this instance's store (this one included), oldest first."""
-        snapshot = self._store.load()
-        live, _ = live_instances(snapshot.group(INSTANCE), self.clock.wall(), self.instance_expiry_s)
-        return live
+        return self._beacon.live()
 
     def readiness(self) -> dict[str, Any]:
         """Whether every endpoint with traffic can be served here (``GET /-/readyz``).
@@ -511,9 +391,9 @@ class Serve:
         """
         if self._state is not State.RUNNING:
             return {"ready": False, "not_ready": {"*": f"this instance is {self._state.value}"}}
-        registry = self._registry
+        registry = self._conv.registry
         try:  # measured against the store: this instance may still be converging on a change
-            if self._store.revision() != self._revision:
+            if self._store.revision() != self._conv.revision:
                 registry = self._store.load().registry(self._store.description)[0]
         except StoreError as exc:
             return {"ready": False, "not_ready": {"*": f"the store cannot be read: {exc}"}}
@@ -521,7 +401,7 @@ class Serve:
         for name, weights in sorted(registry.traffic.items()):
             reasons = []
             for tag in sorted(tag for tag, weight in weights.items() if weight > 0):
-                runtime = self._runtimes.get(tag)
+                runtime = self._conv.runtimes.get(tag)
                 if runtime is not None and runtime.replicas():
                     break
                 reasons.append(f"{tag}: {'no replica ready' if runtime is not None else 'not started here'}")
@@ -532,7 +412,7 @@ class Serve:
     @property
     def revision(self) -> int:
         """The store revision this instance has applied."""
-        return self._revision
+        return self._conv.revision
 
     @contextlib.contextmanager
     def keep_store_state(self) -> Iterator[list[str]]:
@@ -643,13 +523,11 @@ class Serve:
                 "(use set_backend_config to change it)", info.tag, self._store.description,
             )
             self._note(f"backend {info.tag!r}: kept the stored config (num_replicas={stored.num_replicas})")
-        running = self._runtimes.get(info.tag)
+        running = self._conv.runtimes.get(info.tag)
         if self._run_replicas and (running is None or running.definition.code_id != info.code_id):
             runtime = self._new_runtime(info, stored)
             runtime.start()
-            self._install(runtime)
-            self._deferred.discard(info.tag)
-            self._failed.pop(info.tag, None)
+            self._conv.install(runtime)  # no longer deferred, nor failed
         self._converge(snapshot)
 
     def _install_new(self, info: BackendInfo, config: BackendConfig, revision: int) -> bool:
@@ -669,7 +547,7 @@ class Serve:
                 runtime.close(0)
             return False
         if runtime is not None:
-            self._install(runtime)
+            self._conv.install(runtime)
         self._changed_here.add(info.tag)
         self._converge(self._store.load())
         return True
@@ -686,38 +564,17 @@ class Serve:
             metrics=self.metrics,
         )
 
-    def _install(self, runtime: BackendRuntime) -> None:
-        """Serve ``runtime`` under its tag; a runtime it replaces drains, then stops."""
-        old = self._runtimes.get(runtime.tag)
-        self._runtimes[runtime.tag] = runtime
-        self._router.add_backend(runtime)
-        self._applied_traffic.clear()  # policies hold the tag; rebuilt by the next convergence
-        if old is not None:
-            self._retire(old)
-
-    def _retire(self, runtime: BackendRuntime) -> None:
-        runtime.stop_admitting()
-        thread = threading.Thread(target=self._drain_and_close, args=(runtime,), name="serve-retire", daemon=True)
-        self._retiring.append(thread)
-        thread.start()
-
-    def _drain_and_close(self, runtime: BackendRuntime) -> None:
-        idle: Future[None] = Future()
-        runtime.when_idle(lambda: idle.set_result(None) if not idle.done() else None)
-        wait_for(self.clock, idle, self.drain_timeout_s)
-        runtime.close(0)
-
     def _runtime(self, backend_tag: str) -> BackendRuntime:
-        runtime = self._runtimes.get(backend_tag)
+        runtime = self._conv.runtimes.get(backend_tag)
         if runtime is None:
-            self._registry.backend(backend_tag)
+            self._conv.registry.backend(backend_tag)
             raise NotFoundError(f"backend {backend_tag!r} is not running on this instance (see the log)")
         return runtime
 
     def get_backend_config(self, backend_tag: str) -> BackendConfig:
         """A detached copy of the backend's config (as the store holds it)."""
-        self._registry.backend(backend_tag)
-        return self._registry.configs[backend_tag].copy()
+        self._conv.registry.backend(backend_tag)
+        return self._conv.registry.configs[backend_tag].copy()
 
     def set_backend_config(self, backend_tag: str, backend_config: BackendConfig) -> None:
         """Apply a config live, on every instance: replica count, batching, queue bound, placement.
@@ -741,7 +598,7 @@ class Serve:
                     self._note(f"backend {backend_tag!r}: kept the stored config instead of the file's")
                     self._converge(snapshot)
                     return
-                runtime = self._runtimes.get(backend_tag)
+                runtime = self._conv.runtimes.get(backend_tag)
                 old = runtime.config if runtime is not None else None
                 if runtime is not None:
                     runtime.reconfigure(config)  # also restarts missing replicas when the config is the same
@@ -799,17 +656,30 @@ class Serve:
 
     def route_table(self) -> dict[str, list[Any]]:
         """``{route: [endpoint, [methods]]}`` of the endpoints reachable over HTTP."""
-        return self._registry.route_table()
+        return self._conv.registry.route_table()
 
     @property
     def routes_version(self) -> int:
         """A number that changes whenever :meth:`route_table` does."""
-        return self._routes_version
+        return self._conv.routes_version
+
+    def list_endpoints(self) -> dict[str, dict[str, Any]]:
+        """Every endpoint: ``{name: {"route": ..., "methods": [...], "traffic": {tag: weight} | None}}``."""
+        registry = self._conv.registry
+        return {
+            name: {"route": info.route, "methods": list(info.methods), "traffic": registry.traffic.get(name)}
+            for name, info in sorted(registry.endpoints.items())
+        }
+
+    def list_backends(self) -> dict[str, BackendConfig]:
+        """Every backend's tag and a detached copy of its config (as the store holds it)."""
+        configs = self._conv.registry.configs
+        return {tag: configs[tag].copy() for tag in sorted(configs)}
 
     def get_traffic_policy(self, endpoint_name: str) -> dict[str, float]:
         """The endpoint's ``{backend_tag: weight}``."""
-        self._registry.endpoint(endpoint_name)
-        traffic = self._registry.traffic.get(endpoint_name)
+        self._conv.registry.endpoint(endpoint_name)
+        traffic = self._conv.registry.traffic.get(endpoint_name)
         if traffic is None:
             raise NotFoundError(f"endpoint {endpoint_name!r} has no traffic yet; link or split it")
         return dict(traffic)
@@ -831,7 +701,7 @@ class Serve:
         if not self._run_replicas:
             raise ServeStateError("a registry-only client (run_replicas=False) cannot call endpoints")
         if not missing_ok:
-            self._registry.endpoint(endpoint_name)
+            self._conv.registry.endpoint(endpoint_name)
         return ServeHandle(self, endpoint_name, slo=SLO.parse(relative_slo_ms, absolute_slo_ms))
 
     def enqueue(
@@ -959,7 +829,7 @@ class Serve:
         return self._router.stat(pcts, windows)
 
     def __repr__(self) -> str:
-        registry = self._registry
+        registry = self._conv.registry
         return f"<Serve {self._state.value} endpoints={len(registry.endpoints)} backends={len(registry.backends)}>"
 
 

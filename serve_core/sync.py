@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
+import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .clock import Clock, Timer
+
+if TYPE_CHECKING:
+    from .persistence import RegistryStore
 
 log = logging.getLogger("serve_core")
 
@@ -86,6 +92,79 @@ def live_instances(records: dict[str, Any], now: float, expiry_s: float) -> tupl
         else:
             live.append(record)
     return sorted(live, key=lambda r: (r.started, r.instance_id)), expired
+
+
+class InstanceBeacon:
+    """This instance's ``instance/<id>`` record: refreshed every ``heartbeat_s`` (or at once when
+    :meth:`stale`), and the records of dead instances swept every ``expiry_s``.
+
+    Args:
+        store: the registry's store.
+        clock: heartbeat times (monotonic) and record times (wall).
+        instance_id: this instance's id.
+        heartbeat_s, expiry_s: see ``Serve``'s options of the same names.
+    """
+
+    def __init__(
+        self, store: RegistryStore, clock: Clock, instance_id: str, heartbeat_s: float, expiry_s: float
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self.instance_id = instance_id
+        self._heartbeat_s = heartbeat_s
+        self.expiry_s = expiry_s
+        self._started = clock.wall()
+        self._next_beat = -math.inf
+        self._next_sweep = -math.inf
+
+    def stale(self) -> None:
+        """What the record says changed (a new revision applied): write it at the next :meth:`beat`."""
+        self._next_beat = -math.inf
+
+    def beat(
+        self, *, http: str | None, executor: str, revision: int, backends: dict[str, dict[str, int]],
+        force: bool = False,
+    ) -> None:
+        """Write the record if a heartbeat is due (or ``force``), and sweep dead ones when that is due."""
+        now = self._clock.monotonic()
+        if not force and now < self._next_beat:
+            return
+        self._next_beat = now + self._heartbeat_s
+        record = InstanceRecord(
+            instance_id=self.instance_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            http=http,
+            executor=executor,
+            started=self._started,
+            last_seen=self._clock.wall(),
+            revision=revision,
+            backends=backends,
+        )
+        self._store.save_instance(self.instance_id, record.to_json())
+        if now >= self._next_sweep:  # dead instances' records: swept by whoever is alive
+            self._next_sweep = now + self.expiry_s
+            self._sweep()
+
+    def _sweep(self) -> None:
+        from .persistence import INSTANCE
+
+        _, expired = live_instances(self._store.load().group(INSTANCE), self._clock.wall(), self.expiry_s)
+        expired = [instance_id for instance_id in expired if instance_id != self.instance_id]
+        if expired:
+            log.info("serve_core: instances %s stopped sending heartbeats; removing their records", expired)
+            self._store.drop_instances(expired)
+
+    def live(self) -> list[InstanceRecord]:
+        """The live instances on the store (this one included), oldest first."""
+        from .persistence import INSTANCE
+
+        live, _ = live_instances(self._store.load().group(INSTANCE), self._clock.wall(), self.expiry_s)
+        return live
+
+    def remove(self) -> None:
+        """Drop this instance's record (on shutdown: gone from ``serve-core status`` at once)."""
+        self._store.drop_instances([self.instance_id])
 
 
 class RegistryWatcher:

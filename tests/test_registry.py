@@ -46,7 +46,7 @@ def inline(make_serve) -> Serve:
 def test_create_endpoint_rejects(inline: Serve, args: tuple, error: type[Exception]) -> None:
     with pytest.raises(error):
         inline.create_endpoint(*args)
-    assert inline._registry.endpoints == {}
+    assert inline.list_endpoints() == {}
 
 
 def test_endpoint_redefinition(inline: Serve) -> None:
@@ -76,7 +76,7 @@ def test_create_backend_rejects(inline: Serve) -> None:
 
     with pytest.raises(ServeTypeError, match="neither __call__ nor a public method"):
         inline.create_backend(NoCall, "nocall")
-    assert inline._registry.backends == {}
+    assert inline.list_backends() == {}
 
 
 def test_class_batch_mark_is_read_from_call(inline: Serve) -> None:
@@ -218,4 +218,19 @@ def test_route_decorator_on_a_taken_route_leaves_nothing(inline: Serve) -> None:
 
     with pytest.raises(ConflictError):
         inline.route("/taken")(second)
-    assert "second:v0" not in inline._registry.backends
+    assert "second:v0" not in inline.list_backends()
+
+
+def test_endpoints_and_backends_are_listed(inline: Serve) -> None:
+    inline.create_endpoint("api", "/api", methods=["GET", "POST"])
+    inline.create_endpoint("py")
+    inline.create_backend(lambda: "x", "b:v1", backend_config=BackendConfig(num_replicas=2))
+    inline.link("api", "b:v1")
+    assert inline.list_endpoints() == {
+        "api": {"route": "/api", "methods": ["GET", "POST"], "traffic": {"b:v1": 1.0}},
+        "py": {"route": None, "methods": ["GET"], "traffic": None},
+    }
+    backends = inline.list_backends()
+    assert list(backends) == ["b:v1"] and backends["b:v1"].num_replicas == 2
+    backends["b:v1"].num_replicas = 5  # a detached copy
+    assert inline.get_backend_config("b:v1").num_replicas == 2

@@ -151,7 +151,7 @@ def test_a_failed_write_changes_nothing(make_serve: MakeServe, secret: str) -> N
         srv.get_backend_config("echo:v2")
     assert srv.get_backend_config("echo:v1").num_replicas == 1
     assert len(srv.replica_ids("echo:v1")) == 1
-    assert "echo:v2" not in srv._registry.backends
+    assert "echo:v2" not in srv.list_backends()
     store.fail = False
     srv.create_backend(echo, "echo:v2")  # nothing was half-registered
     assert srv.get_handle("api").remote(name="n").result(WAIT) == "echo n"
