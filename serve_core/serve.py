@@ -59,6 +59,7 @@ from .sync import InstanceBeacon, InstanceRecord, RegistryWatcher
 
 if TYPE_CHECKING:
     from .http.app import ServeApp
+    from .http.dashboard import DashboardApp
     from .http.server import HTTPServer
 
 log = logging.getLogger("serve_core")
@@ -95,6 +96,9 @@ class Serve:
         http_request_timeout_s: how long an HTTP request waits for its answer before a 504
             (a query still queued is withdrawn); ``None`` waits as long as it takes.
         debug: put tracebacks in HTTP 500 bodies (for development only).
+        dashboard: the live page at ``/-/dashboard`` (docs/dashboard.md): ``True`` on, ``False``
+            off, ``None`` on only where the instance is known to listen on loopback alone (the
+            page shows routes, traffic and errors to whoever reaches it, without authentication).
         registry_poll_s: how often the store's revision is read (changes by other processes
             are applied within about this long; PostgreSQL also notifies at once).
         heartbeat_s, instance_expiry_s: how often this instance refreshes its record in the
@@ -137,6 +141,7 @@ class Serve:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         http_request_timeout_s: float | None = DEFAULT_HTTP_REQUEST_TIMEOUT_S,
         debug: bool = False,
+        dashboard: bool | None = None,
         registry_poll_s: float = DEFAULT_REGISTRY_POLL_S,
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
         instance_expiry_s: float = DEFAULT_INSTANCE_EXPIRY_S,
@@ -153,6 +158,9 @@ class Serve:
         self.gc_window_seconds = gc_window_seconds
         self.start_server = start_server
         self.max_body_bytes, self.debug = max_body_bytes, debug
+        if dashboard is not None and not isinstance(dashboard, bool):
+            raise ValidationError(f"dashboard must be None, True or False, got {dashboard!r}")
+        self.dashboard = dashboard
         self.http_request_timeout_s = http_request_timeout_s
         self.drain_timeout_s = drain_timeout_s
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -177,6 +185,7 @@ class Serve:
                 option, self._executors.default,
             )
         self._app: Any = None
+        self._dashboard: DashboardApp | None = None
         self._http: HTTPServer | None = None
         self._state = State.RUNNING
         self._stopped = threading.Event()
@@ -779,6 +788,14 @@ class Serve:
             ServeStateError: prometheus-client is not installed.
         """
         return self.metrics.exporter().wsgi_app()
+
+    def dashboard_app(self) -> DashboardApp:
+        """The live dashboard as a WSGI app: ``-/dashboard`` under where it is mounted (docs/dashboard.md)."""
+        if self._dashboard is None:
+            from .http.dashboard import DashboardApp  # lazy: the core does not import Werkzeug
+
+            self._dashboard = DashboardApp(self, lambda: dict(self._conv.runtimes))
+        return self._dashboard
 
     def http_address(self) -> tuple[str, int] | None:
         """``(host, port)`` of the standalone HTTP server, or None when it is not running."""

@@ -9,8 +9,8 @@ and can be mounted anywhere, e.g. under a prefix with Werkzeug's ``DispatcherMid
 
 Built-in routes under the reserved ``/-/`` prefix: ``/-/routes`` (``{route: [endpoint,
 [methods]]}``), ``/-/healthz`` (200 while the instance runs), ``/-/stat`` (``stat()``;
-``?percentiles=50,99&windows=60`` choose what it aggregates) and ``/-/metrics`` (the
-Prometheus exposition, docs/metrics.md).
+``?percentiles=50,99&windows=60`` choose what it aggregates), ``/-/metrics`` (the
+Prometheus exposition, docs/metrics.md) and ``/-/dashboard`` (the live page, :mod:`.dashboard`).
 
 Every response carries the request's ``X-Request-ID`` and, for a call that reached a
 replica, a ``Server-Timing`` header; each request is one record of the access log
@@ -77,6 +77,7 @@ class ServeApp:
             "/-/stat": self._stat,
             "/-/metrics": self._metrics,
         }
+        self._builtins.update(serve.dashboard_app().routes)  # /-/dashboard and its files (docs/dashboard.md)
         config = serve.metrics.config
         self._ids = RequestIds() if config.request_ids else None
         self._server_timing = config.server_timing
