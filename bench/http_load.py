@@ -11,6 +11,11 @@ keep-alive client in this script's worker processes. Reports requests/s, p50/p99
 and errors (summed over rounds), and the ratio ours/bare measured in the same run: both
 servers run side by side and are measured alternately, the median of ``--rounds`` kept.
 Not a test: speed is not asserted anywhere.
+
+``--compare observability`` measures the no-op endpoint with metrics, access log and request
+ids on against the same build with them off (``noop_factory.py``), the same way; the ratio
+printed is the time per request, on / off (issue 13's target: at most 1.15x under Granian at
+c=8).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +46,11 @@ from serve_core.http.server import HTTPServer
 if {app!r} == "bare":
     from hello_wsgi import app
     server = HTTPServer(app, "127.0.0.1", {port})
+elif {app!r}.startswith("obs-"):
+    import os
+    os.environ["BENCH_OBSERVABILITY"] = {app!r}[4:].split("#")[0]
+    from noop_factory import app
+    server = HTTPServer(app(), "127.0.0.1", {port})
 else:
     import runpy, serve_core as serve
     serve.init(start_server=False, executor="thread", debug=False)
@@ -58,6 +69,9 @@ from granian import Granian
 from granian.constants import Interfaces
 if {app!r} == "bare":
     target, factory = "hello_wsgi:app", False
+elif {app!r}.startswith("obs-"):
+    os.environ["BENCH_OBSERVABILITY"] = {app!r}[4:].split("#")[0]
+    target, factory = "noop_factory:app", True
 else:
     os.environ["SERVE_CORE_APP"] = {noop!r}
     target, factory = "serve_core.http.granian:app_from_env", True
@@ -67,6 +81,10 @@ Granian(target, address="127.0.0.1", port={port}, interface=Interfaces.WSGI, fac
 """,
 }
 PATHS = {"bare": "/", "serve": "/noop"}
+COMPARISONS = {  # what is measured against what: baseline first
+    "bare": {"bare": "/", "serve": "/noop"},
+    "observability": {"obs-off": "/noop", "obs-on": "/noop"},
+}
 
 
 @dataclasses.dataclass
@@ -97,11 +115,13 @@ def wait_answering(port: int, path: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"server on port {port} did not answer {path}")
 
 
-def start_server(server: str, app: str, port: int, threads: int) -> subprocess.Popen[bytes]:
+def start_server(
+    server: str, app: str, port: int, threads: int, access_log: str = os.devnull
+) -> subprocess.Popen[bytes]:
     code = SERVER_CODE[server].format(
         repo=str(REPO), bench=str(BENCH), app=app, port=port, noop=str(BENCH / "noop_app.py"), threads=threads
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(BENCH)]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(BENCH)]), BENCH_ACCESS_LOG=access_log)
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL)
 
 
@@ -179,21 +199,22 @@ def _load(port: int, path: str, concurrency: int, duration: float) -> Result:
 
 
 def measure(
-    server: str, concurrencies: list[int], duration: float, threads: int, rounds: int
+    server: str, concurrencies: list[int], duration: float, threads: int, rounds: int,
+    paths: dict[str, str] = PATHS, access_log: str = os.devnull,
 ) -> dict[str, dict[int, Result]]:
     """Both apps on ``server`` (both processes up), measured alternately; median of rounds."""
-    ports = {app: free_port() for app in PATHS}
-    procs = {app: start_server(server, app, ports[app], threads) for app in PATHS}
+    ports = {app: free_port() for app in paths}
+    procs = {app: start_server(server, app, ports[app], threads, access_log) for app in paths}
     try:
-        for app in PATHS:
-            wait_answering(ports[app], PATHS[app])
-        out: dict[str, dict[int, Result]] = {app: {} for app in PATHS}
+        for app in paths:
+            wait_answering(ports[app], paths[app])
+        out: dict[str, dict[int, Result]] = {app: {} for app in paths}
         for concurrency in concurrencies:
-            samples: dict[str, list[Result]] = {app: [] for app in PATHS}
-            for _ in range(rounds):  # alternate, so background load hits both alike
-                for app in PATHS:
-                    samples[app].append(_load(ports[app], PATHS[app], concurrency, duration))
-            for app in PATHS:
+            samples: dict[str, list[Result]] = {app: [] for app in paths}
+            for index in range(rounds):  # alternate, so background load hits both alike
+                for app in (paths if index % 2 == 0 else reversed(list(paths))):
+                    samples[app].append(_load(ports[app], paths[app], concurrency, duration))
+            for app in paths:
                 ranked = sorted(samples[app], key=lambda r: r.rps)
                 median = ranked[len(ranked) // 2]
                 median.errors = sum(r.errors for r in ranked)
@@ -214,6 +235,16 @@ def report(server: str, bare: dict[int, Result], ours: dict[int, Result]) -> Non
         )
 
 
+def report_observability(server: str, off: dict[int, Result], on: dict[int, Result]) -> None:
+    print(f"\n{server}: concurrency | off req/s p50 p99 err | on req/s p50 p99 err | time per request on/off")
+    for c in off:
+        f, o = off[c], on[c]
+        print(
+            f"  c={c:<3} | {f.rps:9.0f} {f.p50_ms:6.2f}ms {f.p99_ms:6.2f}ms {f.errors:3d} "
+            f"| {o.rps:9.0f} {o.p50_ms:6.2f}ms {o.p99_ms:6.2f}ms {o.errors:3d} | {f.rps / o.rps:5.3f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", nargs="+", default=["werkzeug", "granian"])
@@ -221,15 +252,24 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median reported)")
     parser.add_argument("--granian-threads", type=int, default=32, help="Granian blocking threads")
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="bare", help="what against what")
     args = parser.parse_args()
     print(
         f"load generator: {'wrk' if shutil.which('wrk') else 'python keep-alive client'}; "
         f"{os.cpu_count()} CPUs; {args.duration} s per point"
     )
+    paths = COMPARISONS[args.compare]
     for server in args.servers:
         before = os.getloadavg()[0]
-        results = measure(server, args.concurrency, args.duration, args.granian_threads, args.rounds)
-        report(server, results["bare"], results["serve"])
+        with tempfile.TemporaryDirectory() as scratch:
+            access_log = os.path.join(scratch, "access.log")  # the "on" side writes its access log here
+            results = measure(
+                server, args.concurrency, args.duration, args.granian_threads, args.rounds, paths, access_log
+            )
+        if args.compare == "observability":
+            report_observability(server, results["obs-off"], results["obs-on"])
+        else:
+            report(server, results["bare"], results["serve"])
         print(f"  load average (1 min) {before:.2f} before, {os.getloadavg()[0]:.2f} after")
 
 
