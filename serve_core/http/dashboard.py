@@ -164,7 +164,7 @@ class DashboardApp:
             NotFoundError: another path, or the dashboard is off. MethodNotAllowedError: not GET or HEAD.
         """
         if request.path == "/":
-            return PlainResponse(b"", "text/plain", 302, (("Location", PAGE.lstrip("/")),))
+            return PlainResponse(b"", "text/plain", 302, (("Location", request.script_root + PAGE),))
         handler = self.routes.get(request.path)
         if handler is None:
             raise NotFoundError(f"no dashboard path {request.path!r}; the page is at {request.script_root}{PAGE}")
