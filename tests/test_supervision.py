@@ -238,3 +238,24 @@ def test_readiness_fails_when_every_replica_of_a_linked_backend_is_broken(
     with pytest.raises(Exception, match="crashed"):
         future.result(WAIT)
     assert srv.readiness() == {"ready": False, "not_ready": {"ep": "b: no replica ready"}}
+
+
+def test_readyz_over_http(make_serve: MakeServe) -> None:
+    from werkzeug.test import Client
+
+    executor = ScriptedExecutor()
+    srv = make_serve(executor=executor, drain_timeout_s=0.05)
+    client = Client(srv.wsgi_app())
+    assert client.get("/-/readyz").status_code == 200  # nothing with traffic: nothing to wait for
+    srv.create_endpoint("ep", "/ep")
+    srv.create_backend(answer, "b")
+    srv.link("ep", "b")
+    ready = client.get("/-/readyz")
+    assert ready.status_code == 200 and ready.get_json() == {"ready": True, "not_ready": {}}
+    executor.failing_starts = 1
+    future = srv.get_handle("ep").remote(i=1)
+    executor.held()[0].crash()
+    assert wait_until(_helpers_done, WAIT) and future.exception(WAIT) is not None
+    broken = client.get("/-/readyz")
+    assert broken.status_code == 503 and broken.get_json()["not_ready"] == {"ep": "b: no replica ready"}
+    assert client.get("/-/healthz").status_code == 200  # the process still serves

@@ -8,7 +8,8 @@ and can be mounted anywhere, e.g. under a prefix with Werkzeug's ``DispatcherMid
     app = DispatcherMiddleware(flask_app, {"/serve": serve.wsgi_app()})
 
 Built-in routes under the reserved ``/-/`` prefix: ``/-/routes`` (``{route: [endpoint,
-[methods]]}``), ``/-/healthz`` (200 while the instance runs), ``/-/stat`` (``stat()``;
+[methods]]}``), ``/-/healthz`` (200 while the instance runs), ``/-/readyz`` (200 once every endpoint
+with traffic has a ready replica, else 503 naming what is not: ``Serve.readiness()``), ``/-/stat`` (``stat()``;
 ``?percentiles=50,99&windows=60`` choose what it aggregates), ``/-/metrics`` (the
 Prometheus exposition, docs/metrics.md) and ``/-/dashboard`` (the live page, :mod:`.dashboard`).
 
@@ -74,6 +75,7 @@ class ServeApp:
         self._builtins: dict[str, Callable[[ServeRequest], AnyResponse]] = {
             "/-/routes": lambda request: json_response(self.serve.route_table()),
             "/-/healthz": self._healthz,
+            "/-/readyz": self._readyz,
             "/-/stat": self._stat,
             "/-/metrics": self._metrics,
         }
@@ -218,6 +220,11 @@ class ServeApp:
         if self.serve.running:
             return text_response("ok\n")
         return text_response(f"{self.serve.state}\n", 503)  # draining: load balancers should stop sending
+
+    def _readyz(self, request: ServeRequest) -> PlainResponse:
+        """200 when every endpoint with traffic has a ready replica here (``Serve.readiness()``), else 503."""
+        readiness = self.serve.readiness()
+        return json_response(readiness, 200 if readiness["ready"] else 503)
 
     def __repr__(self) -> str:
         return f"<ServeApp {self.serve!r} routes={len(self.url_map)}>"
