@@ -6,7 +6,9 @@ Pairs measured in the same run (see bench/README.md for how to run):
   ``ThreadPoolExecutor(1).submit(f).result()``: the cost of the serve layer per call on
   top of a plain thread hand-off (target: within 3x);
 * (b) 1,000 calls in flight on the thread executor against 1,000 bare submits;
-* (c) one call on the inline executor against calling the function directly.
+* (c) one call on the inline executor against calling the function directly;
+* (d), (e) one call on the thread and inline executors with the Prometheus metrics recorded
+  (the default) against the same with ``Serve(metrics=False)`` (target: within 1.05x).
 
 ``bench/run_core.py`` measures the same pairs interleaved round by round, which keeps
 the ratios steady on a busy machine.
@@ -41,6 +43,18 @@ def thread_handle() -> Iterator[ServeHandle]:
 @pytest.fixture(scope="module")
 def inline_handle() -> Iterator[ServeHandle]:
     with Serve(executor="inline", start_server=False) as srv:
+        yield cases.noop_handle(srv)
+
+
+@pytest.fixture(scope="module")
+def thread_handle_unmetered() -> Iterator[ServeHandle]:
+    with Serve(executor="thread", start_server=False, metrics=False) as srv:
+        yield cases.noop_handle(srv)
+
+
+@pytest.fixture(scope="module")
+def inline_handle_unmetered() -> Iterator[ServeHandle]:
+    with Serve(executor="inline", start_server=False, metrics=False) as srv:
         yield cases.noop_handle(srv)
 
 
@@ -104,4 +118,29 @@ def test_c_plain_call(benchmark: Any) -> None:
 
 def test_c_handle_inline(benchmark: Any, inline_handle: ServeHandle) -> None:
     _role(benchmark, GROUP_C, "subject")
+    _single(benchmark, partial(cases.handle_round_trip, inline_handle))
+
+
+# ---------------------------------------------- (d), (e) metrics on against off
+GROUP_D = "core (d): one call at a time, thread executor, metrics on vs off"
+GROUP_E = "core (e): one call, inline executor, metrics on vs off"
+
+
+def test_d_handle_thread_unmetered(benchmark: Any, thread_handle_unmetered: ServeHandle) -> None:
+    _role(benchmark, GROUP_D, "baseline")
+    _single(benchmark, partial(cases.handle_round_trip, thread_handle_unmetered))
+
+
+def test_d_handle_thread_metered(benchmark: Any, thread_handle: ServeHandle) -> None:
+    _role(benchmark, GROUP_D, "subject", target=1.05)
+    _single(benchmark, partial(cases.handle_round_trip, thread_handle))
+
+
+def test_e_handle_inline_unmetered(benchmark: Any, inline_handle_unmetered: ServeHandle) -> None:
+    _role(benchmark, GROUP_E, "baseline")
+    _single(benchmark, partial(cases.handle_round_trip, inline_handle_unmetered))
+
+
+def test_e_handle_inline_metered(benchmark: Any, inline_handle: ServeHandle) -> None:
+    _role(benchmark, GROUP_E, "subject", target=1.05)
     _single(benchmark, partial(cases.handle_round_trip, inline_handle))

@@ -5,7 +5,9 @@
 * :mod:`.request` — turning a WSGI request into a query (body, SLO, call method);
 * :mod:`.responses` — encoding results and mapping errors to responses, in one place;
 * :mod:`.server` — the standalone threaded Werkzeug server;
-* :mod:`.granian` — running the app under Granian (optional extra).
+* :mod:`.granian` — running the app under Granian (optional extra);
+* :mod:`.accesslog` — the access log, request ids and the ``Server-Timing`` header;
+* :mod:`.metrics` — the Prometheus export (``/-/metrics``, ``Serve.metrics_app()``; optional extra).
 
 The core never imports this package at module level; ``Serve.wsgi_app()`` and the
 standalone server import it lazily.
