@@ -14,12 +14,20 @@ a Ray actor). :class:`Invoker` builds the backend once and runs :class:`Call` ob
 
 Every failure, before or inside the user code, becomes an :class:`Outcome`; nothing
 escapes, so a replica is never lost to a bad call.
+
+Two ways to run a call: :meth:`Invoker.run` in the replica's thread (a coroutine the backend
+returns runs to completion on a private event loop: one call at a time), and
+:meth:`Invoker.run_async`, a coroutine for replicas that keep an event loop of their own
+(:func:`is_async_target` backends), where several calls run at once as tasks. A call whose
+task is cancelled answers :class:`concurrent.futures.CancelledError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -81,21 +89,96 @@ def wants_positional(func: Callable[..., Any]) -> bool:
     )
 
 
-class Invoker:
-    """Holds one replica's backend object and runs calls on it."""
+def is_coroutine_callable(func: Any) -> bool:
+    """Whether calling ``func`` makes a coroutine: an ``async def`` function, method or ``__call__``."""
+    if inspect.iscoroutinefunction(func):
+        return True
+    call = None if inspect.isroutine(func) else inspect.getattr_static(type(func), "__call__", None)
+    return inspect.iscoroutinefunction(call)
 
-    def __init__(self, target: Any, init_args: tuple[Any, ...] = ()) -> None:
+
+def is_async_target(target: Any) -> bool:
+    """Whether a backend has ``async def`` code to serve: such replicas get an event loop of their own.
+
+    A function (or callable object) that is a coroutine function; a class with an ``async def``
+    public method, ``__call__`` or ``warmup``. Decided on the class, before any instance exists.
+    """
+    if not inspect.isclass(target):
+        return is_coroutine_callable(target)
+    for name in dir(target):
+        if not (is_public_method(name) or name == WARMUP_METHOD):
+            continue
+        member = inspect.getattr_static(target, name, None)
+        if isinstance(member, (staticmethod, classmethod)):
+            member = member.__func__
+        if inspect.iscoroutinefunction(member):
+            return True
+    return False
+
+
+def awaits_statically(target: Any, method: str) -> bool:
+    """Whether calling ``method`` of a backend (function or class, not built) makes a coroutine.
+
+    What :meth:`Invoker.awaits` answers, read from the class: for a side that has no instance
+    (the process executor's parent).
+    """
+    if not inspect.isclass(target):
+        return method == "__call__" and is_coroutine_callable(target)
+    member = inspect.getattr_static(target, method, None)
+    if isinstance(member, (staticmethod, classmethod)):
+        member = member.__func__
+    return inspect.iscoroutinefunction(member)
+
+
+class Invoker:
+    """Holds one replica's backend object and runs calls on it.
+
+    Args:
+        target: the backend's function or class.
+        init_args: the class's constructor arguments.
+        warmup: run the class's ``warmup`` hook now (on a private event loop when it is a
+            coroutine); False leaves it to :meth:`started`, which awaits it on the running loop.
+    """
+
+    def __init__(self, target: Any, init_args: tuple[Any, ...] = (), *, warmup: bool = True) -> None:
         self._methods: dict[str, tuple[Callable[..., Any], bool]] = {}
+        self._coroutines: dict[str, bool] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         if inspect.isclass(target):
             self._obj: Any = target(*init_args)
             self._is_class = True
-            warmup = getattr(self._obj, WARMUP_METHOD, None)
-            if callable(warmup):  # before the replica is ready, so it gets no call until it returned
-                self._await(warmup())
+            hook = getattr(self._obj, WARMUP_METHOD, None)
+            if warmup and callable(hook):  # before the replica is ready, so it gets no call until it returned
+                self._await(hook())
         else:
             self._obj = target
             self._is_class = False
+
+    @classmethod
+    async def started(cls, target: Any, init_args: tuple[Any, ...] = ()) -> Invoker:
+        """Build the backend on the running loop (the replica's own), awaiting its ``warmup`` there.
+
+        The constructor and the hook then see the loop the calls will run on, so what they bind
+        to it (a client session, a lock, a queue) works in the calls.
+        """
+        invoker = cls(target, init_args, warmup=False)
+        hook = getattr(invoker._obj, WARMUP_METHOD, None) if invoker._is_class else None
+        if callable(hook):
+            result = hook()
+            if inspect.isawaitable(result):
+                await result
+        return invoker
+
+    def awaits(self, method: str) -> bool:
+        """Whether ``method`` is a coroutine function (False for a method that cannot be called)."""
+        known = self._coroutines.get(method)
+        if known is None:
+            try:
+                known = is_coroutine_callable(self._resolve(method)[0])
+            except Exception:  # noqa: BLE001 - the call itself will answer the error
+                known = False
+            self._coroutines[method] = known
+        return known
 
     def run(self, call: Call) -> list[Outcome]:
         """Run a call; one outcome per query, never raises."""
@@ -154,26 +237,120 @@ class Invoker:
             return Outcome(False, exc)
 
     def _run_batch(self, call: Call, func: Callable[..., Any], positional: bool) -> list[Outcome]:
-        size = len(call)
-        requests = list(call.requests) if call.web else [_PLACEHOLDER] * size
-        keys = call.kwargs[0].keys()
-        if any(kw.keys() != keys for kw in call.kwargs):
-            raise ServeTypeError("queries in one batch must pass the same keyword names")
-        kwargs = {key: [kw[key] for kw in call.kwargs] for key in keys}
-        args = (requests,) if positional else ()
-        with call_context(call.web, size):
+        args, kwargs = _batch_arguments(call, positional)
+        with call_context(call.web, len(call)):
             result = self._await(func(*args, **kwargs))
-        if not isinstance(result, list) or len(result) != size:
-            got = f"a list of {len(result)}" if isinstance(result, list) else type(result).__name__
-            raise BatchResultError(f"batch backend must return a list of {size} results, got {got}")
-        return [Outcome(True, value) for value in result]
+        return _batch_outcomes(result, len(call))
 
     def _await(self, result: Any) -> Any:
         if type(result) in _PLAIN or not inspect.isawaitable(result):
             return result
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
+        if _loop_running():
+            # A running loop in this thread (an inline replica built or called from a coroutine):
+            # the private loop cannot run here, so it runs on a helper thread meanwhile.
+            return _run_on_helper_thread(self._loop, result)
         return self._loop.run_until_complete(_as_coroutine(result))
+
+    # ------------------------------------------------------------- on a loop
+    async def run_async(self, call: Call) -> list[Outcome]:
+        """Run a call on the running loop; one outcome per query, never raises.
+
+        A synchronous method runs right here, holding the loop (as on a Ray async actor).
+        Cancelling the task running this coroutine cancels the user's coroutine, whose
+        queries answer :class:`concurrent.futures.CancelledError`.
+        """
+        try:
+            func, positional = self._resolve(call.method)
+            if call.batched:
+                args, kwargs = _batch_arguments(call, positional)
+                with call_context(call.web, len(call)):
+                    result = await _awaited(func(*args, **kwargs))
+                return _batch_outcomes(result, len(call))
+            return [await self._run_single_async(call, func, positional)]
+        except BaseException as exc:  # noqa: BLE001 - see run()
+            return [Outcome(False, _as_cancelled(exc))] * len(call)
+
+    async def _run_single_async(self, call: Call, func: Callable[..., Any], positional: bool) -> Outcome:
+        if call.web:
+            request = call.requests[0]
+            request_id = request.environ.get(REQUEST_ID_KEY)
+        else:
+            request, request_id = _PLACEHOLDER, None
+        args = (request,) if positional else ()
+        try:
+            # Each call runs in a task of its own, with its own copy of the context: the
+            # values set here are this call's, whatever else runs on the loop meanwhile.
+            with call_context(call.web, None, request_id):
+                return Outcome(True, await _awaited(func(*args, **call.kwargs[0])))
+        except BaseException as exc:  # noqa: BLE001 - see run()
+            return Outcome(False, _as_cancelled(exc))
+
+
+def _batch_arguments(call: Call, positional: bool) -> tuple[tuple[Any, ...], dict[str, list[Any]]]:
+    """The positional and keyword arguments of a batch call: one list entry per query."""
+    size = len(call)
+    requests = list(call.requests) if call.web else [_PLACEHOLDER] * size
+    keys = call.kwargs[0].keys()
+    if any(kw.keys() != keys for kw in call.kwargs):
+        raise ServeTypeError("queries in one batch must pass the same keyword names")
+    kwargs = {key: [kw[key] for kw in call.kwargs] for key in keys}
+    return ((requests,) if positional else ()), kwargs
+
+
+def _batch_outcomes(result: Any, size: int) -> list[Outcome]:
+    if not isinstance(result, list) or len(result) != size:
+        got = f"a list of {len(result)}" if isinstance(result, list) else type(result).__name__
+        raise BatchResultError(f"batch backend must return a list of {size} results, got {got}")
+    return [Outcome(True, value) for value in result]
+
+
+def cancelled_error() -> concurrent.futures.CancelledError:
+    """What a query answers when its running call was cancelled (what ``result()`` raises for a withdrawn one)."""
+    return concurrent.futures.CancelledError("the call was cancelled while it ran")
+
+
+def _as_cancelled(exc: BaseException) -> BaseException:
+    # asyncio's CancelledError is a BaseException that callers of future.result() would not
+    # expect; the concurrent.futures one is what a cancelled future raises anyway.
+    if isinstance(exc, asyncio.CancelledError):
+        error = cancelled_error()
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+async def _awaited(result: Any) -> Any:
+    if type(result) in _PLAIN or not inspect.isawaitable(result):
+        return result
+    return await result
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _run_on_helper_thread(loop: asyncio.AbstractEventLoop, awaitable: Any) -> Any:
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append((True, loop.run_until_complete(_as_coroutine(awaitable))))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box.append((False, exc))
+
+    helper = threading.Thread(target=run, name="serve-invoke-await", daemon=True)
+    helper.start()
+    helper.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 async def _as_coroutine(awaitable: Any) -> Any:

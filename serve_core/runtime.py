@@ -79,11 +79,13 @@ def retry_after_hint(queued: int, in_flight: int, mean_call_s: float) -> float:
 class Slot:
     """A replica and the calls it holds (at most ``capacity`` at once), by token."""
 
-    __slots__ = ("replica", "capacity", "calls", "retired", "drained", "timers")
+    __slots__ = ("replica", "capacity", "calls", "retired", "drained", "timers", "cancel")
 
     def __init__(self, replica: Replica, capacity: int) -> None:
         self.replica = replica
         self.capacity = capacity
+        # The replica's optional ``cancel(future)`` (executors.base.CancellableReplica), or None.
+        self.cancel: Callable[[Future[list[Outcome]]], bool] | None = getattr(replica, "cancel", None)
         self.calls: dict[int, list[Query]] = {}
         self.timers: dict[int, Timer] = {}  # token -> its call_timeout_s timer, when one is set
         self.retired = False  # taken out of service: finishes its calls, gets no new ones
@@ -370,6 +372,8 @@ class BackendRuntime:
                     if future.done():
                         pending.append(self._finish(slot, token, future))
                     else:
+                        if slot.cancel is not None and len(queries) == 1:  # ServeFuture.cancel reaches the call
+                            queries[0].future.set_canceller(partial(slot.cancel, future))
                         future.add_done_callback(partial(self._on_done, slot, token))
         finally:
             local.pending = None

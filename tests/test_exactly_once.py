@@ -4,13 +4,16 @@ A Hypothesis state machine drives one ``Serve`` on a fake clock: calls (with and
 deadlines, to a split endpoint, a batched backend and an endpoint without traffic yet),
 completions, user errors, replica crashes, failing replacements, scale up and down,
 link and split, time passing (deadlines, batch waits, the waiting room's timeout),
-cancellation by the caller, replacing a backend's code under its tag (the old runtime drains
-while the new one takes the calls), and shutdown. After every step no future has been resolved
+cancellation by the caller (of queued calls, and of running ones, which the replicas here
+cancel the way an async replica cancels a task: at once, or when the call next ends),
+replacing a backend's code under its tag (the old runtime drains while the new one takes
+the calls), and shutdown. After every step no future has been resolved
 twice, nothing was logged as a failure of the scheduler and no thread died of an
 exception; after ``shutdown()`` no future is pending.
 
 The backends run on the thread-free :class:`~tests.scripted.ScriptedExecutor` (calls wait
-until a step answers them) and on the inline executor (calls complete inside submit).
+until a step answers them; here with a ``cancel``) and on the inline executor (calls
+complete inside submit).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import functools
 import logging
 import random
 import threading
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any
 
 from hypothesis import HealthCheck, settings
@@ -29,11 +32,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import serve_core as serve
 from serve_core import BackendConfig, Serve
 from serve_core.errors import ServeError
+from serve_core.executors.base import Outcome, ReplicaSpec
 from serve_core.testing import FakeClock
 
 from .conftest import WAIT
 from .procs import wait_until
-from .scripted import ScriptedExecutor
+from .scripted import ScriptedExecutor, ScriptedReplica
 
 
 def answer(*, i: int = 0, fail: bool = False) -> int:
@@ -66,6 +70,51 @@ class _Failures(logging.Handler):
             self.records.append(record)
 
 
+class CancellableReplica(ScriptedReplica):
+    """A scripted replica whose held calls can be cancelled (``CancellableReplica`` of executors.base).
+
+    ``at_once``: the cancelled call ends inside ``cancel`` (its task saw the cancellation at
+    once); otherwise it ends with ``CancelledError`` when the test next completes it.
+    """
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        super().__init__(spec)
+        self.at_once = False
+        self.cancelled: list[Future[list[Outcome]]] = []
+
+    def cancel(self, future: Future[list[Outcome]]) -> bool:
+        index = next((i for i, (_, held) in enumerate(self.held) if held is future), None)
+        if index is None:
+            return False
+        if self.at_once:
+            call, _ = self.held.pop(index)
+            future.set_result([Outcome(False, CancelledError())] * len(call))
+        elif not any(f is future for f in self.cancelled):
+            self.cancelled.append(future)
+        return True
+
+    def complete(self, index: int = 0) -> None:
+        call, future = self.held[index]
+        if not any(f is future for f in self.cancelled):
+            super().complete(index)
+            return
+        self.held.pop(index)
+        self.cancelled = [f for f in self.cancelled if f is not future]
+        future.set_result([Outcome(False, CancelledError())] * len(call))
+
+
+class CancellableExecutor(ScriptedExecutor):
+    def start_replica(self, spec: ReplicaSpec) -> ScriptedReplica:
+        if self.start_gate is not None and not self.start_gate.wait(WAIT):
+            raise RuntimeError("start_gate was never opened (scripted)")
+        if self.failing_starts:
+            self.failing_starts -= 1
+            raise RuntimeError(f"cannot start a replica of {spec.backend_tag} (scripted)")
+        replica = CancellableReplica(spec)
+        self.started.append(replica)
+        return replica
+
+
 def _wait_for_replacements() -> None:
     """Replacements and retirements run on helper threads: wait until they are over, so every run is the same."""
     helpers = ("serve-replace-", "serve-retire")
@@ -76,7 +125,7 @@ class Scheduler(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock()
-        self.executor = ScriptedExecutor()
+        self.executor = CancellableExecutor()
         self.failures = _Failures()
         for name in ("serve_core", "concurrent.futures"):
             logging.getLogger(name).addHandler(self.failures)
@@ -135,6 +184,20 @@ class Scheduler(RuleBasedStateMachine):
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
         data.draw(st.sampled_from(self.futures)).cancel()
+
+    @precondition(lambda self: any(future.running() for future in self.futures))
+    @rule(data=st.data(), at_once=st.booleans())
+    def cancel_running(self, data: st.DataObject, at_once: bool) -> None:
+        future = data.draw(st.sampled_from([future for future in self.futures if future.running()]))
+        for replica in self.executor.started:
+            assert isinstance(replica, CancellableReplica)
+            replica.at_once = at_once
+        taken = future.cancel()
+        for replica in self.executor.started:
+            assert isinstance(replica, CancellableReplica)
+            replica.at_once = False
+        if taken and at_once:  # the call ended inside cancel(): its owner answered it, cancelled
+            assert future.done() and isinstance(future.exception(0), CancelledError)
 
     # ---------------------------------------------------------- replicas
     @precondition(lambda self: self.executor.held())

@@ -7,6 +7,11 @@ workers never run the user's script, so those are sent by value). Exceptions tra
 wrapped so that they keep their type and gain the worker's traceback as ``__cause__``, the
 way ``concurrent.futures.ProcessPoolExecutor`` does it.
 
+A worker of an async backend runs its calls concurrently, so its answers come back in any
+order: each is :data:`SEQ` (the call's number: the n-th call the parent sent is number n,
+counting from 0) followed by the pickled outcomes. A synchronous worker answers in order,
+without it.
+
 Web requests travel as they are: the HTTP front's ``ServeRequest`` pickles itself to a
 self-contained copy (see :mod:`serve_core.http.request`).
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import struct
 from typing import Any
 
 import cloudpickle
@@ -35,11 +41,27 @@ class WorkerBoot:
     authkey: bytes  # multiprocessing's: proxies of the parent's managers connect from the worker
 
 
+SEQ = struct.Struct("<Q")
+"""The call number in front of a concurrent worker's answers."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Ready:
-    """The worker built its backend and waits for calls."""
+    """The worker built its backend and waits for calls.
+
+    ``concurrent``: it runs them as tasks on an event loop (an async backend), answering with
+    their number in front, and takes :class:`Cancel`.
+    """
 
     pid: int
+    concurrent: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Cancel:
+    """Cancel the task of call number ``seq``, if it still runs (concurrent workers only)."""
+
+    seq: int
 
 
 @dataclasses.dataclass(frozen=True)

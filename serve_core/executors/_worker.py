@@ -17,7 +17,11 @@ A worker first reads a :class:`~serve_core.executors._wire.WorkerBoot` and takes
 parent's ``sys.path``, working directory, ``argv``, process name and authkey. It builds its
 backend once, answers :class:`~serve_core.executors._wire.Ready` (or a
 :class:`~serve_core.executors._wire.Failure` when the constructor raised), then runs calls
-one after the other until it reads ``Stop`` or the end of its pipe.
+one after the other until it reads ``Stop`` or the end of its pipe. An async backend is built
+on a :class:`~serve_core.executors._loop.CallLoop` instead: this thread reads calls and
+hands them to the loop, where they run concurrently and answer as they end, numbered
+(``Ready(concurrent=True)``); ``Cancel`` cancels one, ``Stop`` lets them finish, the end of
+the pipe cancels them.
 
 A watchdog thread blocks on a second pipe whose other end only the parent holds: when
 the parent dies, even by ``SIGKILL``, that pipe reaches end-of-file and the worker
@@ -38,14 +42,17 @@ import subprocess
 import sys
 import threading
 import traceback
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..errors import ReplicaDiedError, ServeStateError
-from ..invoke import Invoker
+from ..errors import ReplicaDiedError, ServeError, ServeStateError
+from ..invoke import Invoker, is_async_target
+from ._loop import CallLoop
 from ._outcomes import dump_outcomes, remote_error
-from ._wire import Failure, Ready, Stop, WorkerBoot, dumps
+from ._wire import SEQ, Cancel, Failure, Ready, Stop, WorkerBoot, dumps
+from .base import Call, Outcome
 
 PARENT_GONE_EXIT_CODE = 70
 """Exit code of a worker whose parent died (EX_SOFTWARE)."""
@@ -215,13 +222,17 @@ def run_worker(conn: Connection, parent_alive: Connection) -> None:
     except (EOFError, OSError):
         return  # the parent gave up on this worker before sending its backend
     _adopt(boot)
-    invoker = _build(conn, boot)
-    if invoker is None:
+    served = _build(conn, boot)
+    if served is None:
         return
     try:
-        _serve(conn, invoker)
+        if isinstance(served, CallLoop):
+            _serve_concurrently(conn, served)
+        else:
+            _serve(conn, served)
     finally:
-        invoker.close()
+        if isinstance(served, Invoker):
+            served.close()  # a CallLoop closes its own as it ends
         conn.close()
 
 
@@ -246,17 +257,22 @@ def _adopt(boot: WorkerBoot) -> None:
     process.authkey = boot.authkey
 
 
-def _build(conn: Connection, boot: WorkerBoot) -> Invoker | None:
+def _build(conn: Connection, boot: WorkerBoot) -> Invoker | CallLoop | None:
     try:
         target, init_args = _load(boot.payload)
-        invoker = Invoker(target, init_args)
+        served: Invoker | CallLoop
+        if is_async_target(target):
+            served = CallLoop(f"{boot.name}-loop")
+            served.build(target, init_args)
+        else:
+            served = Invoker(target, init_args)
     except StartedWhileLoading as exc:  # the message says it all; the worker's stack would bury it
         failure = Failure(ServeStateError(str(exc)))
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         failure = Failure(remote_error(exc))
     else:
-        conn.send_bytes(dumps(Ready(os.getpid())))
-        return invoker
+        conn.send_bytes(dumps(Ready(os.getpid(), concurrent=isinstance(served, CallLoop))))
+        return served
     conn.send_bytes(dumps(failure))
     conn.close()
     return None
@@ -284,6 +300,43 @@ def _serve(conn: Connection, invoker: Invoker) -> None:
         if isinstance(message, Stop):
             return
         conn.send_bytes(dump_outcomes(invoker.run(message)))
+
+
+def _serve_concurrently(conn: Connection, calls: CallLoop) -> None:
+    """Hand the calls read from ``conn`` to the loop, numbered; they answer from the loop's thread."""
+    send_lock = threading.Lock()  # answers leave from the loop's thread, decoding failures from this one
+
+    def send(seq: int, data: bytes) -> None:
+        with send_lock, contextlib.suppress(OSError):  # the parent is gone: the watchdog ends us
+            conn.send_bytes(SEQ.pack(seq) + data)
+
+    def answer(seq: int, size: int, outcomes: list[Outcome] | None) -> None:
+        if outcomes is None:
+            outcomes = [Outcome(False, ServeError("the worker's event loop ended before the call did"))] * size
+        send(seq, dump_outcomes(outcomes))
+
+    seq, drain = 0, True
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            drain = False  # nobody reads our answers any more
+            break
+        try:
+            message = pickle.loads(data)
+        except Exception as exc:  # noqa: BLE001 - a call whose argument's class is unknown here
+            send(seq, dumps(Failure(remote_error(exc))))
+            seq += 1
+            continue
+        if isinstance(message, Stop):
+            break
+        if isinstance(message, Cancel):
+            calls.cancel(message.seq)
+        elif isinstance(message, Call):
+            if not calls.submit(seq, message, partial(answer, seq, len(message))):
+                answer(seq, len(message), None)
+            seq += 1
+    calls.stop(None, drain=drain)
 
 
 class _ForkServerLoop:

@@ -110,6 +110,22 @@ class Replica(Protocol):
 
 
 @runtime_checkable
+class CancellableReplica(Replica, Protocol):
+    """A replica that can cancel a call it is running: an optional addition to :class:`Replica`.
+
+    ``cancel(future)`` takes a future its ``submit`` returned and asks the call to stop (an
+    async call's task is cancelled). It returns True when the request was taken (the call then
+    ends as usual, its queries answering ``concurrent.futures.CancelledError`` if it stopped),
+    False when the call cannot be cancelled or is over; it is idempotent and may be called from
+    any thread. The runtime uses it for single-query calls still running after ``submit``, so
+    ``ServeFuture.cancel()`` reaches them. A replica whose calls can never be cancelled leaves
+    ``cancel`` out (or sets it to ``None``): its calls then cost nothing extra.
+    """
+
+    def cancel(self, future: Future[list[Outcome]]) -> bool: ...
+
+
+@runtime_checkable
 class Executor(Protocol):
     """Places replicas. ``start_replica`` raises if the user's constructor fails.
 

@@ -10,6 +10,10 @@ backend (function, or class and init args, shipped with cloudpickle), builds it 
 runs calls sent over a pipe. In the parent, one reader thread per replica reads the
 answers and resolves the futures: no thread per request.
 
+An async backend's worker runs its calls concurrently on an event loop (see
+:mod:`._loop`): up to ``max_concurrent_queries`` at once, answered as they end (numbered,
+see :mod:`._wire`), and :meth:`ProcessReplica.cancel` sends it a ``Cancel`` for one.
+
 Faults: a worker that dies (signal, ``os._exit``, segfault) fails the calls it held
 with :class:`~serve_core.errors.ReplicaDiedError` naming the exit code or signal; the
 router then asks for a replacement. A constructor that raises makes
@@ -19,7 +23,6 @@ A worker exits by itself when its parent dies, even by ``SIGKILL``.
 
 from __future__ import annotations
 
-import collections
 import enum
 import logging
 import multiprocessing
@@ -38,8 +41,9 @@ from typing import Any, Protocol
 import cloudpickle
 
 from ..errors import NotDeliveredError, ReplicaDiedError, ServeError, ServeTypeError, ValidationError
+from ..invoke import awaits_statically
 from . import _worker
-from ._wire import Failure, Ready, Stop, WorkerBoot, dumps
+from ._wire import SEQ, Cancel, Failure, Ready, Stop, WorkerBoot, dumps
 from .base import Call, Outcome, ReplicaSpec
 
 log = logging.getLogger("serve_core")
@@ -78,9 +82,13 @@ class _State(enum.Enum):
 
 
 class ProcessReplica:
-    """A backend served by its own worker process."""
+    """A backend served by its own worker process.
+
+    ``cancel`` is set for an async backend's worker only (see :class:`~.base.CancellableReplica`).
+    """
 
     default_max_concurrent_queries = 1  # the original's rule: every waiting query stays in the EDF queue
+    cancel: Callable[[Future[list[Outcome]]], bool] | None = None
 
     def __init__(self, spec: ReplicaSpec, launch: Launch, start_timeout_s: float) -> None:
         self.replica_id = spec.replica_id
@@ -101,9 +109,15 @@ class ProcessReplica:
         self._release_worker = weakref.finalize(self, alive_w.close)
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()  # keeps sends in the order of _inflight
-        self._inflight: collections.deque[tuple[Future[list[Outcome]], int]] = collections.deque()
+        # Call number -> its future, size and method, in the order sent (a synchronous worker answers in it).
+        self._inflight: dict[int, tuple[Future[list[Outcome]], int, str]] = {}
+        self._sent = 0  # numbers the calls, as the worker counts them
         self._state = _State.RUNNING
+        self._concurrent = False
+        self._target = spec.target  # tells coroutine methods (cancellable) from the others
         self.pid: int = self._await_ready(boot)
+        if self._concurrent:
+            self.cancel = self._cancel
         self._reader = threading.Thread(
             target=self._read_loop, name=f"serve-replica-{spec.replica_id}-reader", daemon=True
         )
@@ -123,6 +137,7 @@ class ProcessReplica:
             self._abort()
             raise
         if isinstance(message, Ready):
+            self._concurrent = message.concurrent
             return message.pid
         if message is _TIMED_OUT:
             self._process.kill()
@@ -185,7 +200,8 @@ class ProcessReplica:
                     gone = NotDeliveredError(f"replica {self.replica_id} is {self._state.value}")
                     future.set_exception(gone)
                     return future
-                self._inflight.append((future, len(call)))
+                self._inflight[self._sent] = (future, len(call), call.method)
+                self._sent += 1
             try:
                 self._conn.send_bytes(data)
             except OSError:
@@ -213,13 +229,20 @@ class ProcessReplica:
         self._on_worker_exit()
 
     def _deliver(self, data: bytes) -> None:
+        payload: bytes | memoryview = data
         with self._lock:
-            if not self._inflight:  # cannot happen with our worker; never kill the reader over it
-                log.error("replica %s sent an answer nobody asked for", self.replica_id)
-                return
-            future, size = self._inflight.popleft()
+            if self._concurrent:
+                seq = SEQ.unpack_from(data)[0]
+                payload = memoryview(data)[SEQ.size:]
+            else:
+                seq = next(iter(self._inflight), -1)
+            entry = self._inflight.pop(seq, None)
+        if entry is None:  # cannot happen with our worker; never kill the reader over it
+            log.error("replica %s sent an answer nobody asked for", self.replica_id)
+            return
+        future, size, _ = entry
         try:
-            message = pickle.loads(data)
+            message = pickle.loads(payload)
         except Exception as exc:  # noqa: BLE001 - e.g. a result class unknown in this process
             error = ServeError(f"the answer of replica {self.replica_id} cannot be unpickled here: {exc!r}")
             message = Failure(error)
@@ -232,7 +255,7 @@ class ProcessReplica:
         with self._lock:
             expected = self._state is _State.STOPPING
             self._state = _State.DEAD
-            lost = list(self._inflight)
+            lost = list(self._inflight.values())
             self._inflight.clear()
         self._conn.close()
         if not lost:
@@ -242,8 +265,24 @@ class ProcessReplica:
             message += " (it was being stopped and did not drain in time)"
         else:
             log.warning("%s", message)
-        for future, _ in lost:
+        for future, _, _ in lost:
             future.set_exception(ReplicaDiedError(message))
+
+    def _cancel(self, future: Future[list[Outcome]]) -> bool:
+        """Ask the worker to cancel the task of the call ``submit`` returned ``future`` for."""
+        with self._send_lock:
+            with self._lock:
+                # At most max_concurrent_queries calls: a scan costs less than a second index per call.
+                seq = next((n for n, (f, _, _) in self._inflight.items() if f is future), None)
+                if seq is None or self._state is not _State.RUNNING:
+                    return False
+                if not awaits_statically(self._target, self._inflight[seq][2]):
+                    return False  # synchronous code holds the worker's loop: nothing can interrupt it
+            try:
+                self._conn.send_bytes(dumps(Cancel(seq)))
+            except OSError:
+                return False  # the worker is gone; its calls fail with ReplicaDiedError
+        return True
 
     # ------------------------------------------------------------- shutdown
     def stop(self, drain_timeout: float | None = None) -> None:

@@ -2,6 +2,11 @@
 
 The default executor. Good for I/O-bound backends and for code that releases the
 GIL (numpy); CPU-bound pure Python wants the process executor.
+
+A synchronous backend gets a :class:`ThreadReplica`: a worker thread taking calls off a
+queue, one at a time. An async backend (:func:`~serve_core.invoke.is_async_target`) gets a
+:class:`LoopReplica`: an event loop on its thread, running every call it holds as a task,
+so up to ``max_concurrent_queries`` calls at once, each cancellable while it awaits.
 """
 
 from __future__ import annotations
@@ -9,9 +14,11 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import Future
+from functools import partial
 
 from ..errors import NotDeliveredError, ReplicaDiedError
-from ..invoke import Invoker
+from ..invoke import Invoker, is_async_target
+from ._loop import CallLoop
 from .base import Call, Outcome, ReplicaSpec
 
 _STOP = None  # sentinel on a replica's work queue
@@ -88,13 +95,54 @@ class ThreadReplica:
                 item[1].set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
 
 
+class LoopReplica:
+    """An async backend served by an event loop on its own thread, several calls at once.
+
+    The backend is built on that loop. Calls are tasks keyed by their future; a synchronous
+    method of the backend runs on the loop too, holding it while it runs.
+    """
+
+    default_max_concurrent_queries = 1  # the original's rule; max_concurrent_queries raises it
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        self.replica_id = spec.replica_id
+        self._calls = CallLoop(f"serve-replica-{spec.replica_id}")
+        self._calls.build(spec.target, spec.init_args)
+
+    @property
+    def alive(self) -> bool:
+        return self._calls.running
+
+    def submit(self, call: Call) -> Future[list[Outcome]]:
+        future: Future[list[Outcome]] = Future()
+        future.set_running_or_notify_cancel()
+        if not self._calls.submit(future, call, partial(self._answer, future)):
+            future.set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
+        return future
+
+    def cancel(self, future: Future[list[Outcome]]) -> bool:
+        """Cancel the task of the running call ``submit`` returned ``future`` for (see :meth:`CallLoop.cancel`)."""
+        return self._calls.cancel(future)
+
+    def stop(self, drain_timeout: float | None = None) -> None:
+        self._calls.stop(drain_timeout)
+
+    def _answer(self, future: Future[list[Outcome]], outcomes: list[Outcome] | None) -> None:
+        if outcomes is None:
+            future.set_exception(ReplicaDiedError(f"the event loop of replica {self.replica_id} ended"))
+        else:
+            future.set_result(outcomes)
+
+
 class ThreadExecutor:
-    """Starts a worker thread per replica."""
+    """Starts a worker thread per replica (an event-loop thread for an async backend)."""
 
     name = "thread"
     places_replicas = False
 
-    def start_replica(self, spec: ReplicaSpec) -> ThreadReplica:
+    def start_replica(self, spec: ReplicaSpec) -> ThreadReplica | LoopReplica:
+        if is_async_target(spec.target):
+            return LoopReplica(spec)
         return ThreadReplica(spec)
 
     def shutdown(self) -> None:

@@ -1,0 +1,382 @@
+"""Async backends: one event loop per replica, concurrency, context, running loops, cancellation.
+
+Concurrency is shown by five 0.2 s ``asyncio.sleep`` calls finishing together: the bound
+(< 0.8 s against the serial 1.0 s) is about the overlap and generous to machine speed.
+Backends meant for worker processes are built inside functions, so cloudpickle ships
+them by value (workers never import this module). Ray's behaviour is documented in
+docs/executors.md; its async support is not built yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
+from typing import Any
+
+import pytest
+from werkzeug.test import EnvironBuilder
+
+import serve_core as serve
+from serve_core import BackendConfig, Serve
+from serve_core.http.request import ServeRequest
+from serve_core.invoke import REQUEST_ID_KEY, is_async_target
+
+from .conftest import WAIT
+
+NAP_S = 0.2
+CALLS = 5
+SERIAL_S = NAP_S * CALLS
+OVERLAP_BOUND_S = 0.8  # well under the serial 1.0 s
+
+
+def deploy(srv: Serve, target: Any, *init_args: Any, **config: Any) -> serve.ServeHandle:
+    srv.create_endpoint("ep")
+    srv.create_backend(target, "b", *init_args, backend_config=BackendConfig(**config))
+    srv.link("ep", "b")
+    return srv.get_handle("ep")
+
+
+def nap_backend() -> Any:
+    async def nap(*, i: int = 0) -> int:
+        await asyncio.sleep(NAP_S)
+        return i
+
+    return nap
+
+
+def context_backend() -> Any:
+    async def context(request: Any) -> tuple[Any, ...]:
+        before = (serve.context.web, serve.context.request_id, serve.context.batch_size)
+        await asyncio.sleep(NAP_S)  # the other calls run meanwhile, on the same loop
+        after = (serve.context.web, serve.context.request_id, serve.context.batch_size)
+        return before, after
+
+    return context
+
+
+def hanging_backend() -> Any:
+    class Hang:
+        """``started`` is set once a call runs; its ``finally`` sets ``cleaned``."""
+
+        def __init__(self, started: Any, cleaned: Any) -> None:
+            self.started, self.cleaned = started, cleaned
+
+        async def __call__(self) -> str:
+            self.started.set()
+            try:
+                await asyncio.sleep(60)
+            finally:
+                self.cleaned.set()
+            return "not cancelled"
+
+        async def ping(self) -> str:
+            return "pong"
+
+        def blocking(self) -> str:
+            self.started.set()
+            self.cleaned.wait(WAIT)  # holds the loop: a synchronous method cannot be cancelled
+            return "finished"
+
+    return Hang
+
+
+@pytest.fixture(params=["thread", "process"])
+def loop_executor(request: pytest.FixtureRequest) -> str:
+    """Executors that give an async backend an event loop of its own."""
+    return str(request.param)
+
+
+@pytest.fixture
+def make_event(loop_executor: str) -> Iterator[Callable[[], Any]]:
+    """Events a backend can set on the executor under test (a manager's Event for worker processes)."""
+    managers: list[Any] = []
+
+    def build() -> Any:
+        if loop_executor == "thread":
+            return threading.Event()
+        if not managers:
+            import multiprocessing
+
+            managers.append(multiprocessing.get_context("spawn").Manager())
+        return managers[0].Event()
+
+    yield build
+    for manager in managers:
+        manager.shutdown()
+
+
+def timed(handle: serve.ServeHandle, calls: list[dict[str, Any]]) -> tuple[list[Any], float]:
+    started = time.perf_counter()
+    futures = [handle.remote(**kwargs) for kwargs in calls]
+    results = [future.result(WAIT) for future in futures]
+    return results, time.perf_counter() - started
+
+
+def web_request(request_id: str) -> ServeRequest:
+    environ = EnvironBuilder(path="/ep").get_environ()
+    environ[REQUEST_ID_KEY] = request_id
+    return ServeRequest(environ)
+
+
+# ------------------------------------------------------------------ detection
+def test_async_targets_are_detected() -> None:
+    class Sync:
+        def __call__(self) -> None: ...
+
+    class Mixed:
+        def __call__(self) -> None: ...
+
+        async def other(self) -> None: ...
+
+    class AsyncWarmup:
+        async def warmup(self) -> None: ...
+
+    async def function() -> None: ...
+
+    assert is_async_target(function) and is_async_target(Mixed) and is_async_target(AsyncWarmup)
+    assert not is_async_target(Sync) and not is_async_target(lambda: None)
+
+
+# ---------------------------------------------------------------- concurrency
+def test_async_calls_run_concurrently(make_serve: Callable[..., Serve], loop_executor: str) -> None:
+    handle = deploy(make_serve(executor=loop_executor), nap_backend(), max_concurrent_queries=CALLS)
+    handle.remote().result(WAIT)  # the first call pays for nothing else (a worker's first import)
+    results, elapsed = timed(handle, [{"i": i} for i in range(CALLS)])
+    assert results == list(range(CALLS))
+    assert elapsed < OVERLAP_BOUND_S, f"{CALLS} calls of {NAP_S} s took {elapsed:.2f} s (serial: {SERIAL_S} s)"
+
+
+def test_async_default_is_one_call_at_a_time(make_serve: Callable[..., Serve]) -> None:
+    class Peak:
+        def __init__(self) -> None:
+            self.running = self.peak = 0
+
+        async def __call__(self) -> None:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            await asyncio.sleep(0.01)
+            self.running -= 1
+
+        def seen(self) -> int:
+            return self.peak
+
+    handle = deploy(make_serve(executor="thread"), Peak)  # max_concurrent_queries left to the default
+    for future in [handle.remote() for _ in range(4)]:
+        future.result(WAIT)
+    assert handle.options(method_name="seen").remote().result(WAIT) == 1
+
+
+def test_context_is_per_call_under_concurrency(make_serve: Callable[..., Serve], loop_executor: str) -> None:
+    srv = make_serve(executor=loop_executor)
+    deploy(srv, context_backend(), max_concurrent_queries=CALLS)
+    srv.get_handle("ep").remote().result(WAIT)
+    started = time.perf_counter()
+    web = [srv.enqueue("ep", request=web_request(f"req-{i}")) for i in range(3)]
+    python = [srv.enqueue("ep", kwargs={}) for _ in range(2)]
+    web_answers = [future.result(WAIT) for future in web]
+    python_answers = [future.result(WAIT) for future in python]
+    elapsed = time.perf_counter() - started
+    assert web_answers == [((True, f"req-{i}", None),) * 2 for i in range(3)]
+    assert python_answers == [((False, None, None),) * 2] * 2
+    assert elapsed < OVERLAP_BOUND_S, f"the calls did not overlap: {elapsed:.2f} s"
+
+
+def test_async_batches_run_on_the_loop(make_serve: Callable[..., Serve]) -> None:
+    @serve.accept_batch
+    async def double(*, x: list[int]) -> list[Any]:
+        await asyncio.sleep(0)
+        return [(value * 2, serve.context.batch_size) for value in x]
+
+    handle = deploy(make_serve(executor="thread"), double, max_batch_size=4)
+    assert handle.remote(x=3).result(WAIT) == (6, 1)
+
+
+def test_class_built_and_warmed_up_on_the_replica_loop(make_serve: Callable[..., Serve]) -> None:
+    class LoopBound:
+        def __init__(self) -> None:
+            self.built_on = asyncio.get_running_loop()  # a client session made here works in the calls
+            self.lock = asyncio.Lock()
+
+        async def warmup(self) -> None:
+            self.warmed_on = asyncio.get_running_loop()
+
+        async def __call__(self) -> bool:
+            async with self.lock:
+                loop = asyncio.get_running_loop()
+                return loop is self.built_on and loop is self.warmed_on
+
+    assert deploy(make_serve(executor="thread"), LoopBound).remote().result(WAIT) is True
+
+
+def test_constructor_error_of_an_async_class(make_serve: Callable[..., Serve], loop_executor: str) -> None:
+    class Broken:
+        def __init__(self) -> None:
+            raise ValueError("no model here")
+
+        async def __call__(self) -> None: ...
+
+    srv = make_serve(executor=loop_executor)
+    srv.create_endpoint("ep")
+    with pytest.raises(ValueError, match="no model here"):
+        srv.create_backend(Broken, "b")
+
+
+def test_sync_and_async_methods_of_one_class(make_serve: Callable[..., Serve], make_event: Callable[[], Any],
+                                            loop_executor: str) -> None:
+    started, cleaned = make_event(), make_event()
+    handle = deploy(make_serve(executor=loop_executor), hanging_backend(), started, cleaned)
+    assert handle.options(method_name="ping").remote().result(WAIT) == "pong"
+    future = handle.options(method_name="blocking").remote()
+    assert started.wait(WAIT)
+    assert future.cancel() is False  # synchronous code holds the loop: it cannot be cancelled
+    cleaned.set()
+    assert future.result(WAIT) == "finished"
+
+
+# ------------------------------------------------------------- running loops
+def test_inline_async_inside_asyncio_run(make_serve: Callable[..., Serve]) -> None:
+    srv = make_serve(executor="inline")
+    handle = deploy(srv, nap_backend(), max_concurrent_queries=CALLS)
+    srv.create_endpoint("sync")
+    srv.create_backend(lambda: "sync", "s")
+    srv.link("sync", "s")
+
+    async def main() -> tuple[int, list[int], float, str]:
+        one = await handle.remote(i=7)
+        started = time.perf_counter()
+        many = await asyncio.gather(*[handle.remote(i=i) for i in range(CALLS)])
+        elapsed = time.perf_counter() - started
+        return one, list(many), elapsed, srv.get_handle("sync").remote().result(WAIT)  # sync: done at once
+
+    one, many, elapsed, sync = asyncio.run(main())
+    assert (one, many, sync) == (7, list(range(CALLS)), "sync")
+    assert elapsed < OVERLAP_BOUND_S, f"inline tasks did not overlap: {elapsed:.2f} s"
+
+
+def test_inline_async_without_a_loop_is_unchanged(make_serve: Callable[..., Serve]) -> None:
+    handle = deploy(make_serve(executor="inline"), nap_backend())
+    future = handle.remote(i=3)
+    assert future.done() and future.result() == 3  # ran to completion on the replica's private loop
+
+
+def test_inline_async_warmup_inside_a_running_loop(make_serve: Callable[..., Serve]) -> None:
+    class Warm:
+        async def warmup(self) -> None:
+            self.ready = await asyncio.sleep(0, result=True)
+
+        async def __call__(self) -> bool:
+            return self.ready
+
+    srv = make_serve(executor="inline")
+
+    async def main() -> bool:
+        handle = deploy(srv, Warm)  # the constructor and warmup run while this loop runs
+        return await handle.remote()
+
+    assert asyncio.run(main()) is True
+
+
+@pytest.mark.parametrize("executor_name", ["inline", "thread", "process"])
+def test_await_handle_from_any_loop(make_serve: Callable[..., Serve], executor_name: str) -> None:
+    handle = deploy(make_serve(executor=executor_name), nap_backend(), max_concurrent_queries=2)
+
+    async def call(i: int) -> int:
+        return await handle.remote(i=i)
+
+    answers: list[int] = []
+    other = threading.Thread(target=lambda: answers.append(asyncio.run(call(2))))
+    other.start()  # a second loop, on another thread, at the same time
+    answers.append(asyncio.run(call(1)))
+    other.join(WAIT)
+    assert sorted(answers) == [1, 2]
+
+
+# --------------------------------------------------------------- cancellation
+def test_cancel_reaches_a_running_async_call(make_serve: Callable[..., Serve], make_event: Callable[[], Any],
+                                            loop_executor: str) -> None:
+    started, cleaned = make_event(), make_event()
+    handle = deploy(make_serve(executor=loop_executor), hanging_backend(), started, cleaned)
+    future = handle.remote()
+    assert started.wait(WAIT)
+    assert future.running() and future.cancel() is True
+    with pytest.raises(CancelledError):
+        future.result(WAIT)
+    assert cleaned.wait(WAIT)  # the task saw CancelledError: its finally ran
+    assert future.cancel() is False  # answered: nothing left to cancel
+    assert handle.options(method_name="ping").remote().result(WAIT) == "pong"  # the replica lives on
+
+
+def test_cancel_withdraws_a_queued_async_call(make_serve: Callable[..., Serve], make_event: Callable[[], Any],
+                                             loop_executor: str) -> None:
+    started, cleaned = make_event(), make_event()
+    handle = deploy(make_serve(executor=loop_executor), hanging_backend(), started, cleaned)
+    running = handle.remote()
+    assert started.wait(WAIT)
+    queued = handle.options(method_name="ping").remote()  # waits: one call at a time by default
+    assert queued.cancel() is True and queued.cancelled()
+    assert running.cancel() is True
+    with pytest.raises(CancelledError):
+        running.result(WAIT)
+
+
+def test_cancelling_the_awaiting_task_cancels_the_call(make_serve: Callable[..., Serve]) -> None:
+    started, cleaned = threading.Event(), threading.Event()
+    handle = deploy(make_serve(executor="thread"), hanging_backend(), started, cleaned)
+
+    async def main() -> None:
+        waiter = asyncio.ensure_future(handle.remote())
+        assert await asyncio.to_thread(started.wait, WAIT)
+        waiter.cancel()  # asyncio cancels the ServeFuture it waits on, which cancels the call
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+
+    asyncio.run(main())
+    assert cleaned.wait(WAIT)
+
+
+def test_inline_cancel_inside_asyncio_run(make_serve: Callable[..., Serve]) -> None:
+    async def hang(*, started: asyncio.Event, cleaned: asyncio.Event) -> str:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            cleaned.set()
+        return "not cancelled"
+
+    handle = deploy(make_serve(executor="inline"), hang)
+
+    async def main() -> None:
+        for how in ("future", "task"):
+            started, cleaned = asyncio.Event(), asyncio.Event()
+            future = handle.remote(started=started, cleaned=cleaned)
+            waiter = asyncio.ensure_future(asyncio.wrap_future(future))
+            await asyncio.wait_for(started.wait(), WAIT)
+            if how == "future":
+                assert future.cancel() is True
+            else:
+                waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            await asyncio.wait_for(cleaned.wait(), WAIT)
+            with pytest.raises(CancelledError):
+                future.result(WAIT)
+
+    asyncio.run(main())
+
+
+def test_a_running_sync_call_still_cannot_be_cancelled(make_serve: Callable[..., Serve]) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def block() -> str:
+        started.set()
+        release.wait(WAIT)
+        return "done"
+
+    future = deploy(make_serve(executor="thread"), block).remote()
+    assert started.wait(WAIT)
+    assert future.cancel() is False
+    release.set()
+    assert future.result(WAIT) == "done"
