@@ -151,10 +151,9 @@ class DashboardApp:
             logger.addHandler(capture)
             weakref.finalize(self, logger.removeHandler, capture)
 
-    @property
-    def enabled(self) -> Callable[[], bool]:
-        """A callable telling whether the dashboard answers now (the server's address may come later)."""
-        return lambda: dashboard_enabled(self.serve.dashboard, self.serve.http_address(), os.environ)
+    def enabled(self) -> bool:
+        """Whether the dashboard answers now (asked each time: the server's address comes after the app)."""
+        return dashboard_enabled(self.serve.dashboard, self.serve.http_address(), os.environ)
 
     # ------------------------------------------------------------ WSGI
     def dispatch_request(self, request: ServeRequest) -> PlainResponse:
@@ -225,7 +224,7 @@ class DashboardApp:
                 "id": serve.instance_id,
                 "state": serve.state,
                 "executor": serve.executor().name,
-                "http": _address(serve.http_address()),
+                "http": _address(serve.http_address()) or urlsplit(os.environ.get(ENV_URL, "")).netloc or None,
                 "revision": serve.revision,
                 "debug": serve.debug,
             },

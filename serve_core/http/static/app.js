@@ -68,6 +68,13 @@
     return (ms < 1 ? ms.toFixed(3) : ms < 10 ? ms.toFixed(2) : ms.toFixed(1)) + " ms";
   }
 
+  function fmtAxisSeconds(seconds) {  // short: the axis has room for about six characters
+    var ms = seconds * 1000;
+    if (ms === 0) return "0";
+    if (ms >= 1000) return (seconds < 10 ? seconds.toFixed(1) : seconds.toFixed(0)) + " s";
+    return (ms >= 10 ? ms.toFixed(0) : ms >= 1 ? ms.toFixed(1) : ms.toFixed(2)) + " ms";
+  }
+
   function fmtTime(wall) {
     var date = new Date(wall * 1000);
     return date.toLocaleTimeString([], {hour12: false});
@@ -145,7 +152,7 @@
 
   // ------------------------------------------------------------------ charts
   // A line chart of several series over the time axis [now - horizon, now]; null values break the line.
-  function lineChart(title, lines, format, now, floor) {
+  function lineChart(title, lines, format, now, floor, axisFormat) {
     var width = 280, height = 120, left = 52, right = 8, top = 8, bottom = 20;
     var plotW = width - left - right, plotH = height - top - bottom;
     var start = now - state.horizon;
@@ -160,7 +167,7 @@
     [0, 0.5, 1].forEach(function (fraction) {
       var value = max * fraction;
       parts.push(svg("line", {x1: left, x2: left + plotW, y1: y(value), y2: y(value), "class": "grid"}));
-      parts.push(svg("text", {x: left - 4, y: y(value) + 4, "text-anchor": "end", "class": "axis"}, format(value)));
+      parts.push(svg("text", {x: left - 4, y: y(value) + 4, "text-anchor": "end", "class": "axis"}, axisFormat(value)));
     });
     [[start, "-10 min"], [start + state.horizon / 2, "-5 min"], [now, "now"]].forEach(function (tick, index) {
       var anchor = index === 0 ? "start" : index === 2 ? "end" : "middle";
@@ -196,10 +203,10 @@
     var rate = lineChart("rate (per second)", [
       {key: "rps", label: "requests", color: LINE_COLORS.rps, values: series.rps},
       {key: "eps", label: "errors", color: LINE_COLORS.eps, values: series.eps},
-    ], fmtRate, now, 1);
+    ], fmtRate, now, 1, fmtRate);
     var latency = lineChart("latency" + latencyNote, ["p50", "p95", "p99"].map(function (p) {
       return {key: p, label: p, color: LINE_COLORS[p], values: series[p]};
-    }), fmtMs, now, 0.001);
+    }), fmtMs, now, 0.001, fmtAxisSeconds);
     return el("div", {"class": "card", "data-kind": kind, "data-name": name}, [
       el("h3", {}, [el("span", {"class": "muted"}, kind + " "), name]), el("div", {"class": "charts"}, [rate, latency]),
     ]);
@@ -295,7 +302,7 @@
     mergeHistory(data.history, data.horizon_s);
     var inst = data.instance;
     document.getElementById("instance").textContent =
-      inst.id + " · " + inst.state + " · executor " + inst.executor + " · http " + (inst.http || "(mounted)") +
+      inst.id + " · " + inst.state + " · executor " + inst.executor + " · http " + (inst.http || "(served by the host app)") +
       " · store revision " + inst.revision + (inst.debug ? " · debug" : "");
     var status = document.getElementById("status");
     status.textContent = "live · " + fmtTime(data.time);
