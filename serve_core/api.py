@@ -83,6 +83,7 @@ def init(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     http_request_timeout_s: float | None = DEFAULT_HTTP_REQUEST_TIMEOUT_S,
     debug: bool = False,
+    dashboard: bool | None = None,
     registry_poll_s: float = DEFAULT_REGISTRY_POLL_S,
     heartbeat_s: float = DEFAULT_HEARTBEAT_S,
     instance_expiry_s: float = DEFAULT_INSTANCE_EXPIRY_S,

@@ -13,8 +13,8 @@ from serve_core.errors import ServeStateError
 from .conftest import WAIT
 
 EXPORTED = {
-    "AutoscalingConfig", "BackPressureError", "BackendConfig", "BatchAnnotationError", "BatchResultError", "ConflictError",
-    "DeadlineExceededError", "MethodNotFoundError", "NotFoundError", "Policy", "RayServeException",
+    "AutoscalingConfig", "BackPressureError", "BackendConfig", "BatchAnnotationError", "BatchResultError",
+    "ConflictError", "DeadlineExceededError", "MethodNotFoundError", "NotFoundError", "Policy", "RayServeException",
     "ReplicaDiedError", "RoutePolicy", "Serve", "ServeError", "ServeHandle", "ServeStateError",
     "ServeTypeError", "ShuttingDownError", "StoreError", "ValidationError", "WebOnlyAccessError", "__version__",
     "accept_batch", "context", "create_backend", "create_endpoint", "get_backend_config", "get_handle",

@@ -10,13 +10,18 @@ connections so that no handler thread outlives the instance.
 Connections are kept alive (HTTP/1.1, and HTTP/1.0 asking for it). Werkzeug's own
 ``run_wsgi`` answers every request with ``Connection: close``, because after the response
 it reads and discards whatever the client sent, which would swallow the next request of a
-kept connection; :class:`_Handler` replaces it. The request body is a bounded stream
-(:class:`_Body`) that cannot read past its request, and a response is framed by its
-``Content-Length``, else chunked (HTTP/1.1), else by closing. After the response, a body the
-app left unread is skipped when it is small (:data:`SKIP_LIMIT`), else the connection closes.
-``Expect: 100-continue`` is answered with one ``100 Continue`` when the app starts reading
-the body, so a request refused without reading it (a declared body past the limit: 413 at
-once, a 404, a 405) never gets one, and its connection closes after the answer.
+kept connection; :class:`_Handler` replaces it, and the stdlib's lenient request parsing
+with :func:`~serve_core.http.parsing.read_head` (strict, RFC 9112). What one connection reads
+and writes (deadlines, bounded bodies, framing) is in :mod:`.connection`. After the
+response, a body the app left unread is skipped when it is small (:data:`SKIP_LIMIT`), else
+the connection closes. ``Expect: 100-continue`` is answered with one ``100 Continue`` when
+the app starts reading the body, so a request refused without reading it (a declared body
+past the limit: 413 at once, a 404, a 405) never gets one, and its connection closes after
+the answer.
+
+Each connection has a thread (reused: :class:`_Workers`). At :data:`MAX_CONNECTIONS`, a new connection first evicts one
+that serves no request — a connection closing, the longest idle kept one, else the oldest
+unfinished head — and is refused with 503 only when every connection is busy.
 """
 
 from __future__ import annotations
@@ -25,17 +30,47 @@ import http.client
 import io
 import ipaddress
 import logging
+import queue
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import IO, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from ..errors import PayloadTooLargeError, ServeStateError
+from .connection import (
+    BODY_MIN_RATE,
+    BODY_TIMEOUT_S,
+    EVICTABLE,
+    HEAD_TIMEOUT_S,
+    IDLE_TIMEOUT_S,
+    SKIP_LIMIT,
+    Body,
+    Expired,
+    Limits,
+    Phase,
+    Response,
+    SocketWriter,
+    TimedReader,
+    linger,
+)
+from .parsing import ChunkedBody, Head, Malformed, answer, read_head
 from .request import check_body_length
 from .responses import error_response, internal_error
+
+__all__ = [
+    "BODY_MIN_RATE",
+    "BODY_TIMEOUT_S",
+    "HEAD_TIMEOUT_S",
+    "IDLE_TIMEOUT_S",
+    "MAX_CONNECTIONS",
+    "SKIP_LIMIT",
+    "BodyLimited",
+    "HTTPServer",
+    "is_loopback",
+]
 
 log = logging.getLogger("serve_core.http")
 
@@ -44,22 +79,13 @@ StartResponse = Callable[..., Any]
 
 
 MAX_CONNECTIONS = 512
-"""Open connections (each has a thread) before new ones get an immediate 503."""
+"""Open connections (each has a thread); past it, an idle one or an unfinished head is evicted, else 503."""
 
-IDLE_TIMEOUT_S = 30.0
-"""A connection silent this long (idle keep-alive, or a stalled body) is closed."""
-
-SKIP_LIMIT = 64 * 1024
-"""Unread request body bytes read and dropped after the response to keep the connection; more closes it."""
-
-_OVERLOADED = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 34\r\n\r\ntoo many connections, retry later\n"
-)
+_OVERLOADED = answer(503, "too many connections, retry later", extra="Retry-After: 1\r\n")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_CHUNK = 64 * 1024
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding"})  # ours to set (PEP 3333)
-_DROPPED = (ConnectionError, TimeoutError)  # the client went away, or stayed silent past the idle timeout
+_BUFFER = 16 * 1024  # the connection's read buffer
+_RANK = {phase: rank for rank, phase in enumerate(EVICTABLE)}  # who is evicted first
+_DROPPED = (ConnectionError, TimeoutError)  # the client went away, or stayed silent past a deadline
 
 
 @runtime_checkable
@@ -74,205 +100,88 @@ class BodyLimited(Protocol):
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]: ...
 
 
-class _Body(io.RawIOBase):
-    """A request's body as the app reads it: never past its end, ``100 Continue`` sent before the first read.
-
-    Args:
-        stream: the connection's reader, or Werkzeug's de-chunking reader of a chunked body.
-        length: the declared ``Content-Length``; ``None`` for a chunked body (read to its end).
-        send_continue: sends ``100 Continue``, when the client expects one.
-    """
-
-    def __init__(self, stream: IO[bytes], length: int | None, send_continue: Callable[[], None] | None) -> None:
-        super().__init__()
-        self.length = length
-        self._stream = stream
-        self._left = length
-        self._continue = send_continue
-        self._ended = length == 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        size = len(buffer) if self._left is None else min(len(buffer), self._left)
-        if self._ended or not size:
-            return 0
-        if self._continue is not None:
-            send, self._continue = self._continue, None
-            send()
-        data = self._stream.read(size)
-        buffer[: len(data)] = data
-        if self._left is not None:
-            self._left -= len(data)
-        self._ended = not data or self._left == 0  # nothing read: the client closed or stopped sending
-        return len(data)
-
-    @property
-    def complete(self) -> bool:
-        """Whether the whole body has been read (the next bytes are the next request)."""
-        return self._left == 0 if self._left is not None else self._ended
-
-    @property
-    def skippable(self) -> bool:
-        """Whether what is left can be read and dropped to reach the next request.
-
-        Not when ``100 Continue`` was never sent (the client may be waiting, or not send the
-        body at all), nor for the unknown rest of a chunked body or a large rest.
-        """
-        if self.complete:
-            return True
-        return self._continue is None and self._left is not None and self._left <= SKIP_LIMIT
-
-    def skip(self) -> bool:
-        """Read and drop the rest of the body; whether the connection can serve another request."""
-        if not self.skippable:
-            return False
-        try:
-            while self.read(_CHUNK):
-                pass
-        except OSError:
-            return False
-        return self.complete
-
-
-class _Response:
-    """One WSGI response (``start_response`` and ``write``) framed so the connection can be kept.
-
-    A declared ``Content-Length`` frames the body (bytes past it are dropped; a shorter body
-    closes the connection); without one, an HTTP/1.1 body is chunked and an HTTP/1.0 one ends
-    with the connection. The head goes out with the first body bytes, in one write.
-    """
-
-    def __init__(self, handler: _Handler, environ: dict[str, Any], body: _Body) -> None:
-        self._handler = handler
-        self._body = body
-        self._head_only = environ["REQUEST_METHOD"] == "HEAD"
-        self._status: str | None = None
-        self._headers: list[tuple[str, str]] = []
-        self._chunked = False
-        self._left: int | None = None  # body bytes still to send under the declared length
-        self.sent = False
-
-    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[..., None]:
-        if exc_info is not None and self.sent:
-            raise exc_info[1].with_traceback(exc_info[2])
-        if exc_info is None and self._status is not None:
-            raise RuntimeError("start_response() called twice without exc_info")
-        self._status, self._headers = status, headers
-        return self.write
-
-    def write(self, data: bytes) -> None:
-        head = b"" if self.sent else self._head()
-        self._handler.wfile.write(head + self._frame(data))
-
-    def finish(self) -> None:
-        """End the response once the app's iterable is exhausted."""
-        head = b"" if self.sent else self._head()
-        end = b"0\r\n\r\n" if self._chunked else b""
-        if head or end:
-            self._handler.wfile.write(head + end)
-        if self._left:
-            self._handler.close_connection = True  # shorter than its Content-Length: the client waits for more
-
-    def _frame(self, data: bytes) -> bytes:
-        if self._left is not None:
-            data = data[: self._left] if len(data) > self._left else data
-            self._left -= len(data)
-        elif self._chunked and data:  # an empty chunk would end the body
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        return data
-
-    def _head(self) -> bytes:
-        if self._status is None:
-            raise RuntimeError("the app wrote its body before calling start_response()")
-        handler = self._handler
-        lines = [f"{handler.protocol_version} {self._status}", f"Server: {handler.version_string()}"]
-        lines.append(f"Date: {handler.date_time_string()}")
-        length: int | None = None
-        for name, value in self._headers:
-            key = name.lower()
-            if key in _HOP_BY_HOP:
-                handler.close_connection |= key == "connection" and value.lower() == "close"
-                continue
-            if key == "content-length":
-                length = int(value)
-            lines.append(f"{name}: {value}")
-        lines += self._framing(int(self._status.split(None, 1)[0]), length)
-        self.sent = True
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-    def _framing(self, code: int, length: int | None) -> list[str]:
-        """How the body is delimited, and whether the connection stays (decided with the head)."""
-        handler = self._handler
-        lines: list[str] = []
-        if self._head_only or code < 200 or code in (204, 304):
-            self._left = 0  # no body, whatever the app yields
-        elif length is not None:
-            self._left = length
-        elif handler.request_version >= "HTTP/1.1":
-            self._chunked = True
-            lines.append("Transfer-Encoding: chunked")
-        else:
-            handler.close_connection = True  # HTTP/1.0 without a length: the body ends with the connection
-        if not self._body.skippable:
-            handler.close_connection = True
-        if handler.close_connection:
-            lines.append("Connection: close")
-        elif handler.request_version == "HTTP/1.0":
-            lines.append("Connection: keep-alive")
-        return lines
-
-
 class _Handler(WSGIRequestHandler):
-    """Werkzeug's handler with keep-alive (see the module docstring), without a log line per request."""
+    """Werkzeug's handler with keep-alive, deadlines and strict parsing (see the module docstring)."""
 
     protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # a kept connection must not hold a small response back
     server: _Server
-    _expects_continue = False
 
     def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(self.server.idle_timeout_s)
+        self.connection = self.request
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)  # kept: no held-back answers
+        self.reader = self.server.reader_of(self.request)
+        self.input = io.BufferedReader(self.reader, _BUFFER)
+        self.rfile = self.input
+        self.wfile = SocketWriter(self.request, self.server.limits.idle_timeout_s)
+        self.linger = False  # the client may still be sending: read and drop before closing
 
-    def handle_expect_100(self) -> bool:
-        self._expects_continue = True  # sent by the body on the app's first read, not before the app asks
-        return True
+    def handle_one_request(self) -> None:
+        """Read one request head and serve it; the connection closes after it unless the next can follow."""
+        self.close_connection = True
+        try:
+            head = read_head(self.input)
+        except Expired as exc:
+            if exc.phase is Phase.HEAD and exc.partial:
+                self._refuse(408, f"the request head did not arrive within {self.server.limits.head_timeout_s} s")
+            return
+        except Malformed as exc:
+            self._refuse(exc.status, str(exc))
+            return
+        if head is None:
+            return  # the client closed between requests
+        self.reader.enter(Phase.BUSY)
+        self._adopt(head)
+        self.run_wsgi()
+        if not self.close_connection:
+            self.reader.enter(Phase.IDLE)
+
+    def _adopt(self, head: Head) -> None:
+        """Take the head's parts where Werkzeug's ``make_environ`` looks for them."""
+        self.head = head
+        self.command, self.request_version, self.headers = head.method, head.version, head.headers
+        self.path = "/" + head.target.lstrip("/") if head.target.startswith("//") else head.target  # as the stdlib
+        self.requestline = f"{head.method} {self.path} {head.version}"
+        self.close_connection = head.close
 
     def run_wsgi(self) -> None:
-        """Serve one request; the connection closes after it unless the next request can follow."""
-        environ = self.make_environ()
-        body = self._body(environ)
-        response = _Response(self, environ, body)
+        """Serve the request read by :meth:`handle_one_request`."""
         try:
-            self._execute(self._refusal(body) or self.server.app, environ, response)
+            environ = self.make_environ()
+        except ValueError:  # a target urllib cannot split (e.g. a bad IPv6 host)
+            self._refuse(400, "malformed request target")
+            return
+        body = self._body(environ)
+        response = Response(
+            self.wfile.write, self.request_version, self.command, body,
+            close=self.close_connection, server=self.version_string(),
+        )  # fmt: skip
+        try:
+            self._execute(self._refusal(body) or self.server.app, environ, response, body)
         except _DROPPED:
             self.close_connection = True
             return
         except Exception as exc:  # noqa: BLE001 - the app (or its response) failed: a 500 if still possible
             self._fail(exc, environ, response, body)
             return
-        if not body.skip():
-            self.close_connection = True
+        self.close_connection = response.close or not body.skip()
+        self.linger = self.close_connection and not body.complete
 
-    def _body(self, environ: dict[str, Any]) -> _Body:
+    def _body(self, environ: dict[str, Any]) -> Body:
         """Put the bounded body stream in the environ."""
-        send = self._send_continue if self._expects_continue else None
-        self._expects_continue = False
-        length: int | None = None
-        if not environ.get("wsgi.input_terminated"):  # Werkzeug de-chunks a chunked body itself
-            text = environ.get("CONTENT_LENGTH") or "0"
-            if text.isascii() and text.isdigit():
-                length = int(text)
-            else:  # not a length: the body cannot be framed, nor the next request found
-                length = 0
-                self.close_connection = True
-        body = _Body(environ["wsgi.input"], length, send)
+        head = self.head
+        send = self._send_continue if head.expects_continue else None
+        if head.chunked:
+            stream: Any = ChunkedBody(self.input)
+            environ["wsgi.input_terminated"] = True
+            environ["HTTP_TRANSFER_ENCODING"] = "chunked"  # checked: exactly chunked, however it was spelled
+        else:
+            stream = self.input
+            environ.pop("wsgi.input_terminated", None)
+        body = Body(stream, head.length, self.reader, send)
         environ["wsgi.input"] = body
         return body
 
-    def _refusal(self, body: _Body) -> WSGIApp | None:
+    def _refusal(self, body: Body) -> WSGIApp | None:
         """A 413 for a declared body past the server's limit, answered without reading it."""
         limit = self.server.max_body_bytes
         if limit is None or body.length is None:
@@ -283,9 +192,11 @@ class _Handler(WSGIRequestHandler):
             return error_response(exc, debug=False, where=self.path)
         return None
 
-    def _execute(self, app: WSGIApp, environ: dict[str, Any], response: _Response) -> None:
+    def _execute(self, app: WSGIApp, environ: dict[str, Any], response: Response, body: Body) -> None:
         chunks = app(environ, response.start_response)
         try:
+            if body.failure is not None and not response.sent:
+                raise body.failure  # the app answered a body it could not read: ours replaces it
             for data in chunks:
                 response.write(data)
             response.finish()
@@ -294,17 +205,46 @@ class _Handler(WSGIRequestHandler):
             if close is not None:
                 close()
 
-    def _fail(self, exc: Exception, environ: dict[str, Any], response: _Response, body: _Body) -> None:
+    def _fail(self, exc: Exception, environ: dict[str, Any], response: Response, body: Body) -> None:
         self.close_connection = True
+        if body.failure is not None:  # the body could not be read: the client's fault, answered as such
+            if not response.sent:
+                code = body.failure.code or 400
+                self._refuse(code, body.failure.description or "bad request body")
+            self.linger = True
+            return
         error = internal_error(exc, debug=False, where=f"{self.command} {self.path}")  # logs it
         if not response.sent:
+            retry = Response(
+                self.wfile.write, self.request_version, self.command, body, close=True, server=self.version_string()
+            )
             try:
-                self._execute(error, environ, _Response(self, environ, body))
+                self._execute(error, environ, retry, body)
             except OSError:
                 pass  # the client went away; the error is logged
+        self.linger = not body.complete
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` with the server's own plain-text response, then close (after lingering)."""
+        self.close_connection = True
+        self.linger = True
+        try:
+            self.wfile.write(answer(status, message))
+        except OSError:
+            pass  # the client went away; nothing to tell it
 
     def _send_continue(self) -> None:
         self.wfile.write(_CONTINUE)
+
+    def finish(self) -> None:
+        if self.linger and self.reader.phase is not Phase.EVICTED:
+            try:
+                self.reader.enter(Phase.CLOSING)  # evictable while it lingers
+            except ConnectionAbortedError:
+                pass  # evicted meanwhile: the socket is shut already
+            else:
+                linger(self.connection)
+        super().finish()
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
@@ -314,8 +254,72 @@ class _Handler(WSGIRequestHandler):
         log.debug("HTTP connection %s: " + format, self.client_address, *args)
 
 
+class _Workers:
+    """Threads that serve connections, one connection at a time each, reused.
+
+    ``Thread.start()`` waits until the new thread holds the GIL; under a flood of new
+    connections that wait, in the accepting thread, was most of the cost of accepting
+    (4.1 s of 5.7 s over 10 s of a reconnecting slowloris). A spare worker takes a
+    connection from a queue instead; one idle for ``idle_s`` ends.
+    """
+
+    def __init__(self, serve: Callable[..., None], name: str, idle_s: float = 60.0) -> None:
+        self._serve = serve
+        self._name = name
+        self._idle_s = idle_s
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._spare = 0  # workers waiting for a connection that none is queued for
+        self._started = 0
+        self._threads: set[threading.Thread] = set()
+
+    def submit(self, *item: Any) -> None:
+        """Serve ``self._serve(*item)`` on a spare worker, or a new one."""
+        thread = None
+        with self._lock:
+            if self._spare:
+                self._spare -= 1
+            else:
+                self._started += 1
+                thread = threading.Thread(target=self._run, name=f"{self._name}-{self._started}", daemon=True)
+                self._threads.add(thread)
+        self._queue.put(item)
+        if thread is not None:
+            thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=self._idle_s)
+                except queue.Empty:
+                    with self._lock:
+                        if self._spare:  # no connection is on its way to this worker
+                            self._spare -= 1
+                            return
+                    continue
+                if item is None:
+                    return
+                self._serve(*item)
+                with self._lock:
+                    self._spare += 1
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def stop(self, timeout: float) -> None:
+        """End every worker once it has finished its connection; wait up to ``timeout``."""
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 class _Server(ThreadedWSGIServer):
-    """Tracks connections and their threads so that closing ends them all; holds the connection limits."""
+    """Tracks connections and their threads so that closing ends them all; makes room at the cap."""
 
     def __init__(
         self,
@@ -325,63 +329,91 @@ class _Server(ThreadedWSGIServer):
         fd: int,
         *,
         max_connections: int,
-        idle_timeout_s: float,
+        limits: Limits,
         max_body_bytes: int | None,
     ) -> None:
         super().__init__(host, port, app, _Handler, fd=fd)
         self.max_connections = max_connections
-        self.idle_timeout_s = idle_timeout_s
+        self.limits = limits
         self.max_body_bytes = max_body_bytes
+        self.evictions = 0
         self._lock = threading.Lock()
-        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._ended = threading.Condition(self._lock)
+        self._connections: dict[socket.socket, TimedReader] = {}
+        self._evicted: dict[socket.socket, TimedReader] = {}  # out of the count; their workers still ending
+        self._workers = _Workers(self.process_request_thread, "serve-http")
 
     @property
     def open_connections(self) -> int:
         return len(self._connections)
 
+    def reader_of(self, sock: socket.socket) -> TimedReader:
+        with self._lock:
+            return self._connections.get(sock) or self._evicted[sock]
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        if len(self._connections) >= self.max_connections:
+        reader = TimedReader(request, self.limits, time.monotonic())
+        with self._lock:
+            room = len(self._connections) < self.max_connections or self._make_room()
+            if room:
+                self._connections[request] = reader
+        if not room:
             try:
                 request.sendall(_OVERLOADED)
             except OSError:
                 pass  # the client went away; nothing to tell it
             self.shutdown_request(request)
             return
-        thread = threading.Thread(
-            target=self.process_request_thread,
-            args=(request, client_address),
-            name=f"serve-http-{client_address[1]}",
-            daemon=True,
-        )
-        with self._lock:
-            self._connections[request] = thread
-        thread.start()
+        self._workers.submit(request, client_address)
+
+    def _make_room(self) -> bool:
+        """Evict the connection that serves no request and waited longest (closing, idle, then heads)."""
+        while True:
+            victim, best = None, (len(_RANK), 0.0)
+            for sock, reader in self._connections.items():  # one pass: this runs on every accept at the cap
+                rank = _RANK.get(reader.phase)
+                if rank is not None and (rank, reader.since) < best:
+                    victim, best = sock, (rank, reader.since)
+            if victim is None:
+                return False
+            if self._connections[victim].evict():  # fails if it has just started a request: try again
+                self._evicted[victim] = self._connections.pop(victim)
+                self.evictions += 1
+                return True
 
     def shutdown_request(self, request: Any) -> None:
         with self._lock:
             self._connections.pop(request, None)
+            self._evicted.pop(request, None)
+            self._ended.notify_all()
         super().shutdown_request(request)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.error("HTTP connection %s failed", client_address, exc_info=True)
+
+    def _all_ended(self) -> bool:
+        return not self._connections and not self._evicted
+
     def close_connections(self, timeout: float) -> None:
-        """End every open connection and wait (bounded) for its thread.
+        """End every open connection and wait (bounded) for it, then end the workers.
 
         Reads are shut first, so a handler still writing a response finishes it and then
         sees end-of-stream instead of the next request; stragglers are cut after ``timeout``.
         """
-        with self._lock:
-            connections = dict(self._connections)
         deadline = time.monotonic() + timeout
         for how in (socket.SHUT_RD, socket.SHUT_RDWR):
-            for sock in connections:
+            with self._lock:
+                sockets = [*self._connections, *self._evicted]
+            for sock in sockets:
                 try:
                     sock.shutdown(how)
                 except OSError:
                     pass  # already closed
-            for thread in connections.values():
-                thread.join(max(0.0, deadline - time.monotonic()))
-            if not any(t.is_alive() for t in connections.values()):
-                return
+            with self._ended:
+                if self._ended.wait_for(self._all_ended, deadline - time.monotonic()):
+                    break
             deadline = time.monotonic() + 1.0
+        self._workers.stop(max(1.0, deadline - time.monotonic()))
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -429,8 +461,18 @@ class HTTPServer:
         max_body_bytes: a declared request body larger than this is answered 413 before the app
             is called, without reading it; default: the app's own limit when it declares one
             (:class:`BodyLimited`, as ``ServeApp`` does), else none.
-        idle_timeout_s: a connection silent this long is closed.
-        max_connections: open connections before new ones get an immediate 503.
+        idle_timeout_s: a kept connection waits this long for its next request; no read or
+            write of a request waits longer.
+        head_timeout_s: the whole request head must arrive within this many seconds of its
+            start (408 and close past it).
+        body_timeout_s: a request body gets this many seconds from the app's first read...
+        body_min_rate: ...plus one second per this many bytes received (408 and close past it).
+        max_connections: open connections; past it, a new one evicts a closing or idle
+            connection or the oldest unfinished head, else gets an immediate 503.
+
+    Raises:
+        ServeStateError: the address cannot be bound.
+        ValidationError: a timeout or rate is not a positive number.
     """
 
     def __init__(
@@ -441,22 +483,26 @@ class HTTPServer:
         *,
         max_body_bytes: int | None = None,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
+        head_timeout_s: float = HEAD_TIMEOUT_S,
+        body_timeout_s: float = BODY_TIMEOUT_S,
+        body_min_rate: float = BODY_MIN_RATE,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
+        limits = Limits(
+            idle_timeout_s=idle_timeout_s,
+            head_timeout_s=head_timeout_s,
+            body_timeout_s=body_timeout_s,
+            body_min_rate=body_min_rate,
+        )
         _warn_if_exposed(host)
         if max_body_bytes is None and isinstance(app, BodyLimited):
             max_body_bytes = app.max_body_bytes
         sock = _bind(host, port)
         try:
             self._server = _Server(
-                host,
-                port,
-                app,
-                sock.fileno(),
-                max_connections=max_connections,
-                idle_timeout_s=idle_timeout_s,
-                max_body_bytes=max_body_bytes,
-            )
+                host, port, app, sock.fileno(),
+                max_connections=max_connections, limits=limits, max_body_bytes=max_body_bytes,
+            )  # fmt: skip
         finally:
             sock.close()  # the server holds its own duplicate of the descriptor
         self.host = host
@@ -472,9 +518,19 @@ class HTTPServer:
         return self._server.max_body_bytes
 
     @property
+    def limits(self) -> Limits:
+        """The deadlines of every connection."""
+        return self._server.limits
+
+    @property
     def open_connections(self) -> int:
-        """Connections open now (each holds a handler thread)."""
+        """Connections open now (each holds a handler thread), evicted ones not counted."""
         return self._server.open_connections
+
+    @property
+    def evictions(self) -> int:
+        """Connections evicted so far to make room for new ones."""
+        return self._server.evictions
 
     @property
     def address(self) -> tuple[str, int]:

@@ -5,13 +5,16 @@
 from __future__ import annotations
 
 import dataclasses
+import select
 import socket
+import time
 from typing import Any
 
 import requests
 from werkzeug.test import Client
 
 from serve_core import Serve
+from serve_core.http.server import HTTPServer
 
 from ..conftest import WAIT
 
@@ -123,3 +126,35 @@ class Wire:
             self._file.readline()
         self._file.readline()  # the blank line after the last chunk
         return b"".join(parts)
+
+
+def wait_readable(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server sends something (or closes) on ``sock`` within ``seconds``."""
+    readable, _, _ = select.select([sock], [], [], seconds)
+    return bool(readable)
+
+
+def timed_get(address: tuple[str, int], path: str = "/-/healthz") -> tuple[int, float]:
+    """One normal ``GET`` on a new connection: its status and how long the answer took (connect included)."""
+    began = time.monotonic()
+    wire = Wire(address)
+    try:
+        wire.send(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
+        return wire.response().status, time.monotonic() - began
+    finally:
+        wire.close()
+
+
+class Servers:
+    """Standalone servers started by a test on free loopback ports; :meth:`close` ends them all."""
+
+    def __init__(self) -> None:
+        self._started: list[HTTPServer] = []
+
+    def start(self, app: Any, **options: Any) -> HTTPServer:
+        self._started.append(HTTPServer(app, "127.0.0.1", 0, **options))
+        return self._started[-1]
+
+    def close(self) -> None:
+        for server in self._started:
+            server.close()

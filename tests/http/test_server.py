@@ -132,8 +132,8 @@ def test_connections_past_the_cap_get_503(make_serve: Callable[..., Serve]) -> N
     server = HTTPServer(srv.wsgi_app(), "127.0.0.1", 0, max_connections=2)
     idle = [socket.create_connection(server.address, timeout=WAIT) for _ in range(2)]
     try:
-        for sock in idle:  # each is served (held by a thread) once it has been answered once
-            sock.sendall(b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        for sock in idle:  # answered, then busy reading a body that never comes (idle ones would be evicted)
+            sock.sendall(b"GET /-/healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
             assert sock.recv(1024).startswith(b"HTTP/1.1 200")
         assert server.open_connections == 2
         response = requests.get(f"{server.url}/-/healthz", timeout=WAIT)
