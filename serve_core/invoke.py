@@ -19,7 +19,9 @@ Two ways to run a call: :meth:`Invoker.run` in the replica's thread (a coroutine
 returns runs to completion on a private event loop: one call at a time), and
 :meth:`Invoker.run_async`, a coroutine for replicas that keep an event loop of their own
 (:func:`is_async_target` backends), where several calls run at once as tasks. A call whose
-task is cancelled answers :class:`concurrent.futures.CancelledError`.
+task is cancelled answers :class:`concurrent.futures.CancelledError`, and so does a call there
+that lets an ``asyncio.CancelledError`` escape (a ``BaseException`` that callers of
+``future.result()`` would not expect); :meth:`Invoker.run` answers what the code raised, as before.
 """
 
 from __future__ import annotations

@@ -236,6 +236,21 @@ def test_sync_and_async_methods_of_one_class(make_serve: Callable[..., Serve], m
     assert future.result(WAIT) == "finished"
 
 
+@pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt, asyncio.CancelledError])
+def test_base_exceptions_of_async_code_are_answers(make_serve: Callable[..., Serve], loop_executor: str,
+                                                   error: type[BaseException]) -> None:
+    async def backend(*, fail: bool = False) -> str:
+        if fail:
+            raise error("from the backend")  # on the loop: the task must not let it end the loop
+        return "alive"
+
+    handle = deploy(make_serve(executor=loop_executor), backend)
+    expected = CancelledError if error is asyncio.CancelledError else error  # what result() raises
+    with pytest.raises(expected):
+        handle.remote(fail=True).result(WAIT)
+    assert handle.remote().result(WAIT) == "alive"
+
+
 # ------------------------------------------------------------- running loops
 def test_inline_async_inside_asyncio_run(make_serve: Callable[..., Serve]) -> None:
     srv = make_serve(executor="inline")
