@@ -21,6 +21,8 @@ from werkzeug.test import EnvironBuilder
 
 import serve_core as serve
 from serve_core import BackendConfig, Serve
+from serve_core.executors.base import Call, ReplicaSpec
+from serve_core.executors.thread import ThreadExecutor
 from serve_core.http.request import ServeRequest
 from serve_core.invoke import REQUEST_ID_KEY, is_async_target
 
@@ -294,6 +296,24 @@ def test_inline_async_warmup_inside_a_running_loop(make_serve: Callable[..., Ser
     assert asyncio.run(main()) is True
 
 
+def test_inline_calls_left_when_the_loop_ends_are_answered(make_serve: Callable[..., Serve]) -> None:
+    handle = deploy(make_serve(executor="inline"), nap_backend())  # one call at a time: the second queues
+    left: list[Any] = []
+
+    async def leave_early() -> None:
+        left.extend([handle.remote(i=1), handle.remote(i=2)])  # never awaited
+
+    asyncio.run(leave_early())  # cancels the running call; the queued one starts as the loop ends
+    for future in left:
+        with pytest.raises(CancelledError):
+            future.result(WAIT)
+
+    async def again() -> int:
+        return await handle.remote(i=3)
+
+    assert asyncio.run(again()) == 3  # the replica was not left holding a call nobody runs
+
+
 @pytest.mark.parametrize("executor_name", ["inline", "thread", "process"])
 def test_await_handle_from_any_loop(make_serve: Callable[..., Serve], executor_name: str) -> None:
     handle = deploy(make_serve(executor=executor_name), nap_backend(), max_concurrent_queries=2)
@@ -380,6 +400,18 @@ def test_inline_cancel_inside_asyncio_run(make_serve: Callable[..., Serve]) -> N
                 future.result(WAIT)
 
     asyncio.run(main())
+
+
+def test_stopping_a_loop_replica_cancels_what_outlives_its_drain() -> None:
+    started, cleaned = threading.Event(), threading.Event()
+    spec = ReplicaSpec("b", "b#1", hanging_backend(), (started, cleaned), BackendConfig())
+    replica = ThreadExecutor().start_replica(spec)
+    future = replica.submit(Call("__call__", False, False, (None,), ({},)))
+    assert started.wait(WAIT)
+    replica.stop(0.05)  # the drain timeout under test
+    assert cleaned.wait(WAIT) and not replica.alive
+    [outcome] = future.result(WAIT)
+    assert not outcome.ok and isinstance(outcome.value, CancelledError)
 
 
 def test_a_running_sync_call_still_cannot_be_cancelled(make_serve: Callable[..., Serve]) -> None:

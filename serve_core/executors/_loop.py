@@ -31,6 +31,9 @@ from .base import Call, Outcome
 Done = Callable[["list[Outcome] | None"], None]
 """Receives a call's outcomes, or ``None`` when it never ran."""
 
+CANCEL_GRACE_S = 1.0
+"""How long a stopping loop waits for its calls to end once it cancelled them after ``drain_timeout``."""
+
 
 class CallLoop:
     """An event loop on its own thread, running one backend's calls as tasks.
@@ -95,17 +98,26 @@ class CallLoop:
     def stop(self, drain_timeout: float | None, *, drain: bool = True) -> None:
         """Accept no more calls; finish those accepted (``drain=False``: cancel them), then end the thread.
 
-        Waits up to ``drain_timeout`` seconds (None: no limit) unless called from the loop itself.
+        Waits up to ``drain_timeout`` seconds (None: no limit) unless called from the loop itself;
+        the calls still running then are cancelled (what a process replica's kill does to them,
+        without losing the replica's cleanup), and the thread gets :data:`CANCEL_GRACE_S` more.
         """
         with self._lock:
             if self._accepting:
                 self._accepting = False
-                try:
-                    self._loop.call_soon_threadsafe(self._drain, drain)
-                except RuntimeError:
-                    pass  # the loop has ended already
-        if threading.current_thread() is not self._thread:
-            self._thread.join(drain_timeout)
+                self._call_soon(self._drain, drain)
+        if threading.current_thread() is self._thread:
+            return
+        self._thread.join(drain_timeout)
+        if self._thread.is_alive() and drain:
+            self._call_soon(self._drain, False)
+            self._thread.join(CANCEL_GRACE_S)
+
+    def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # the loop has ended already
 
     # -------------------------------------------------------- on the loop's thread
     def _start(self, key: Hashable, call: Call) -> None:

@@ -7,11 +7,21 @@ that loop, and the future resolves when the task completes, so ``await handle.re
 works there and several such calls run at once (up to ``max_concurrent_queries``).
 Blocking on ``.result()`` on the loop's own thread would wait for a task that loop can no
 longer run: await the future instead. Those tasks can be cancelled (:meth:`InlineReplica.cancel`).
+
+A loop that ends (``asyncio.run`` returning) cancels its tasks, and a task finishing then frees
+its replica for the next queued call, which would become a task the ending loop never runs. So
+each loop gets a watcher: an async generator that the loop's ``shutdown_asyncgens()`` closes
+(``asyncio.run``, ``IsolatedAsyncioTestCase`` and pytest-asyncio all call it). Its ``finally``
+answers the calls still running there with ``CancelledError`` (and cancels their tasks), and
+from then on calls dispatched on that loop run to completion inside ``submit``, as without a loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import weakref
+from collections.abc import AsyncGenerator
 from concurrent.futures import Future
 from functools import partial
 
@@ -19,7 +29,8 @@ from ..errors import NotDeliveredError
 from ..invoke import Invoker, cancelled_error, is_async_target
 from .base import Call, Outcome, ReplicaSpec
 
-Task = tuple[asyncio.AbstractEventLoop, "asyncio.Task[list[Outcome]]"]
+Loop = asyncio.AbstractEventLoop
+Task = tuple[Loop, "asyncio.Task[list[Outcome]]", int]  # its loop, the task, the call's size
 
 
 class InlineReplica:
@@ -32,6 +43,8 @@ class InlineReplica:
         self._invoker: Invoker | None = Invoker(spec.target, spec.init_args)
         self._async = is_async_target(spec.target)
         self._tasks: dict[Future[list[Outcome]], Task] = {}  # calls running as tasks on a caller's loop
+        self._watchers: weakref.WeakKeyDictionary[Loop, AsyncGenerator[None, None]] = weakref.WeakKeyDictionary()
+        self._ended: weakref.WeakSet[Loop] = weakref.WeakSet()  # loops whose shutdown began
 
     @property
     def alive(self) -> bool:
@@ -43,9 +56,9 @@ class InlineReplica:
         invoker = self._invoker
         if invoker is None:
             future.set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
-        elif self._async and invoker.awaits(call.method) and (loop := _running_loop()) is not None:
+        elif self._async and invoker.awaits(call.method) and (loop := self._task_loop()) is not None:
             task = loop.create_task(invoker.run_async(call))
-            self._tasks[future] = (loop, task)
+            self._tasks[future] = (loop, task, len(call))
             task.add_done_callback(partial(self._finished, future, len(call)))
         else:
             future.set_result(invoker.run(call))
@@ -56,7 +69,7 @@ class InlineReplica:
         entry = self._tasks.get(future)
         if entry is None:
             return False
-        loop, task = entry
+        loop, task, _ = entry
         try:
             loop.call_soon_threadsafe(task.cancel)  # cancel may come from any thread
         except RuntimeError:  # that loop is closed: the task has ended
@@ -69,19 +82,42 @@ class InlineReplica:
             self._invoker.close()
             self._invoker = None
 
+    def _task_loop(self) -> Loop | None:
+        """The running loop of this thread, if a call may become a task on it (watching it from now on)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        if loop in self._ended:
+            return None
+        if loop not in self._watchers:
+            watcher = self._watch(loop)
+            # Advanced to its first yield here, in the loop's thread: that registers it with the
+            # loop (its asyncgen hooks), so shutdown_asyncgens() will close it.
+            with contextlib.suppress(StopIteration):  # how a step that reached the yield ends
+                watcher.asend(None).send(None)
+            self._watchers[loop] = watcher
+        return loop
+
+    async def _watch(self, loop: Loop) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            self._ended.add(loop)
+            for future, (task_loop, task, size) in list(self._tasks.items()):
+                if task_loop is loop and self._tasks.pop(future, None) is not None:
+                    task.cancel()  # its finally blocks run if the loop steps once more
+                    error = cancelled_error()
+                    error.__cause__ = RuntimeError("the event loop running the call was shutting down")
+                    future.set_result([Outcome(False, error)] * size)
+
     def _finished(self, future: Future[list[Outcome]], size: int, task: asyncio.Task[list[Outcome]]) -> None:
-        del self._tasks[future]
-        if task.cancelled():  # before its coroutine started (e.g. asyncio.run ending)
+        if self._tasks.pop(future, None) is None:
+            return  # answered when its loop shut down
+        if task.cancelled():  # before its coroutine started
             future.set_result([Outcome(False, cancelled_error())] * size)
         else:
             future.set_result(task.result())  # run_async never raises
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 class InlineExecutor:
