@@ -123,7 +123,7 @@ class ServeApp:
         except FutureTimeout:
             if future.done():
                 raise  # the backend's own TimeoutError: its answer
-            future.cancel()  # withdrawn if still queued; a running call finishes unheard
+            future.cancel()  # withdrawn if queued; a running async call is cancelled, a sync one finishes unheard
             self.serve.metrics.front_error(entry.endpoint, "timeout")
             raise RequestTimeoutError(
                 f"no answer from endpoint {entry.endpoint!r} within {self.request_timeout_s} s"
