@@ -93,6 +93,7 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    rounds: list[float] = dataclasses.field(default_factory=list)  # requests/s of each round, in order
 
 
 def free_port() -> int:
@@ -218,6 +219,7 @@ def measure(
                 ranked = sorted(samples[app], key=lambda r: r.rps)
                 median = ranked[len(ranked) // 2]
                 median.errors = sum(r.errors for r in ranked)
+                median.rounds = [r.rps for r in samples[app]]
                 out[app][concurrency] = median
         return out
     finally:
@@ -236,13 +238,19 @@ def report(server: str, bare: dict[int, Result], ours: dict[int, Result]) -> Non
 
 
 def report_observability(server: str, off: dict[int, Result], on: dict[int, Result]) -> None:
-    print(f"\n{server}: concurrency | off req/s p50 p99 err | on req/s p50 p99 err | time per request on/off")
+    print(
+        f"\n{server}: concurrency | off req/s p50 p99 err | on req/s p50 p99 err | time per request on/off: "
+        "median of rounds' ratios (ratio of medians)"
+    )
     for c in off:
         f, o = off[c], on[c]
+        ratios = sorted(a / b for a, b in zip(f.rounds, o.rounds))  # the two sides of a round ran back to back
         print(
             f"  c={c:<3} | {f.rps:9.0f} {f.p50_ms:6.2f}ms {f.p99_ms:6.2f}ms {f.errors:3d} "
-            f"| {o.rps:9.0f} {o.p50_ms:6.2f}ms {o.p99_ms:6.2f}ms {o.errors:3d} | {f.rps / o.rps:5.3f}x"
+            f"| {o.rps:9.0f} {o.p50_ms:6.2f}ms {o.p99_ms:6.2f}ms {o.errors:3d} "
+            f"| {ratios[len(ratios) // 2]:5.3f}x ({f.rps / o.rps:5.3f}x)"
         )
+        print(f"        rounds' ratios: {' '.join(f'{r:.2f}' for r in ratios)}")
 
 
 def main() -> None:

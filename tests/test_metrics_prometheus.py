@@ -18,7 +18,7 @@ import pytest
 
 from serve_core import BackendConfig, Serve, accept_batch
 from serve_core.errors import BackPressureError, NotFoundError, ServeStateError, ServeTypeError, ValidationError
-from serve_core.prom import DEFAULT_LATENCY_BUCKETS, MetricsConfig, error_kind
+from serve_core.prom import DEFAULT_LATENCY_BUCKETS, FOLD_AT, MetricsConfig, error_kind
 from serve_core.testing import FakeClock
 
 from .conftest import WAIT, require
@@ -118,6 +118,33 @@ def test_latency_phases_land_in_their_buckets_on_the_fake_clock(make_serve: Call
         assert total == pytest.approx(0.012)
     assert value(samples, bucket, endpoint="e", backend="t", phase="queue", le="0.0005") == 4
     assert value(samples, "serve_core_request_latency_seconds_sum", endpoint="e", backend="t", phase="queue") == 0
+
+
+def test_counts_stay_exact_past_the_sample_buffer(make_serve: Callable[..., Serve]) -> None:
+    clock = FakeClock()
+    srv = make_serve(executor="inline", clock=clock)
+
+    def three_ms() -> None:
+        clock.advance(0.003)
+
+    srv.create_endpoint("e")
+    srv.create_backend(three_ms, "t")
+    srv.link("e", "t")
+    calls = 2 * (FOLD_AT // 3) + 5  # samples bucketed twice on the way, the rest at the scrape
+    handle = srv.get_handle("e")
+    for _ in range(calls):
+        handle.remote().result(WAIT)
+    samples = scrape(srv)
+    bucket = "serve_core_request_latency_seconds_bucket"
+    assert value(samples, "serve_core_requests_total", endpoint="e", backend="t") == calls
+    assert value(samples, bucket, endpoint="e", backend="t", phase="execution", le="0.0025") == 0
+    assert value(samples, bucket, endpoint="e", backend="t", phase="execution", le="0.005") == calls
+    assert value(samples, bucket, endpoint="e", backend="t", phase="queue", le="0.0005") == calls
+    for phase in ("execution", "total"):
+        total = value(samples, "serve_core_request_latency_seconds_sum", endpoint="e", backend="t", phase=phase)
+        assert total == pytest.approx(0.003 * calls)
+    assert value(samples, "serve_core_batch_size_count", backend="t") == calls
+    assert scrape(srv) == samples  # a scrape changes nothing
 
 
 def test_a_batch_that_waits_to_fill_counts_its_wait_apart_from_the_queue(make_serve: Callable[..., Serve]) -> None:
