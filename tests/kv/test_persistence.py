@@ -340,3 +340,30 @@ def test_the_core_does_not_import_sqlalchemy_without_a_sql_store() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_postgres_without_a_secret_is_refused_and_tampering_is_caught(
+    make_serve: MakeServe, pg_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("SERVE_CORE_SECRET", raising=False)
+    monkeypatch.delenv("SERVE_CORE_ALLOW_UNSIGNED", raising=False)
+    with pytest.raises(StoreError, match="SERVE_CORE_SECRET"):
+        make_serve(kv_store_path=pg_url)
+    with caplog.at_level(logging.WARNING, logger="serve_core"):
+        make_serve(kv_store_path=pg_url, allow_unsigned_store=True).shutdown()
+    assert any("unsigned records are allowed" in r.message for r in caplog.records)
+    monkeypatch.setenv("SERVE_CORE_SECRET", "postgres-test-secret-0123")
+    srv = make_serve(kv_store_path=pg_url)
+    srv.create_endpoint("api", "/api")
+    srv.create_backend(echo, "echo:v1")
+    srv.link("api", "echo:v1")
+    srv.shutdown()
+    store = SQLKVStore(pg_url, "registry")
+    config = store.get("config/echo:v1")
+    config["value"]["num_replicas"] = 50
+    store.put("config/echo:v1", config)
+    store.put("traffic/api", {"value": {"echo:v1": 1.0}, "sig": "0" * 64})
+    store.close()
+    again = make_serve(kv_store_path=pg_url)
+    assert "does not verify" in again.restored.failed["backend/echo:v1"]
+    assert "does not verify" in again.restored.failed["traffic/api"]
