@@ -226,3 +226,17 @@ def test_a_file_run_again_replays_its_own_steps_but_keeps_runtime_changes(shared
     one.split("api", {"shout:v1": 1.0})  # at runtime
     notes = deployment_file()
     assert one.get_traffic_policy("api") == {"shout:v1": 1.0} and len(notes) == 2
+
+
+def test_a_record_tampered_with_at_run_time_is_not_applied(shared: Callable[..., Serve]) -> None:
+    store: MemoryKVStore = shared.store  # type: ignore[attr-defined]
+    one = shared()
+    one.create_endpoint("api")
+    one.create_backend(echo, "echo:v1")
+    one.link("api", "echo:v1")
+    config = store.get("config/echo:v1")
+    config["value"]["num_replicas"] = 5  # written behind serve_core's back, old signature kept
+    store.update({"config/echo:v1": config, "meta/revision": store.get("meta/revision") + 1})
+    one.sync_registry()
+    assert len(one.replica_ids("echo:v1")) == 1  # the live re-read refused it
+    assert one.get_handle("api").remote(name="t").result(WAIT) == "echo t"
