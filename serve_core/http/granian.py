@@ -2,14 +2,23 @@
 
 Granian is a Rust HTTP server; its worker process imports the app itself, so under
 ``serve-core run --server granian`` the worker (not the command's process) initialises
-serve and executes the deployment file, through :func:`app_from_env`. The same factory
-serves any Granian or gunicorn setup::
+serve and executes the deployment file, through :func:`rsgi_app_from_env`: Granian's RSGI
+interface over :class:`~.rsgi.RSGIApp`, where a request waiting for its body or its result
+holds no thread (docs/http.md, "Under Granian"). The WSGI app is still there for any WSGI
+server, through :func:`app_from_env`::
 
     SERVE_CORE_APP=examples/echo.py granian --interface wsgi --factory \\
         serve_core.http.granian:app_from_env
 
+What protects the worker (:func:`granian_options`): the whole request head within
+:data:`HEAD_TIMEOUT_S` (Granian closes the connection past it, and a kept connection that
+sends no new request within it), the body deadline of :mod:`.rsgi`, and a connection cap
+(Granian's ``backpressure``) from the open-file limit, which is raised first: Granian keeps
+a connection that never sends a byte until the client closes it, and stops accepting once
+``backpressure`` connections are open.
+
 One worker process hosts one serve instance (replicas, queues, metrics). With several
-workers (``serve-core run --server granian --workers N``, or ``gunicorn -w N`` on the same
+workers (``serve-core run --server granian --workers N``, or ``gunicorn -w N`` on the WSGI
 factory) each worker is an instance of its own on the shared store: they converge on one
 registry (docs/sharing.md), while queues and metrics stay per worker.
 """
@@ -35,12 +44,32 @@ ENV_REQUEST_TIMEOUT = "SERVE_CORE_REQUEST_TIMEOUT"  # seconds; 0 for no limit
 ENV_DRAIN_TIMEOUT = "SERVE_CORE_DRAIN_TIMEOUT"  # seconds
 ENV_URL = "SERVE_CORE_URL"  # for the banner printed by the worker
 ENV_LOG_FORMAT = "SERVE_CORE_LOG_FORMAT"  # "text" or "json": the worker writes the access log; unset: it does not
-# Threads running WSGI calls; each waits for its call's result, so this bounds concurrency.
-GRANIAN_THREADS = 32
+ENV_BODY_TIMEOUT = "SERVE_CORE_BODY_TIMEOUT"  # seconds before a body's rate allowance (rsgi.BODY_TIMEOUT_S)
+HEAD_TIMEOUT_S = 10.0
+"""Granian's ``header_read_timeout``: a request head (or a kept connection's next one) within this, else closed."""
+
+MAX_OPEN_FILES = 65_536
+"""The open-file limit :func:`connection_cap` raises the soft limit to (at most the hard limit)."""
+
+FILES_RESERVED = 512
+"""Descriptors the connection cap leaves to the instance (store, logs, process replicas' pipes)."""
 
 
 def app_from_env() -> Any:
     """WSGI app factory: init serve, execute ``$SERVE_CORE_APP``, return ``serve.wsgi_app()``."""
+    return _instance_from_env().wsgi_app()
+
+
+def rsgi_app_from_env() -> Any:
+    """RSGI app factory (what ``serve-core run --server granian`` serves): :class:`~.rsgi.RSGIApp`."""
+    from .rsgi import BODY_TIMEOUT_S, RSGIApp
+
+    body_timeout_s = float(os.environ.get(ENV_BODY_TIMEOUT) or BODY_TIMEOUT_S)
+    return RSGIApp(_instance_from_env().wsgi_app(), body_timeout_s=body_timeout_s)
+
+
+def _instance_from_env() -> Any:
+    """Init serve from the ``SERVE_CORE_*`` variables and execute ``$SERVE_CORE_APP`` on it."""
     import serve_core as serve
     from serve_core.cli import app_search_path, deploy_file, describe
     from serve_core.serve import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_HTTP_REQUEST_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
@@ -67,14 +96,56 @@ def app_from_env() -> Any:
         for note in deploy_file(instance, app_file):
             print(f"serve-core: {note}", flush=True)
         print(describe(instance, os.environ.get(ENV_URL, "")), flush=True)
-    return instance.wsgi_app()
+    return instance
+
+
+def connection_cap() -> int | None:
+    """Granian's ``backpressure`` for one worker: the connections it holds open at once.
+
+    Raises the soft open-file limit to :data:`MAX_OPEN_FILES` (or the hard limit), inherited
+    by the workers, and leaves :data:`FILES_RESERVED` of it to the instance. ``None`` where
+    there are no such limits (Windows): Granian's default (1,024) then.
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, wanted, exc)
+    if soft == resource.RLIM_INFINITY:
+        soft = MAX_OPEN_FILES
+    return max(soft - FILES_RESERVED, soft // 2)
+
+
+def granian_options(workers: int) -> dict[str, Any]:
+    """What :func:`run_granian` gives Granian besides the address: interface, deadlines, cap."""
+    from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
+
+    options: dict[str, Any] = {
+        "interface": Interfaces.RSGI,
+        "factory": True,
+        "workers": workers,
+        "websockets": False,
+        "http1_settings": HTTP1Settings(header_read_timeout=int(HEAD_TIMEOUT_S * 1000)),
+        "log_access": False,  # the worker writes its own access log (--log-format)
+    }
+    cap = connection_cap()
+    if cap is not None:
+        options["backpressure"] = cap
+    return options
 
 
 def run_granian(args: argparse.Namespace) -> int:
     """Serve ``args.app`` with Granian until SIGINT/SIGTERM; returns the exit code."""
     try:
         from granian import Granian
-        from granian.constants import Interfaces
     except ImportError:
         print("serve-core: --server granian needs Granian: pip install 'serve-core[granian]'")
         return 2
@@ -92,14 +163,6 @@ def run_granian(args: argparse.Namespace) -> int:
             "serving HTTP on non-loopback address %s without authentication",
             repr(args.host) if args.host else "'' (every interface)",
         )
-    Granian(
-        "serve_core.http.granian:app_from_env",
-        address=args.host,
-        port=args.port,
-        interface=Interfaces.WSGI,
-        factory=True,
-        workers=args.workers,
-        blocking_threads=GRANIAN_THREADS,
-        log_access=False,
-    ).serve()
+    options = granian_options(args.workers)
+    Granian("serve_core.http.granian:rsgi_app_from_env", address=args.host, port=args.port, **options).serve()
     return 0
