@@ -15,7 +15,8 @@ Not a test: speed is not asserted anywhere.
 ``--compare observability`` measures the no-op endpoint with metrics, access log and request
 ids on against the same build with them off (``noop_factory.py``), the same way; the ratio
 printed is the time per request, on / off (issue 13's target: at most 1.15x under Granian at
-c=8).
+c=8). ``--interface rsgi`` serves them through Granian's RSGI interface, as ``serve-core run
+--server granian`` does.
 """
 
 from __future__ import annotations
@@ -71,13 +72,17 @@ if {app!r} == "bare":
     target, factory = "hello_wsgi:app", False
 elif {app!r}.startswith("obs-"):
     os.environ["BENCH_OBSERVABILITY"] = {app!r}[4:].split("#")[0]
-    target, factory = "noop_factory:app", True
+    target, factory = "noop_factory:" + ("rsgi_app" if {interface!r} == "rsgi" else "app"), True
 else:
     os.environ["SERVE_CORE_APP"] = {noop!r}
     target, factory = "serve_core.http.granian:app_from_env", True
 print("ready", flush=True)
-Granian(target, address="127.0.0.1", port={port}, interface=Interfaces.WSGI, factory=factory,
-        workers=1, blocking_threads={threads}, log_enabled=False).serve()
+if {interface!r} == "rsgi" and {app!r}.startswith("obs-"):  # RSGI runs on Granian's event loop thread
+    interface, threads = Interfaces.RSGI, {{}}
+else:
+    interface, threads = Interfaces.WSGI, {{"blocking_threads": {threads}}}
+Granian(target, address="127.0.0.1", port={port}, interface=interface, factory=factory,
+        workers=1, log_enabled=False, **threads).serve()
 """,
 }
 PATHS = {"bare": "/", "serve": "/noop"}
@@ -117,10 +122,11 @@ def wait_answering(port: int, path: str, timeout: float = 30.0) -> None:
 
 
 def start_server(
-    server: str, app: str, port: int, threads: int, access_log: str = os.devnull
+    server: str, app: str, port: int, threads: int, access_log: str = os.devnull, interface: str = "wsgi"
 ) -> subprocess.Popen[bytes]:
     code = SERVER_CODE[server].format(
-        repo=str(REPO), bench=str(BENCH), app=app, port=port, noop=str(BENCH / "noop_app.py"), threads=threads
+        repo=str(REPO), bench=str(BENCH), app=app, port=port, noop=str(BENCH / "noop_app.py"), threads=threads,
+        interface=interface,
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(BENCH)]), BENCH_ACCESS_LOG=access_log)
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL)
@@ -201,11 +207,11 @@ def _load(port: int, path: str, concurrency: int, duration: float) -> Result:
 
 def measure(
     server: str, concurrencies: list[int], duration: float, threads: int, rounds: int,
-    paths: dict[str, str] = PATHS, access_log: str = os.devnull,
+    paths: dict[str, str] = PATHS, access_log: str = os.devnull, interface: str = "wsgi",
 ) -> dict[str, dict[int, Result]]:
     """Both apps on ``server`` (both processes up), measured alternately; median of rounds."""
     ports = {app: free_port() for app in paths}
-    procs = {app: start_server(server, app, ports[app], threads, access_log) for app in paths}
+    procs = {app: start_server(server, app, ports[app], threads, access_log, interface) for app in paths}
     try:
         for app in paths:
             wait_answering(ports[app], paths[app])
@@ -261,6 +267,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median reported)")
     parser.add_argument("--granian-threads", type=int, default=32, help="Granian blocking threads")
     parser.add_argument("--compare", choices=sorted(COMPARISONS), default="bare", help="what against what")
+    parser.add_argument(
+        "--interface", choices=("wsgi", "rsgi"), default="wsgi",
+        help="Granian's interface for --compare observability (rsgi: what serve-core run --server granian serves)",
+    )
     args = parser.parse_args()
     print(
         f"load generator: {'wrk' if shutil.which('wrk') else 'python keep-alive client'}; "
@@ -272,7 +282,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             access_log = os.path.join(scratch, "access.log")  # the "on" side writes its access log here
             results = measure(
-                server, args.concurrency, args.duration, args.granian_threads, args.rounds, paths, access_log
+                server, args.concurrency, args.duration, args.granian_threads, args.rounds, paths, access_log,
+                args.interface,
             )
         if args.compare == "observability":
             report_observability(server, results["obs-off"], results["obs-on"])

@@ -39,3 +39,10 @@ def app() -> Any:
     serve.init(start_server=False, executor="thread", metrics=config)
     runpy.run_path(str(NOOP))
     return serve.wsgi_app()
+
+
+def rsgi_app() -> Any:
+    """The same for Granian's RSGI interface (what ``serve-core run --server granian`` serves)."""
+    from serve_core.http.rsgi import RSGIApp
+
+    return RSGIApp(app())
