@@ -109,8 +109,7 @@ class HistogramSnapshot:
             chunks.append(self.open)
         # bytearray.join copies the buffers in one C loop: ~25x faster than np.concatenate of
         # views. The result is writable, so percentile_keys can partition it in place.
-        import numpy as np  # on first use: `import serve_core` stays fast (numpy takes ~0.1 s to import)
-
+        np = numpy_module()
         return np.frombuffer(bytearray().join(chunks), dtype=np.float64)
 
     def _first(self, seconds: float, now: float) -> tuple[int, int]:
@@ -248,13 +247,14 @@ def percentile_keys(
     # Buckets are in time order, so every window is a suffix of the longest: copy that once.
     samples = snapshot.window(max(windows), now)
     counts = {window: snapshot._count(window, now) for window in windows}
-    values: dict[float, np.ndarray] = {}
+    values: dict[float, Any] = {}
+    np = numpy_module()
     # Shortest first: the whole buffer goes last and is partitioned in place (it is ours),
     # which saves a copy of the largest window (and its page faults).
     for window, count in sorted(counts.items(), key=lambda item: item[1]):
         if count:
             part = samples[samples.size - count :]
-            values[window] = _numpy().percentile(part, percentiles, overwrite_input=count == samples.size)
+            values[window] = np.percentile(part, percentiles, overwrite_input=count == samples.size)
     out: dict[str, float] = {}
     for window in windows:
         if window in values:
@@ -263,7 +263,8 @@ def percentile_keys(
     return out
 
 
-def _numpy() -> Any:
+def numpy_module() -> Any:
+    """numpy, imported on first use: ``import serve_core`` stays fast (numpy takes ~0.1 s to import)."""
     import numpy
 
     return numpy

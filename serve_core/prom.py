@@ -38,8 +38,6 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
-
 from .clock import Clock, Timer
 from .errors import (
     BackPressureError,
@@ -52,6 +50,7 @@ from .errors import (
     ShuttingDownError,
     ValidationError,
 )
+from .metrics import numpy_module
 
 if TYPE_CHECKING:
     from .executors.base import Outcome
@@ -222,13 +221,15 @@ class _Counts:
         self.answered = 0  # requests answered without running (refused, expired, dropped...)
         self.errors: dict[str, int] = {}
         self.samples = array("d")
+        np = numpy_module()
         self.counts = np.zeros(len(PHASES) * width, dtype=np.int64)  # per phase, per bucket
         self.sums = np.zeros(3)  # queue, batch_wait, execution
 
-    def fold(self, bounds: np.ndarray) -> None:
+    def fold(self, bounds: Any) -> None:
         """Bucket the buffered samples into ``counts`` and ``sums``, and empty the buffer."""
         if not self.samples:
             return
+        np = numpy_module()
         width = len(bounds) + 1
         values = np.frombuffer(self.samples, dtype=np.float64).reshape(-1, 3)
         for column, phase in ((0, 0), (1, 2), (2, 3)):  # queue, execution, total
@@ -271,7 +272,7 @@ class LocalMeter:
         self.lock = lock
         self.load = load
         self._bounds = config.latency_buckets
-        self._bounds_array = np.array(self._bounds)
+        self._bounds_array = numpy_module().array(self._bounds)
         self._width = len(self._bounds) + 1
         self._sizes = config.batch_size_buckets
         self._series: dict[str, _Counts] = {}

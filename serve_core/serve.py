@@ -366,6 +366,11 @@ class Serve:
         """Make this instance serve what ``snapshot`` holds (:class:`~serve_core.converge.Converger`)."""
         if self._conv.converge(snapshot, report):
             self._beacon.stale()  # tell the store at once which revision is applied here
+            if self._watcher is not None and self._state is State.RUNNING:
+                try:  # so `serve-core status` shows the new revision applied here at once
+                    self._beat()
+                except StoreError as exc:  # the change itself is committed; the next heartbeat retries
+                    log.debug("serve_core: heartbeat after a change failed: %s", exc)
 
     # -------------------------------------------------------------- instances
     def _beat(self, force: bool = False) -> None:
