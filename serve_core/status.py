@@ -20,19 +20,7 @@ def status_report(store: RegistryStore, now: float, expiry_s: float) -> dict[str
     return {
         "store": store.description,
         "revision": snapshot.revision,
-        "instances": [
-            {
-                "id": record.instance_id,
-                "host": record.host,
-                "pid": record.pid,
-                "http": record.http,
-                "executor": record.executor,
-                "revision": record.revision,
-                "last_seen_s": round(max(0.0, now - record.last_seen), 1),
-                "backends": record.backends,
-            }
-            for record in live
-        ],
+        "instances": [record.describe(now) for record in live],
         "endpoints": {
             name: {"route": info.route, "methods": list(info.methods), "traffic": registry.traffic.get(name)}
             for name, info in sorted(registry.endpoints.items())

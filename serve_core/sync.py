@@ -63,6 +63,19 @@ class InstanceRecord:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def describe(self, now: float) -> dict[str, Any]:
+        """What ``serve-core status`` and the dashboard show of it (``now``: wall-clock seconds)."""
+        return {
+            "id": self.instance_id,
+            "host": self.host,
+            "pid": self.pid,
+            "http": self.http,
+            "executor": self.executor,
+            "revision": self.revision,
+            "last_seen_s": round(max(0.0, now - self.last_seen), 1),
+            "backends": self.backends,
+        }
+
     @classmethod
     def from_json(cls, value: Any) -> InstanceRecord | None:
         """The record, or ``None`` for one that is not well formed (skipped)."""

@@ -281,18 +281,7 @@ class DashboardApp:
         except StoreError:
             records = []
         instances = [
-            {
-                "id": record.instance_id,
-                "host": record.host,
-                "pid": record.pid,
-                "http": record.http,
-                "executor": record.executor,
-                "revision": record.revision,
-                "last_seen_s": round(max(0.0, wall - record.last_seen), 1),
-                "backends": record.backends,
-                "this": record.instance_id == self.serve.instance_id,
-            }
-            for record in records
+            {**record.describe(wall), "this": record.instance_id == self.serve.instance_id} for record in records
         ]
         self._instances = (now, instances)
         return instances

@@ -73,3 +73,16 @@ def _readline(stream: IO[bytes]) -> bytes:
             break
         line += byte
     return line
+
+
+def run_together(children: list[Child]) -> list[str]:
+    """Start ``children`` at once (each waits for ``GO`` after ``READY``); returns each one's ``DONE`` line."""
+    for child in children:
+        child.expect("READY")
+    for child in children:
+        child.send("GO")
+    done = []
+    for child in children:
+        done.append(child.expect("DONE"))
+        assert child.proc.wait(timeout=WAIT) == 0
+    return done

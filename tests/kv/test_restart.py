@@ -12,7 +12,7 @@ from serve_core import Serve
 from serve_core.kv.sql import SQLKVStore
 
 from ..conftest import WAIT
-from .children import Child
+from .children import Child, run_together
 
 
 def _check_deployment(srv: Serve) -> None:
@@ -57,13 +57,8 @@ def test_two_processes_share_one_sqlite_file(
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     count = 25
     children = [spawn("fill", url, prefix, str(count)) for prefix in ("a", "b")]
+    run_together(children)
     for child in children:
-        child.expect("READY")
-    for child in children:
-        child.send("GO")
-    for child in children:
-        child.expect("DONE")
-        assert child.proc.wait(timeout=WAIT) == 0
         child.close()
 
     store = SQLKVStore(url, "registry")

@@ -21,7 +21,7 @@ from ..conftest import WAIT
 from ..net import free_port
 from ..procs import wait_until
 from .backends import Greeter, echo
-from .children import ROOT, Child
+from .children import ROOT, Child, run_together
 
 MakeServe = Callable[..., Serve]
 FAST_POLL = {"registry_poll_s": 0.05}
@@ -59,15 +59,7 @@ def test_routes_contested_by_two_processes_go_to_exactly_one(
     store_url: str, spawn: Callable[..., Child], make_serve: MakeServe
 ) -> None:
     count = 15
-    racers = [spawn("race", store_url, prefix, str(count)) for prefix in ("a", "b")]
-    for racer in racers:
-        racer.expect("READY")
-    for racer in racers:
-        racer.send("GO")
-    won = []
-    for racer in racers:
-        won.append(set(json.loads(racer.expect("DONE"))))
-        assert racer.proc.wait(timeout=WAIT) == 0
+    won = [set(json.loads(line)) for line in run_together([spawn("race", store_url, p, str(count)) for p in "ab"])]
     assert won[0] | won[1] == set(range(count)) and not won[0] & won[1]  # each route exactly once
     srv = make_serve(kv_store_path=store_url, executor="inline")
     table = srv.route_table()
@@ -213,14 +205,7 @@ def _has(module: str) -> bool:
 
 def test_concurrent_writers_leave_every_record_readable(store_url: str, spawn: Callable[..., Child]) -> None:
     count = 10
-    children = [spawn("fill", store_url, prefix, str(count)) for prefix in ("p", "q")]
-    for child in children:
-        child.expect("READY")
-    for child in children:
-        child.send("GO")
-    for child in children:
-        child.expect("DONE")
-        assert child.proc.wait(timeout=WAIT) == 0
+    run_together([spawn("fill", store_url, prefix, str(count)) for prefix in ("p", "q")])
     sql = SQLKVStore(store_url, "registry")
     registry_store = RegistryStore(sql, None, store_url, durable=True)
     snapshot = registry_store.load()
