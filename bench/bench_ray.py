@@ -25,6 +25,16 @@ the same call whose reply is read by another thread (blocked in ``ray.get``, old
 call first), as any handle that blocks no thread per call must: the floor of our design.
 
 Garbage is collected before every timed workload, so that no row pays for another's.
+
+Recovery (``--recoveries N``, default 5 per row; 0 skips it): a replica holding one running
+call and ten more is killed, by each kind of crash (SIGKILL from outside, ``os._exit`` in
+the running call, ``ray.kill``), with the warm spare and without it (``warm_spare=False``,
+the replacement waits for Ray to start a worker, as before there were spares). The table
+shows, median and worst of N: from the kill to the death being seen (the running call
+failing), from then to the first held call answered by the replacement, and how many of
+the ten held calls failed. Each round starts 2 s after the previous one's recovery, so the
+new spare is up (crashes rarely come back to back). ``--busy K`` keeps K busy-looping
+processes running meanwhile: the machine as loaded as the tests of other sessions leave it.
 """
 
 from __future__ import annotations
@@ -32,8 +42,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
+import os
 import queue
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +62,7 @@ import ray
 
 import serve_core
 from serve_core import BackendConfig, Serve
+from serve_core.executors.ray import RayExecutor
 
 Workload = Callable[[], None]
 
@@ -168,6 +185,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sequential", type=int, default=1000)
     parser.add_argument("--in-flight", type=int, default=1000)
+    parser.add_argument("--recoveries", type=int, default=5, help="rounds per recovery row (0: skip)")
+    parser.add_argument("--busy", type=int, default=0, help="busy-looping processes during the recovery rows")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a foreign cluster
@@ -200,6 +219,8 @@ def main() -> None:
                 {"bare actor": bare_wait, "ray serve DeploymentHandle": _result},
                 args,
             )
+        if args.recoveries:
+            results["recovery"] = _recovery_phase(args.recoveries, args.busy)
         if args.json:
             with open(args.json, "w") as out:
                 json.dump({"results": results, "args": vars(args)}, out, indent=2)
@@ -238,6 +259,95 @@ def _reply_reader() -> Iterator[Callable[[Any], Future[Any]]]:
     finally:
         refs.put(None)
         reader.join()
+
+
+class Crashable:
+    """Runs for ``seconds`` (touching ``started`` first), or ends its process after them (``exit``)."""
+
+    def __call__(self, request: Any, i: int = 0, seconds: float = 0, started: str = "", exit: bool = False) -> int:
+        if started:
+            open(started, "w").close()
+        time.sleep(seconds)
+        if exit:
+            os._exit(3)
+        return i
+
+
+CRASHES = ("SIGKILL", "os._exit in the call", "ray.kill")
+HELD = 10  # calls the replica holds behind the running one when it dies
+EXIT_AFTER_S = 0.2  # how long the os._exit call runs before it ends its process
+REST_S = 2.0  # between rounds: the new spare comes up (slower on a busy machine)
+
+
+def _recovery_phase(rounds: int, busy: int) -> dict[str, Any]:
+    print(f"\nrecovery after a crash ({rounds} rounds per row, {HELD} calls held behind the running one"
+          f"{f', {busy} busy processes' if busy else ''}; seconds, median / worst)")
+    print(f"{'crash':24s} {'spare':>5s} {'death seen':>16s} {'replacement answers':>22s} {'held calls failed':>18s}")
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+    rows: dict[str, Any] = {}
+    logger = logging.getLogger("serve_core")
+    level, logger.level = logger.level, logging.ERROR  # each crash logs two warnings by design
+    try:
+        for crash in CRASHES:
+            for spare in (True, False):
+                samples = [_recover_once(crash, spare) for _ in range(rounds)]
+                seen, answered, failed = (sorted(column) for column in zip(*samples))
+                rows[f"{crash}, spare={spare}"] = {"seen_s": seen, "recovered_s": answered, "failed": failed}
+                print(f"{crash:24s} {'yes' if spare else 'no':>5s} {_spread(seen):>16s} "
+                      f"{_spread(answered):>22s} {max(failed):>18d}")
+    finally:
+        logger.setLevel(level)
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    return rows
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} / {values[-1]:.3f}"
+
+
+def _recover_once(crash: str, spare: bool) -> tuple[float, float, int]:
+    """One crash of a replica holding a running call and :data:`HELD` more: (seen, recovered, failed)."""
+    srv = Serve(executor=RayExecutor(warm_spare=spare), start_server=False)
+    try:
+        srv.create_endpoint("c", None)
+        srv.create_backend(Crashable, "c:v1")
+        srv.link("c", "c:v1")
+        handle = srv.get_handle("c")
+        handle.remote().result(60)
+        time.sleep(REST_S)  # the spare comes up
+        exits = crash.startswith("os._exit")
+        with tempfile.TemporaryDirectory() as folder:
+            started = os.path.join(folder, "started")
+            running = handle.remote(seconds=EXIT_AFTER_S if exits else 60, started=started, exit=exits)
+            held = [handle.remote(i=i) for i in range(HELD)]
+            deadline = time.monotonic() + 60
+            while not os.path.exists(started) and time.monotonic() < deadline:
+                time.sleep(0.002)
+            began = time.perf_counter()
+        (replica,) = srv.replicas("c:v1")
+        killed = began + EXIT_AFTER_S if exits else time.perf_counter()
+        if crash == "SIGKILL":
+            os.kill(replica.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        elif crash == "ray.kill":
+            ray.kill(replica.actor)  # type: ignore[attr-defined]
+        running.exception(60)
+        seen = time.perf_counter()
+        first = _first_answer(held, 60)
+        failed = sum(1 for f in held if f.exception(60) is not None)
+        return seen - killed, first - seen, failed
+    finally:
+        srv.shutdown()
+
+
+def _first_answer(futures: list[Future[Any]], timeout: float) -> float:
+    """When the first of ``futures`` was answered with a result (now, if one already was)."""
+    answered = threading.Event()
+    for future in futures:
+        future.add_done_callback(lambda f: f.exception() is None and answered.set())
+    answered.wait(timeout)
+    return time.perf_counter()
 
 
 if __name__ == "__main__":

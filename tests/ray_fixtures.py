@@ -18,7 +18,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ LOCAL_RAY: dict[str, Any] = {
     "configure_logging": False,
 }
 
+WAIT = 10.0  # seconds, as tests.conftest.WAIT (not imported: conftest imports this module)
 FOREIGN_START_TIMEOUT_S = 60.0  # `ray start --head` takes 2-3 s on the 2-core machine
 FOREIGN_STOP_TIMEOUT_S = 60.0  # on SIGTERM the node drains (up to 30 s), then ends its processes
 
@@ -70,6 +71,36 @@ def start_local_ray() -> Any:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(**LOCAL_RAY)
     return ray
+
+
+@pytest.fixture(name="ray_cluster")
+def ray_cluster_fixture() -> Iterator[Any]:
+    """A ``ray.cluster_utils.Cluster`` on this machine: a one-CPU head; the test adds nodes.
+
+    The shared local Ray is shut down first (the next test that asks starts it again).
+    ``Cluster.shutdown`` kills each raylet, whose agents then hang for about a minute
+    reporting its death to a GCS that is gone: whatever of the cluster's process tree,
+    as it was just before, outlives the shutdown is killed by pid (start time checked).
+    """
+    from .conftest import require
+
+    require(importlib.util.find_spec("ray") is not None, ray_missing_reason())
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        yield cluster
+    finally:
+        tree = _process_tree(os.getpid())
+        tree.pop(os.getpid(), None)
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+        if not wait_until(lambda: not _survivors(tree), 5.0):
+            kill_survivors(tree)
 
 
 @dataclass(frozen=True)
@@ -138,9 +169,34 @@ def _stop_foreign_ray(process: subprocess.Popen[bytes]) -> None:
         process.kill()
         process.wait(FOREIGN_STOP_TIMEOUT_S)
     if not wait_until(lambda: not _survivors(tree), 10.0):
-        for pid in _survivors(tree):
-            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
-                os.kill(pid, signal.SIGKILL)
+        kill_survivors(tree)
+
+
+def session_processes(temp_root: Path) -> dict[int, str]:
+    """Live processes started with ``RAY_TMPDIR=<temp_root>`` in their environment: pid -> start time.
+
+    A Ray started under a temp root of its own passes it to every process it starts,
+    so this names one Ray session's processes and no other's.
+    """
+    marker = f"RAY_TMPDIR={temp_root}".encode()
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in environ and is_running(int(entry)) and (started := _start_time(int(entry))):
+            found[int(entry)] = started
+    return found
+
+
+def kill_survivors(tree: dict[int, str]) -> None:
+    """SIGKILL the processes of ``tree`` still running (each checked against its start time)."""
+    for pid in _survivors(tree):
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            os.kill(pid, signal.SIGKILL)
 
 
 def _survivors(tree: dict[int, str]) -> set[int]:
@@ -176,6 +232,53 @@ def _stat_fields(pid: int) -> list[str]:
     except OSError:
         return []
     return stat.rpartition(")")[2].split()  # the command name may contain spaces and parentheses
+
+
+def serve_actor_names(ray: Any, prefix: str) -> list[str]:
+    """Names of the live actors named with ``prefix`` (an executor's ``actor_name_prefix``)."""
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return [a["name"] for a in actors if a["name"].startswith(prefix)]
+
+
+def replica_actor_names(srv: Any, tag: str) -> list[str]:
+    """The names of the actors hosting the replicas of ``tag`` (a replica built in a spare keeps its name)."""
+    return [replica.actor_name for replica in srv.replicas(tag)]
+
+
+class Blocker:
+    """A backend whose ``block=True`` calls set ``started``, then wait for ``release``.
+
+    Other calls return ``i`` (or "done"); ``exit=True`` makes a blocking call end its
+    process (``os._exit``) once released: a crash in the middle of a call.
+    """
+
+    def __init__(self, started: RayEvent, release: RayEvent) -> None:
+        self._started = started
+        self._release = release
+
+    def __call__(self, request: Any, block: bool = False, i: Any = None, exit: bool = False) -> Any:
+        if block:
+            self._started.set()
+            self._release.wait()
+            if exit:
+                os._exit(3)
+        return "done" if i is None else i
+
+
+def blocker_backend(srv: Any, config: Any = None, tag: str = "blk:v1") -> tuple[Any, RayEvent, RayEvent]:
+    """Endpoint "blk" served by a :class:`Blocker`; returns its handle and the two events."""
+    started, release = RayEvent(), RayEvent()
+    srv.create_endpoint("blk", None)
+    srv.create_backend(Blocker, tag, started, release, backend_config=config)
+    srv.link("blk", tag)
+    return srv.get_handle("blk"), started, release
+
+
+def behind_a_blocked_call(handle: Any, started: RayEvent, values: Iterable[Any], **block: Any) -> list[Any]:
+    """One call that blocks the replica (it has started when this returns), then one call per value."""
+    futures = [handle.remote(block=True, **block)]
+    assert started.wait(WAIT), "the blocking call did not start"
+    return futures + [handle.remote(i=i) for i in values]
 
 
 class RayEvent:

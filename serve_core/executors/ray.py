@@ -1,59 +1,53 @@
 """The Ray executor: each replica is a Ray actor hosting an :class:`~serve_core.invoke.Invoker`.
 
-The only module of serve_core that imports Ray (it is loaded by name, on first use,
-through ``EXECUTORS`` in :mod:`serve_core.executors.base`). Install with
-``pip install serve-core[ray]``.
+Loaded by name, on first use, through ``EXECUTORS`` in :mod:`serve_core.executors.base`; it
+and its ``ray_*`` sibling modules are the only ones of serve_core that import Ray. Install
+with ``pip install serve-core[ray]``.
 
 * Which Ray: the one already initialised in this process; else a local Ray of its own,
   unless ``ray_init_kwargs`` gives an ``address`` or ``RAY_ADDRESS`` names a cluster to
   join (see :func:`ray_init_arguments`): never one that someone merely started on the
-  machine.
+  machine. A local Ray it starts gets a watchdog (:mod:`.ray_watchdog`), so none of its
+  processes outlives this one, even killed by SIGKILL.
 * Placement: the backend's ``num_cpus``, ``num_gpus``, ``memory`` and ``resources``
   become the actor's options, so Ray puts each replica where those resources are.
-* Calls: a replica holds up to 32 calls by default (see
-  :data:`DEFAULT_MAX_CONCURRENT_QUERIES`) and keeps two actor calls in flight; calls
-  submitted while both are out leave together, as one actor call, when one returns.
-  The actor runs them one by one, in order. Each call, and each call's outcomes, is
-  pickled on its own, so one that cannot cross fails alone. One reader thread per
-  replica waits for the replies, oldest first: no thread waits per request.
-* Web requests travel as they are: the HTTP front's ``ServeRequest`` pickles itself to a
-  self-contained copy (see :mod:`serve_core.http.request`).
-* Faults: a dead actor fails the calls sent to it with :class:`~serve_core.errors.ReplicaDiedError`
-  (the router then replaces the replica); calls still in the outbox never left and fail
-  with :class:`~serve_core.errors.NotDeliveredError`, which puts them back in the queue.
-  A result or exception that cannot cross the process boundary fails that call's
-  queries with :class:`~serve_core.errors.ServeError` and leaves the replica running.
+* Warm spare: once a replica that reserves no resources has started, the executor keeps
+  one empty actor ready (a Ray worker that has imported serve_core); the next replica of
+  that kind, a replacement above all, is built in it instead of waiting for Ray to start
+  and set up a worker (seconds on a busy machine).
+* Calls and faults: see :mod:`.ray_replica` (calls travel coalesced; a dead actor's
+  calls that had not started go back to the queue) and :mod:`.ray_actor`.
 """
 
 from __future__ import annotations
 
-import io
+import itertools
 import logging
 import os
-import pickle
 import threading
 import uuid
-from collections import deque
-from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
 from typing import Any
 
 import ray
-from ray import cloudpickle  # Ray's own copy: classes sent by value keep their identity
 from ray import exceptions as ray_errors
 
 from ..config import BackendConfig
-from ..errors import (
-    NotDeliveredError,
-    ReplicaDiedError,
-    ServeError,
-    ServeStateError,
-    ServeTypeError,
-    ValidationError,
-)
-from ..invoke import Invoker
-from ._outcomes import dump_outcomes
-from .base import Call, Outcome, ReplicaSpec
+from ..errors import ServeError, ServeStateError, ServeTypeError, ValidationError
+from . import ray_watchdog
+from .base import ReplicaSpec
+from .ray_actor import HostInfo, ReplicaActor
+from .ray_replica import DEFAULT_MAX_CONCURRENT_QUERIES, MESSAGES_IN_FLIGHT, RayReplica
+
+__all__ = [
+    "DEFAULT_MAX_CONCURRENT_QUERIES",
+    "DEFAULT_RAY_INIT_KWARGS",
+    "MESSAGES_IN_FLIGHT",
+    "RayExecutor",
+    "RayReplica",
+    "actor_options",
+    "ray_init_arguments",
+    "spare_options",
+]
 
 log = logging.getLogger("serve_core")
 
@@ -71,43 +65,7 @@ RAY_ADDRESS_VARIABLE = "RAY_ADDRESS"
 DEFAULT_START_TIMEOUT_S = 300.0
 """How long ``start_replica`` waits for Ray to place and construct an actor."""
 
-
-class ReplicaActor:
-    """The object living inside each Ray actor: builds the backend once, runs calls."""
-
-    def __init__(self, target: Any, init_args: tuple[Any, ...]) -> None:
-        self._invoker: Invoker | None = None
-        self._error: Exception | None = None
-        try:
-            self._invoker = Invoker(target, init_args)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent by ready()
-            self._error = exc
-
-    def ready(self) -> tuple[str, Exception | None]:
-        """The node this actor runs on, and the constructor's error if it failed."""
-        return ray.get_runtime_context().get_node_id(), self._error
-
-    def run(self, calls: list[bytes]) -> list[bytes | str]:
-        """Run pickled calls one by one, in order; one answer each (see :meth:`run_one`)."""
-        return [self.run_one(data) for data in calls]
-
-    def run_one(self, data: bytes) -> bytes | str:
-        """Run one pickled call.
-
-        Returns the call's pickled outcomes (user errors are outcomes), or, for a call
-        that cannot be unpickled here, why not: one bad call never costs the calls
-        travelling with it.
-        """
-        if self._invoker is None:
-            raise ServeError("replica was not constructed")
-        try:
-            call: Call = pickle.loads(data)
-        except Exception as exc:  # noqa: BLE001 - e.g. a class this process cannot import
-            return f"{type(exc).__name__}: {exc}"
-        return dump_outcomes(self._invoker.run(call), cloudpickle.dumps)
-
-
-_RemoteReplicaActor = ray.remote(ReplicaActor)
+_RemoteReplicaActor: Any = ray.remote(ReplicaActor)
 
 
 def actor_options(config: BackendConfig) -> dict[str, Any]:
@@ -128,317 +86,18 @@ def actor_options(config: BackendConfig) -> dict[str, Any]:
     return options
 
 
-Pending = tuple[Call, "Future[list[Outcome]]"]
-Sent = tuple[Any, list[Pending]]  # an actor call's ObjectRef and the calls it carries
+def spare_options(options: dict[str, Any]) -> dict[str, Any] | None:
+    """The options of a warm spare for replicas with ``options``; None when a spare would hold resources.
 
-MESSAGES_IN_FLIGHT = 2
-"""Actor calls a replica keeps in flight; calls submitted beyond that are coalesced.
-
-Two keep the actor busy: it runs one message while the next waits in its mailbox.
-Calls that arrive meanwhile wait in the replica's outbox and leave together, as one
-actor call, when a message comes back; under load one Ray round trip then carries
-many calls, while a lone call still leaves at once.
-"""
-
-
-DEFAULT_MAX_CONCURRENT_QUERIES = 32
-"""Calls a Ray replica holds when the backend config leaves it to the executor.
-
-A round trip to an actor costs far more than a no-op call, so with one call at a
-time the actor would mostly wait. Thirty-two keep it busy (``bench/bench_ray.py``) while
-bounding how long a query with an earlier deadline can wait behind calls already
-sent, and how many calls an actor's death fails. ``max_concurrent_queries=1`` gives
-the original's strict rule.
-"""
-
-
-STOP_JOIN_TIMEOUT_S = 30.0
-"""How long ``stop`` waits for a replica's reply reader once the actor is killed."""
-
-RAY_CHECK_INTERVAL_S = 1.0
-"""How often a reader waiting for a reply checks that Ray is still running.
-
-A ``ray.get`` under way when someone else calls ``ray.shutdown()`` would wait forever.
-"""
-
-
-class RayReplica:
-    """One backend replica in a Ray actor.
-
-    Calls submitted together travel together: see :data:`MESSAGES_IN_FLIGHT`. Calls
-    leave in the order submitted (one send lock orders them), and the actor runs the
-    calls of a message one by one, exactly as it would run separate actor calls.
-
-    Replies are read by one thread per replica, which blocks in ``ray.get`` on the
-    oldest message in flight (an actor answers in order): a blocking ``ray.get`` wakes
-    sooner than Ray's completion callbacks (about 0.1x of a bare call, measured with
-    ``bench/bench_ray.py``), and one thread per replica, not per request, bounds the cost.
+    A replica that reserves nothing while it runs (Ray's default actor holds no CPU once
+    placed) can be built in a spare created with ``num_cpus=0``: it is placed at once,
+    wherever there is room, and never asks an autoscaler for a node. A spare for
+    replicas that reserve CPUs, GPUs, memory or custom resources would keep them from
+    other work, so those get none.
     """
-
-    default_max_concurrent_queries = DEFAULT_MAX_CONCURRENT_QUERIES
-
-    def __init__(self, replica_id: str, actor: Any, node_id: str, on_stop: Any) -> None:
-        self.replica_id = replica_id
-        self.node_id = node_id
-        self._actor = actor
-        self._on_stop = on_stop
-        self._lock = threading.Lock()  # the state below; never held while calling Ray
-        self._replied = threading.Condition(self._lock)  # a message was sent, or one ended
-        # Held from taking calls out of the outbox until their message is listed in _sent, so
-        # messages leave, and are read, in the order submitted. Re-entrant: a message that
-        # fails to leave ends at once, and its end sends what waits.
-        self._send_lock = threading.RLock()
-        self._messages = 0  # actor calls out, counted from before they are sent
-        self.actor_calls = 0  # actor calls made so far (for diagnostics and tests)
-        self._outbox: list[Pending] = []
-        self._sent: deque[Sent] = deque()  # oldest first, as the actor answers them
-        self._in_flight: set[Future[list[Outcome]]] = set()
-        self._stopped = False
-        self._stop_when_read = False  # stop() ran on the reader: it ends the actor itself
-        self._dead = False
-        self._reader = threading.Thread(target=self._read_replies, name=f"serve_core-ray-{replica_id}", daemon=True)
-        self._reader.start()
-
-    @property
-    def alive(self) -> bool:
-        return not self._stopped and not self._dead
-
-    @property
-    def actor(self) -> Any:
-        """The Ray actor handle (for tests and diagnostics)."""
-        return self._actor
-
-    def submit(self, call: Call) -> Future[list[Outcome]]:
-        future: Future[list[Outcome]] = Future()
-        future.set_running_or_notify_cancel()
-        with self._send_lock:
-            with self._lock:
-                alive = self.alive
-                if alive:
-                    self._in_flight.add(future)
-                    self._outbox.append((call, future))
-            if alive:
-                self._send_outbox()
-        if not alive:
-            future.set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
-        return future
-
-    def _send_outbox(self) -> None:
-        """Send what waits in the outbox as one actor call, unless enough are out already."""
-        with self._send_lock:
-            with self._lock:
-                if not self._outbox or self._messages >= MESSAGES_IN_FLIGHT or self._dead:
-                    return
-                message, self._outbox = self._outbox, []
-                self._messages += 1
-            self._send(message)
-
-    def _send(self, message: list[Pending]) -> None:
-        """One actor call carrying ``message``; never raises (every call gets an answer).
-
-        Each call is pickled on its own, so one that cannot be sent fails alone.
-        """
-        sendable: list[Pending] = []
-        blobs: list[bytes] = []
-        pickler = _CallPickler()
-        for call, future in message:
-            try:
-                blobs.append(pickler.dumps(call))
-            except Exception as exc:  # noqa: BLE001 - e.g. arguments that cannot be pickled
-                self._resolve(future, _failed(call, f"the call could not be sent to replica {self.replica_id}", exc))
-            else:
-                sendable.append((call, future))
-        if not sendable:
-            self._finish([], [])
-            return
-        try:
-            # A lone call travels bare: Ray carries one bytes argument faster than a list.
-            ref = self._actor.run_one.remote(blobs[0]) if len(blobs) == 1 else self._actor.run.remote(blobs)
-        except Exception as exc:  # noqa: BLE001 - Ray refused the call (e.g. it was shut down)
-            died = NotDeliveredError(f"replica {self.replica_id} could not be reached: {exc}")
-            died.__cause__ = exc
-            self._finish(sendable, died)
-            return
-        with self._lock:
-            self.actor_calls += 1
-            self._sent.append((ref, sendable))
-            self._replied.notify()
-
-    def _read_replies(self) -> None:
-        """The reader thread: hands each message's reply to :meth:`_finish`, oldest first.
-
-        Ends once the replica is stopped and every message is answered (``stop`` kills
-        the actor first, so a reply still awaited then arrives, as the actor's death).
-        """
-        while (sent := self._oldest_sent()) is not None:
-            ref, message = sent
-            reply: Any
-            try:
-                reply = _wait_for(ref)
-                if len(message) == 1:  # sent to run_one
-                    reply = [reply]
-            except Exception as exc:  # noqa: BLE001 - the actor died, or Ray itself failed
-                reply = exc
-            with self._lock:
-                self._sent.popleft()
-            self._finish(message, reply)
-        if self._stop_when_read:
-            self._end()
-            self._on_stop(self)
-
-    def _oldest_sent(self) -> Sent | None:
-        """The oldest message out, once there is one; None once stopped with none left."""
-        with self._replied:
-            while not self._sent:
-                if self._stopped and not self._messages:
-                    return None
-                self._replied.wait()
-            return self._sent[0]
-
-    def _finish(self, message: list[Pending], reply: Any) -> None:
-        """A message ended: ``reply`` has one answer per call, or is why it failed.
-
-        What waited in the outbox leaves first, so the actor stays busy; then the
-        message's calls are answered.
-        """
-        dead = isinstance(reply, (ray_errors.RayActorError, ReplicaDiedError))
-        try:
-            with self._lock:
-                self._messages -= 1
-                self._dead = self._dead or dead
-                self._replied.notify()  # the reader may be waiting for the last message to end
-            if not dead:
-                self._send_outbox()
-        finally:
-            if dead:
-                self._fail_all(message, reply)
-            else:
-                self._answer(message, reply)
-
-    def _answer(self, message: list[Pending], reply: Any) -> None:
-        if isinstance(reply, BaseException) or len(reply) != len(message):  # run() itself failed
-            error = reply if isinstance(reply, BaseException) else ServeError(
-                f"the actor answered {len(reply)} of {len(message)} calls"
-            )
-            for call, future in message:
-                self._resolve(future, _failed(call, f"replica {self.replica_id} could not run the call", error))
-            return
-        for (call, future), answer in zip(message, reply):
-            if isinstance(answer, str):
-                outcomes = _failed(call, f"replica {self.replica_id} could not read the call", ServeError(answer))
-            else:
-                try:
-                    outcomes = pickle.loads(answer)
-                except Exception as exc:  # noqa: BLE001 - e.g. a result class this process cannot import
-                    outcomes = _failed(call, f"the results of replica {self.replica_id} could not be read", exc)
-            self._resolve(future, outcomes)
-
-    def _fail_all(self, message: list[Pending], error: BaseException) -> None:
-        """The actor is gone: this message's calls fail; those still in the outbox never left."""
-        with self._lock:
-            unsent, self._outbox = self._outbox, []
-        if isinstance(error, NotDeliveredError):  # the message never left either
-            message, unsent = [], message + unsent
-        for _, future in message:
-            died = ReplicaDiedError(f"replica {self.replica_id} (Ray actor) died during the call: {error}")
-            died.__cause__ = error
-            self._resolve(future, died)
-        for _, future in unsent:
-            self._resolve(future, NotDeliveredError(f"replica {self.replica_id} is gone: {error}"))
-
-    def _resolve(self, future: Future[list[Outcome]], result: list[Outcome] | BaseException) -> None:
-        with self._lock:
-            self._in_flight.discard(future)
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
-
-    def stop(self, drain_timeout: float | None = None) -> None:
-        """Let the calls out finish (up to ``drain_timeout``), then kill the actor.
-
-        Called from a reply's callback, so on the reader thread, which alone can answer
-        the calls still out, it returns at once: the reader kills the actor once they
-        are answered.
-        """
-        with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
-            self._stop_when_read = threading.current_thread() is self._reader
-            self._replied.notify()
-            pending = list(self._in_flight)
-        if self._stop_when_read:
-            return
-        if pending:
-            wait_futures(pending, timeout=drain_timeout)
-        self._end()
-        self._reader.join(STOP_JOIN_TIMEOUT_S)
-        if self._reader.is_alive():
-            log.warning("replica %s: Ray did not report its killed actor in %s s", self.replica_id, STOP_JOIN_TIMEOUT_S)
-        self._on_stop(self)
-
-    def _end(self) -> None:
-        """Kill the actor; calls still in the outbox never left, and go back to the queue."""
-        try:
-            if ray.is_initialized():  # else ray.kill would start a new Ray, and the actor is gone anyway
-                ray.kill(self._actor, no_restart=True)
-        except Exception:  # noqa: BLE001 - Ray may already be gone; nothing left to stop
-            log.debug("killing the actor of replica %s failed", self.replica_id, exc_info=True)
-        self._fail_all([], ReplicaDiedError(f"replica {self.replica_id} was stopped"))
-
-
-class _CallPickler:
-    """Pickles calls one by one with Ray's cloudpickle, each loadable on its own.
-
-    One pickler serves a whole message (setting one up costs more than pickling a small
-    call); its memo is cleared between calls so no pickle refers to another.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = io.BytesIO()
-        self._pickler = self._new_pickler()
-
-    def _new_pickler(self) -> Any:
-        return cloudpickle.CloudPickler(self._buffer, protocol=pickle.HIGHEST_PROTOCOL)
-
-    def dumps(self, call: Call) -> bytes:
-        self._buffer.seek(0)
-        self._buffer.truncate()
-        self._pickler.clear_memo()
-        try:
-            self._pickler.dump(call)
-        except BaseException:
-            self._pickler = self._new_pickler()  # a failed dump may leave it mid-frame
-            raise
-        return self._buffer.getvalue()
-
-
-# ray.get without the wrapper that starts a new Ray when none is running: a reply of a Ray
-# that someone shut down must fail, not start another Ray.
-_ray_get = getattr(ray.get, "__wrapped__", ray.get)
-
-
-def _wait_for(ref: Any) -> Any:
-    """``ray.get(ref)``, or ``ReplicaDiedError`` if Ray is shut down before or meanwhile."""
-    while ray.is_initialized():
-        try:
-            return _ray_get(ref, timeout=RAY_CHECK_INTERVAL_S)
-        except ray_errors.GetTimeoutError:
-            continue
-        except SystemExit:  # what a waiting ray.get raises when another thread shuts Ray down
-            break
-        except ray_errors.RaySystemError:  # e.g. "Ray has not been started"
-            if ray.is_initialized():
-                raise
-    raise ReplicaDiedError("Ray was shut down while the call was running")
-
-
-def _failed(call: Call, what: str, exc: BaseException) -> list[Outcome]:
-    """Every query of ``call`` fails with a ``ServeError`` explaining ``what`` happened."""
-    error = ServeError(f"{what}: {type(exc).__name__}: {exc}")
-    error.__cause__ = exc
-    return [Outcome(False, error)] * len(call)
+    if options.get("resources") or any(options.get(key) for key in ("num_cpus", "num_gpus", "memory")):
+        return None
+    return {**options, "num_cpus": 0}
 
 
 def ray_init_arguments(ray_init_kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -490,6 +149,47 @@ def _init_ray(kwargs: dict[str, Any]) -> None:
         ) from exc
 
 
+def _start_ray(kwargs: dict[str, Any]) -> ray_watchdog.Watchdog | None:
+    """Initialise Ray; for a local Ray (its head processes are our children), start its watchdog."""
+    local = kwargs.get("address") == "local" and ray_watchdog.available()
+    before = ray_watchdog.children(os.getpid()) if local else {}
+    _init_ray(kwargs)
+    if not local:
+        return None
+    package = os.path.dirname(os.path.abspath(ray.__file__))
+    roots = {
+        pid: started for pid, started in ray_watchdog.children(os.getpid()).items()
+        if pid not in before and package in _command_line(pid)
+    }
+    if not roots:  # nothing of Ray's runs under this process (a Ray that changed how it starts)
+        return None
+    try:
+        return ray_watchdog.Watchdog(roots)
+    except OSError:
+        log.warning("could not start the watchdog of the local Ray; its agents may outlive a killed process",
+                    exc_info=True)
+        return None
+
+
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return file.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _local_node_id() -> str | None:
+    try:
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:  # noqa: BLE001 - e.g. Ray Client: no node of ours; progress is read remotely
+        return None
+
+
+class _SpareLost(Exception):
+    """The warm spare died before a backend could be built in it."""
+
+
 class RayExecutor:
     """Places replicas as Ray actors, on a Ray it starts or one already running.
 
@@ -500,6 +200,8 @@ class RayExecutor:
             joins a cluster (see :func:`ray_init_arguments`). Ignored when Ray is
             already initialised in this process.
         start_timeout_s: how long a replica may take to be placed and constructed.
+        warm_spare: keep an empty actor ready for the next replica that reserves no
+            resources (see :func:`spare_options`); it costs one idle Ray worker process.
     """
 
     name = "ray"
@@ -510,27 +212,44 @@ class RayExecutor:
         ray_init_kwargs: dict[str, Any] | None = None,
         *,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        warm_spare: bool = True,
     ) -> None:
         self._started_ray = False
+        self._watchdog: ray_watchdog.Watchdog | None = None
         if ray.is_initialized():
             if ray_init_kwargs:
                 log.info("Ray is already initialised; ray_init_kwargs %s are not used", ray_init_kwargs)
         else:
-            _init_ray(ray_init_arguments(ray_init_kwargs))
+            self._watchdog = _start_ray(ray_init_arguments(ray_init_kwargs))
             self._started_ray = True
         self._start_timeout = start_timeout_s
+        self._warm_spare = warm_spare
+        self._local_node = _local_node_id()
         self._prefix = f"serve_core-{uuid.uuid4().hex[:12]}"
         self._lock = threading.Lock()
         self._replicas: dict[str, RayReplica] = {}
+        self._spares: dict[str, tuple[Any, str]] = {}  # repr of spare options -> an empty actor, its name
+        self._spare_ids = itertools.count(1)
         self._closed = False
 
     @property
     def actor_name_prefix(self) -> str:
-        """Every actor this executor creates is named ``<prefix>:<replica id>``."""
+        """Every actor this executor creates is named ``<prefix>:<replica id>`` or ``<prefix>:spare-<n>``."""
         return self._prefix
 
+    @property
+    def spares(self) -> list[str]:
+        """The names of the warm spare actors kept now."""
+        with self._lock:
+            return [name for _, name in self._spares.values()]
+
+    @property
+    def watchdog_pid(self) -> int | None:
+        """The pid of the watchdog of the local Ray this executor started (None if none)."""
+        return self._watchdog.pid if self._watchdog is not None else None
+
     def start_replica(self, spec: ReplicaSpec) -> RayReplica:
-        """Create the actor, wait until it is placed and constructed.
+        """Build the backend in the warm spare, or in a new actor; wait until it is constructed.
 
         Raises:
             Exception: the backend constructor's own exception, when it failed.
@@ -542,25 +261,45 @@ class RayExecutor:
         if not ray.is_initialized():  # shut down by someone else: do not start a new Ray
             raise ServeStateError(f"Ray is not running: cannot start a replica of backend {spec.backend_tag!r}")
         options = actor_options(spec.config)
-        name = f"{self._prefix}:{spec.replica_id}"
-        try:
-            actor = _RemoteReplicaActor.options(name=name, max_restarts=0, **options).remote(
-                spec.target, spec.init_args
-            )
-        except Exception as exc:  # noqa: BLE001 - cloudpickle/Ray option errors
-            raise ServeTypeError(f"backend {spec.backend_tag!r} cannot be sent to Ray: {exc}") from exc
-        node_id = self._wait_ready(spec, actor, options)
-        replica = RayReplica(spec.replica_id, actor, node_id, self._forget)
+        actor, name, host = self._place(spec, options)
+        replica = RayReplica(spec.replica_id, actor, host, self._local_node, self._forget, name)
         with self._lock:
             self._replicas[spec.replica_id] = replica
             closed = self._closed
         if closed:  # shutdown() ran while this replica was starting
             replica.stop(0)
+        else:
+            self._keep_spare(options)
         return replica
 
-    def _wait_ready(self, spec: ReplicaSpec, actor: Any, options: dict[str, Any]) -> str:
+    def _place(self, spec: ReplicaSpec, options: dict[str, Any]) -> tuple[Any, str, HostInfo]:
+        """The actor a replica runs in (the warm spare if there is one), its name, and what it reported."""
+        spare, spare_name = self._take_spare(options)
+        if spare is not None:
+            try:
+                return spare, spare_name, self._build(spec, spare, options, spare=spare_name)
+            except _SpareLost:
+                log.info("the warm spare actor was lost; starting a new one for %s", spec.replica_id)
         try:
-            node_id, error = ray.get(actor.ready.remote(), timeout=self._start_timeout)
+            name = f"{self._prefix}:{spec.replica_id}"
+            actor = _RemoteReplicaActor.options(name=name, max_restarts=0, **options).remote()
+        except Exception as exc:  # noqa: BLE001 - Ray refused the options
+            raise ServeTypeError(f"backend {spec.backend_tag!r} cannot be placed on Ray: {exc}") from exc
+        return actor, name, self._build(spec, actor, options, spare=None)
+
+    def _build(self, spec: ReplicaSpec, actor: Any, options: dict[str, Any], spare: str | None) -> HostInfo:
+        """Build the backend in ``actor`` (killed if that fails; the warm spare named ``spare`` is put
+        back if the backend could not even be sent)."""
+        try:
+            ref = actor.build.remote(spec.target, spec.init_args)
+        except Exception as exc:  # noqa: BLE001 - cloudpickle errors
+            if spare is not None:
+                self._return_spare(options, actor, spare)
+            else:
+                ray.kill(actor, no_restart=True)
+            raise ServeTypeError(f"backend {spec.backend_tag!r} cannot be sent to Ray: {exc}") from exc
+        try:
+            host: HostInfo = ray.get(ref, timeout=self._start_timeout)
         except ray_errors.GetTimeoutError:
             ray.kill(actor, no_restart=True)
             raise ServeError(
@@ -570,23 +309,75 @@ class RayExecutor:
             ) from None
         except ray_errors.RayError as exc:
             ray.kill(actor, no_restart=True)
+            if spare is not None and isinstance(exc, ray_errors.RayActorError):
+                raise _SpareLost() from exc
             raise ServeError(f"replica of backend {spec.backend_tag!r} failed to start: {exc}") from exc
-        if error is not None:
-            ray.kill(actor, no_restart=True)
-            raise error
-        return str(node_id)
+        if host.error is not None:
+            ray.kill(actor, no_restart=True)  # a failed constructor may have left anything behind
+            raise host.error
+        return host
 
+    # ----------------------------------------------------------------- spares
+    def _keep_spare(self, options: dict[str, Any]) -> None:
+        """Start an empty actor for the next replica like this one, unless one is there."""
+        spare = spare_options(options) if self._warm_spare else None
+        if spare is None:
+            return
+        key = repr(sorted(spare.items()))
+        with self._lock:
+            if self._closed or key in self._spares:
+                return
+            name = f"{self._prefix}:spare-{next(self._spare_ids)}"
+        try:
+            actor = _RemoteReplicaActor.options(name=name, max_restarts=0, **spare).remote()
+            # The first call to an actor waits for its address and a connection to it (about
+            # a second on a busy machine): made now, it is out of the way of the build.
+            actor.__ray_ready__.remote()
+        except Exception:  # noqa: BLE001 - no spare then; replicas start the slow way
+            log.warning("could not start a warm spare actor with %s", spare, exc_info=True)
+            return
+        with self._lock:
+            keep = not self._closed and key not in self._spares
+            if keep:
+                self._spares[key] = (actor, name)
+        if not keep:
+            ray.kill(actor, no_restart=True)
+
+    def _take_spare(self, options: dict[str, Any]) -> tuple[Any, str]:
+        spare = spare_options(options) if self._warm_spare else None
+        if spare is None:
+            return None, ""
+        with self._lock:
+            return self._spares.pop(repr(sorted(spare.items())), (None, ""))
+
+    def _return_spare(self, options: dict[str, Any], actor: Any, name: str) -> None:
+        key = repr(sorted((spare_options(options) or {}).items()))
+        with self._lock:
+            keep = not self._closed and key not in self._spares
+            if keep:
+                self._spares[key] = (actor, name)
+        if not keep:
+            ray.kill(actor, no_restart=True)
+
+    # --------------------------------------------------------------- lifecycle
     def _forget(self, replica: RayReplica) -> None:
         with self._lock:
             self._replicas.pop(replica.replica_id, None)
 
     def shutdown(self) -> None:
-        """Kill the actors this executor created; stop Ray only if this executor started it."""
+        """Kill the actors this executor created; stop Ray (and its watchdog) only if it started it."""
         with self._lock:
             self._closed = True
             replicas = list(self._replicas.values())
+            spares, self._spares = [actor for actor, _ in self._spares.values()], {}
         for replica in replicas:
             replica.stop(0)
+        if ray.is_initialized():
+            for spare in spares:
+                ray.kill(spare, no_restart=True)
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
         self._started_ray = False
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,16 @@ import serve_core as serve
 from serve_core import BackendConfig, ReplicaDiedError, Serve, ServeError
 
 from ..conftest import WAIT, require
-from ..ray_fixtures import LOCAL_RAY, ForeignRay, RayEvent, start_local_ray
+from ..ray_fixtures import (
+    LOCAL_RAY,
+    ForeignRay,
+    behind_a_blocked_call,
+    blocker_backend,
+    ray_cluster_fixture,  # noqa: F401 - the ray_cluster fixture
+    replica_actor_names,
+    serve_actor_names,
+    start_local_ray,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -33,11 +42,6 @@ def _replicas(srv: Serve, tag: str) -> list[Any]:
 def _actor_name_prefix(srv: Serve, config: BackendConfig) -> str:
     executor: Any = srv.executor(config.executor)  # a RayExecutor: the Executor protocol has no prefix
     return executor.actor_name_prefix
-
-
-def _serve_actor_names(ray: Any, prefix: str) -> list[str]:
-    actors = ray.util.list_named_actors(all_namespaces=True)
-    return [a["name"] for a in actors if a["name"].startswith(prefix)]
 
 
 def _wait_until(condition: Callable[[], bool], what: str) -> None:
@@ -231,7 +235,7 @@ def test_an_argument_the_actor_cannot_load_fails_only_its_call(
     import sc_driver_only
 
     srv = make_serve(executor="ray")
-    handle, started, release = _blocker(srv)
+    handle, started, release = blocker_backend(srv)
     blocked = handle.remote(block=True)
     assert started.wait(WAIT)
     before, bad, after = handle.remote(i=1), handle.remote(i=sc_driver_only.OnlyHere()), handle.remote(i=2)
@@ -254,7 +258,7 @@ def test_constructor_error_reaches_create_backend(ray_local: Any, make_serve: Ma
     with pytest.raises(ValueError, match="bad flag x"):
         srv.create_backend(FailingInit, "f:v1", "x")
     prefix = _actor_name_prefix(srv, BackendConfig(executor="ray"))
-    _wait_until(lambda: not _serve_actor_names(ray_local, prefix), "the failed actor to go away")
+    _wait_until(lambda: not serve_actor_names(ray_local, prefix), "the failed actor to go away")
 
 
 def test_unplaceable_replica_fails_with_a_clear_error(ray_local: Any, make_serve: MakeServe) -> None:
@@ -265,161 +269,14 @@ def test_unplaceable_replica_fails_with_a_clear_error(ray_local: Any, make_serve
         srv.create_backend(WhoAmI, "w:v1", backend_config=BackendConfig(resources={"nowhere": 1}))
 
 
-# --------------------------------------------------------------------------- faults
-class Blocker:
-    """Sets ``started`` when a blocking call begins, then waits for ``release``."""
-
-    def __init__(self, started: RayEvent, release: RayEvent) -> None:
-        self._started = started
-        self._release = release
-
-    def __call__(self, request: Any, block: bool = False, i: Any = None) -> Any:
-        if block:
-            self._started.set()
-            self._release.wait()
-        return "done" if i is None else i
-
-
-def _blocker(srv: Serve, config: BackendConfig | None = None) -> tuple[Any, RayEvent, RayEvent]:
-    started, release = RayEvent(), RayEvent()
-    srv.create_endpoint("blk", None)
-    srv.create_backend(Blocker, "blk:v1", started, release, backend_config=config)
-    srv.link("blk", "blk:v1")
-    return srv.get_handle("blk"), started, release
-
-
-ONE_AT_A_TIME = BackendConfig(max_concurrent_queries=1)
-
-
-def test_killed_actor_fails_its_call_and_is_replaced(ray_local: Any, make_serve: MakeServe) -> None:
-    srv = make_serve(executor="ray")
-    handle, started, release = _blocker(srv, ONE_AT_A_TIME)
-    in_flight = handle.remote(block=True)
-    assert started.wait(WAIT)
-    queued = handle.remote(block=False)
-    (victim,) = _replicas(srv, "blk:v1")
-    ray_local.kill(victim.actor)
-    with pytest.raises(ReplicaDiedError):
-        in_flight.result(WAIT)
-    assert queued.result(WAIT) == "done"
-    (replacement,) = _replicas(srv, "blk:v1")
-    assert replacement is not victim and replacement.alive and not victim.alive
-    assert handle.remote().result(WAIT) == "done"
-    release.set()
-
-
-def _behind_a_blocked_call(handle: Any, started: RayEvent, values: Iterable[int]) -> list[Any]:
-    """One call that blocks the replica, then one call per value (returning it)."""
-    futures = [handle.remote(block=True)]
-    assert started.wait(WAIT)
-    return futures + [handle.remote(i=i) for i in values]
-
-
-def test_killed_actor_fails_the_calls_sent_to_it_and_the_rest_run_on_its_replacement(
-    ray_local: Any, make_serve: MakeServe
-) -> None:
-    srv = make_serve(executor="ray")
-    handle, started, release = _blocker(srv, BackendConfig(max_concurrent_queries=3))
-    sent = _behind_a_blocked_call(handle, started, [1])  # the blocked call, and one in the actor's mailbox
-    unsent = handle.remote(i=2)  # in the replica's outbox: it never reaches the actor
-    queued = handle.remote(i=3)  # beyond max_concurrent_queries: still in the router's queue
-    (victim,) = _replicas(srv, "blk:v1")
-    ray_local.kill(victim.actor)
-    for future in sent:
-        with pytest.raises(ReplicaDiedError):
-            future.result(WAIT)
-    assert (unsent.result(WAIT), queued.result(WAIT)) == (2, 3)
-    assert srv.stat()["blk:v1_error_counter"] == 2
-    release.set()
-
-
-_SHUT_DOWN_UNDER_A_CALL = """
-import pathlib, sys, threading
-import ray
-from serve_core import ReplicaDiedError, Serve
-
-started = pathlib.Path(sys.argv[1])
-
-def slow(request):
-    started.touch()
-    threading.Event().wait(60)
-
-ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-srv = Serve(executor="ray", start_server=False)
-srv.create_endpoint("slow", None)
-srv.create_backend(slow, "slow:v1")
-srv.link("slow", "slow:v1")
-handle = srv.get_handle("slow")
-futures = [handle.remote() for _ in range(3)]  # two actor calls out, one call in the outbox
-pause = threading.Event()
-for _ in range(500):
-    if started.exists():
-        break
-    pause.wait(0.02)
-assert started.exists(), "the call did not start"
-ray.shutdown()
-for future in futures:
-    try:
-        future.result(20)
-    except ReplicaDiedError:
-        pass
-    else:
-        raise AssertionError("a call did not fail")
-srv.shutdown()
-assert not ray.is_initialized(), "replacing the replica started a new Ray"
-assert not [t.name for t in threading.enumerate() if t.name.startswith("serve_core")], "a reader thread is left"
-"""
-
-
-def test_ray_shut_down_under_running_calls_fails_them_and_starts_no_new_ray(
-    ray_local: Any, tmp_path: Path
-) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    result = subprocess.run(
-        [sys.executable, "-c", _SHUT_DOWN_UNDER_A_CALL, str(tmp_path / "started")],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-def test_stop_from_a_reply_callback_returns_at_once_and_the_call_out_still_finishes(ray_local: Any) -> None:
-    from serve_core.executors.base import Call, ReplicaSpec
-    from serve_core.executors.ray import RayExecutor
-
-    started, release = RayEvent(), RayEvent()
-    executor = RayExecutor()
-    replica = executor.start_replica(ReplicaSpec("blk", "blk#1", Blocker, (started, release), BackendConfig()))
-
-    def call(**kwargs: Any) -> Call:
-        return Call(method="__call__", web=False, batched=False, requests=(None,), kwargs=(kwargs,))
-
-    stopped_on: list[str] = []
-    stop_returned = threading.Event()
-
-    def stop_from_callback(_: Any) -> None:
-        replica.stop(None)  # no drain limit: it must not wait for the calls only this thread reads
-        stopped_on.append(threading.current_thread().name)
-        stop_returned.set()
-
-    replica.submit(call(block=True)).add_done_callback(stop_from_callback)
-    behind = replica.submit(call(i=2))  # sent too: the first call cannot end before release
-    assert started.wait(WAIT)
-    release.set()
-    assert stop_returned.wait(WAIT) and stopped_on == [f"serve_core-ray-{replica.replica_id}"]
-    assert behind.result(WAIT)[0].value == 2  # drained, not killed
-    replica._reader.join(WAIT)
-    assert not replica._reader.is_alive()
-    _wait_until(lambda: not _serve_actor_names(ray_local, executor.actor_name_prefix), "the actor to be killed")
-    executor.shutdown()
-
-
+# ---------------------------------------------------------------------- coalescing
 def test_ray_replicas_hold_the_executor_default_number_of_calls(ray_local: Any, make_serve: MakeServe) -> None:
     from serve_core.executors.ray import DEFAULT_MAX_CONCURRENT_QUERIES
 
     srv = make_serve(executor="ray")
-    handle, started, release = _blocker(srv)
+    handle, started, release = blocker_backend(srv)
     assert srv.get_backend_config("blk:v1").max_concurrent_queries is None  # left to the executor
-    futures = _behind_a_blocked_call(handle, started, range(1, DEFAULT_MAX_CONCURRENT_QUERIES + 1))
+    futures = behind_a_blocked_call(handle, started, range(1, DEFAULT_MAX_CONCURRENT_QUERIES + 1))
     assert srv.stat()["backend_blk:v1_queue_size"] == 1  # one more waits in the router's queue
     release.set()
     assert [f.result(WAIT) for f in futures] == ["done", *range(1, DEFAULT_MAX_CONCURRENT_QUERIES + 1)]
@@ -429,8 +286,8 @@ def test_calls_sent_while_the_actor_is_busy_travel_as_one_actor_call(
     ray_local: Any, make_serve: MakeServe
 ) -> None:
     srv = make_serve(executor="ray")
-    handle, started, release = _blocker(srv, BackendConfig(max_concurrent_queries=12))
-    futures = _behind_a_blocked_call(handle, started, range(1, 12))
+    handle, started, release = blocker_backend(srv, BackendConfig(max_concurrent_queries=12))
+    futures = behind_a_blocked_call(handle, started, range(1, 12))
     (replica,) = _replicas(srv, "blk:v1")
     assert replica.actor_calls == 2  # the blocked call and the next; ten wait in the outbox
     release.set()
@@ -442,7 +299,7 @@ def test_unpicklable_argument_among_coalesced_calls_fails_only_that_call(
     ray_local: Any, make_serve: MakeServe
 ) -> None:
     srv = make_serve(executor="ray")
-    handle, started, release = _blocker(srv)
+    handle, started, release = blocker_backend(srv)
     blocked = handle.remote(block=True)
     assert started.wait(WAIT)
     before, after = handle.remote(i=1), handle.remote(i=2)
@@ -456,7 +313,7 @@ def test_unpicklable_argument_among_coalesced_calls_fails_only_that_call(
 
 def test_scale_down_drains_the_call_in_flight(ray_local: Any, make_serve: MakeServe) -> None:
     srv = make_serve(executor="ray")
-    handle, started, release = _blocker(srv, BackendConfig(num_replicas=2))
+    handle, started, release = blocker_backend(srv, BackendConfig(num_replicas=2))
     in_flight = [handle.remote(block=True) for _ in range(2)]  # one call on each replica
     assert started.wait(WAIT)
     config = srv.get_backend_config("blk:v1")
@@ -491,9 +348,10 @@ def test_shutdown_kills_its_actors_and_leaves_ray_running(ray_local: Any, make_s
     srv.create_backend(WhoAmI, "who:v1", backend_config=BackendConfig(num_replicas=2))
     srv.link("who", "who:v1")
     prefix = _actor_name_prefix(srv, srv.get_backend_config("who:v1"))
-    assert len(_serve_actor_names(ray_local, prefix)) == 2
+    assert len(replica_actor_names(srv, "who:v1")) == 2
+    _wait_until(lambda: len(serve_actor_names(ray_local, prefix)) == 3, "the warm spare")  # two replicas, one spare
     srv.shutdown()
-    _wait_until(lambda: not _serve_actor_names(ray_local, prefix), "serve actors to be gone")
+    _wait_until(lambda: not serve_actor_names(ray_local, prefix), "serve actors to be gone")
     assert ray_local.is_initialized()
 
 
@@ -523,31 +381,21 @@ def test_placement_change_replaces_replicas_one_by_one(ray_local: Any, make_serv
 
 
 # ------------------------------------------------------------------------ cluster
-def test_custom_resource_places_replica_on_the_node_that_has_it(make_serve: MakeServe) -> None:
-    require(importlib.util.find_spec("ray") is not None, "ray is not installed")
+def test_custom_resource_places_replica_on_the_node_that_has_it(ray_cluster: Any, make_serve: MakeServe) -> None:
     import ray
-    from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():
-        ray.shutdown()  # the shared local Ray; the next test that needs it starts it again
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        special = cluster.add_node(num_cpus=1, resources={"special": 1})
-        cluster.wait_for_nodes()
-        srv = make_serve(executor="ray", ray_init_kwargs={"address": cluster.address, **_connect_kwargs()})
-        srv.create_endpoint("here", None)
-        # With a custom resource set, Ray holds 1 CPU per actor unless num_cpus says otherwise.
-        config = BackendConfig(num_replicas=2, num_cpus=0.5, resources={"special": 0.5})
-        srv.create_backend(node_of_replica, "here:v1", backend_config=config)
-        srv.link("here", "here:v1")
-        nodes = {srv.get_handle("here").remote().result(WAIT) for _ in range(6)}
-        assert nodes == {special.node_id}
-        srv.shutdown()
-        assert not ray.is_initialized()  # this executor started (connected) Ray, so it stopped it
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        cluster.shutdown()
+    special = ray_cluster.add_node(num_cpus=1, resources={"special": 1})
+    ray_cluster.wait_for_nodes()
+    srv = make_serve(executor="ray", ray_init_kwargs={"address": ray_cluster.address, **_connect_kwargs()})
+    srv.create_endpoint("here", None)
+    # With a custom resource set, Ray holds 1 CPU per actor unless num_cpus says otherwise.
+    config = BackendConfig(num_replicas=2, num_cpus=0.5, resources={"special": 0.5})
+    srv.create_backend(node_of_replica, "here:v1", backend_config=config)
+    srv.link("here", "here:v1")
+    nodes = {srv.get_handle("here").remote().result(WAIT) for _ in range(6)}
+    assert nodes == {special.node_id}
+    srv.shutdown()
+    assert not ray.is_initialized()  # this executor started (connected) Ray, so it stopped it
 
 
 def node_of_replica(request: Any) -> str:
