@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 from urllib.parse import quote
 
+from ..errors import ValidationError
+from ..invoke import REQUEST_ID_KEY
 from ..queues import Timing
 
 ACCESS_LOGGER = "serve_core.access"
@@ -63,6 +65,26 @@ class RequestIds:
 def valid_request_id(value: str) -> bool:
     """Whether a client's ``X-Request-ID`` is kept (1 to 128 characters of ``[A-Za-z0-9._:-]``)."""
     return _VALID_ID(value) is not None
+
+
+def assign_request_id(ids: RequestIds, environ: dict[str, Any]) -> str:
+    """The client's ``X-Request-ID`` if valid, else a new one; put where the backend finds it.
+
+    Raises:
+        ValidationError: the client's id is too long or has other characters (400).
+    """
+    given = environ.get(REQUEST_ID_ENVIRON)
+    if given:
+        if not valid_request_id(given):
+            raise ValidationError(
+                f"{REQUEST_ID_HEADER} must be 1 to {MAX_REQUEST_ID_LENGTH} characters of A-Z a-z 0-9 . _ : -"
+                f" (got {len(given)} characters); send a valid one or none (the server then makes one)"
+            )
+        request_id = str(given)
+    else:
+        request_id = environ[REQUEST_ID_ENVIRON] = ids.new()
+    environ[REQUEST_ID_KEY] = request_id
+    return request_id
 
 
 def server_timing(timing: Timing) -> str:

@@ -28,15 +28,12 @@ from typing import TYPE_CHECKING, Any
 from werkzeug.wrappers import Response
 
 from ..errors import MethodNotAllowedError, NotFoundError, RequestTimeoutError, ValidationError
-from ..invoke import REQUEST_ID_KEY
 from .accesslog import (
-    MAX_REQUEST_ID_LENGTH,
-    REQUEST_ID_ENVIRON,
     REQUEST_ID_HEADER,
     AccessLog,
     RequestIds,
+    assign_request_id,
     server_timing,
-    valid_request_id,
 )
 from .request import ServeRequest, buffer_body, call_method, parse_slo, shard_key
 from .responses import PlainResponse, encode_result, error_response, json_response, text_response
@@ -139,7 +136,7 @@ class ServeApp:
         request_id = None
         try:
             if self._ids is not None:
-                request_id = self._request_id(self._ids, environ)
+                request_id = assign_request_id(self._ids, environ)
             response = self.dispatch_request(request)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a response, even a
             # backend's SystemExit or CancelledError (they are answers, not this thread's signals)
@@ -163,25 +160,6 @@ class ServeApp:
         if self._access.enabled:
             self._access.write(environ, response.status_code, started, request.serve_endpoint, timing, request_id)
         return body
-
-    def _request_id(self, ids: RequestIds, environ: dict[str, Any]) -> str:
-        """The client's ``X-Request-ID`` if valid, else a new one; put where the backend finds it.
-
-        Raises:
-            ValidationError: the client's id is too long or has other characters (400).
-        """
-        given = environ.get(REQUEST_ID_ENVIRON)
-        if given:
-            if not valid_request_id(given):
-                raise ValidationError(
-                    f"{REQUEST_ID_HEADER} must be 1 to {MAX_REQUEST_ID_LENGTH} characters of A-Z a-z 0-9 . _ : -"
-                    f" (got {len(given)} characters); send a valid one or none (the server then makes one)"
-                )
-            request_id = given
-        else:
-            request_id = environ[REQUEST_ID_ENVIRON] = ids.new()
-        environ[REQUEST_ID_KEY] = request_id
-        return str(request_id)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         return self.wsgi_app(environ, start_response)

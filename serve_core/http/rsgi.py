@@ -39,14 +39,13 @@ from typing import Any
 from werkzeug.exceptions import RequestTimeout
 
 from ..errors import PayloadTooLargeError, RequestTimeoutError, ServeError, ValidationError
-from ..invoke import REQUEST_ID_KEY
 from ..queues import ServeFuture
 from .accesslog import (
-    MAX_REQUEST_ID_LENGTH,
     REQUEST_ID_ENVIRON,
     REQUEST_ID_HEADER,
     AccessLog,
     RequestIds,
+    assign_request_id,
     server_timing,
     valid_request_id,
 )
@@ -362,25 +361,8 @@ class RSGIApp:
         raise RequestTimeoutError(f"no answer from endpoint {endpoint!r} within {timeout} s")
 
     def _request_id(self, environ: dict[str, Any]) -> str | None:
-        """The client's ``X-Request-ID`` if valid, else a new one (None when ids are off).
-
-        Raises:
-            ValidationError: the client's id is too long or has other characters (400).
-        """
-        if self._ids is None:
-            return None
-        given = environ.get(REQUEST_ID_ENVIRON)
-        if given:
-            if not valid_request_id(given):
-                raise ValidationError(
-                    f"{REQUEST_ID_HEADER} must be 1 to {MAX_REQUEST_ID_LENGTH} characters of A-Z a-z 0-9 . _ : -"
-                    f" (got {len(given)} characters); send a valid one or none (the server then makes one)"
-                )
-            request_id = str(given)
-        else:
-            request_id = environ[REQUEST_ID_ENVIRON] = self._ids.new()
-        environ[REQUEST_ID_KEY] = request_id
-        return request_id
+        """The request's id (``assign_request_id``), or None when ids are off."""
+        return None if self._ids is None else assign_request_id(self._ids, environ)
 
     def _early_id(self, environ: dict[str, Any]) -> str | None:
         """The request id of an answer given before the request was read (a valid client id, else new)."""
