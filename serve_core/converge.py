@@ -21,7 +21,7 @@ from typing import Any
 from .clock import Clock, wait_for
 from .codestore import ModuleInitializingError
 from .config import BackendConfig
-from .persistence import BACKEND, TRAFFIC, RegistryStore, RestoreReport, Snapshot
+from .persistence import BACKEND, CONFIG, ENDPOINT, TRAFFIC, RegistryStore, RestoreReport, Snapshot
 from .registry import BackendInfo, BackendSpec, Registry
 from .router import Router
 from .runtime import BackendRuntime
@@ -64,31 +64,68 @@ class Converger:
         self.routes_version = 0  # moves whenever the applied route table does
         self.runtimes: dict[str, BackendRuntime] = {}
         self.deferred: set[str] = set()  # backends whose module is still being imported
+        self.route_table: dict[str, list[Any]] = {}  # as applied here
         self._applied_traffic: dict[str, dict[str, float]] = {}
+        self._users: dict[str, set[str]] = {}  # backend tag -> endpoints whose traffic names it
+        self._dirty_traffic: set[str] = set()  # endpoints to look at again (a backend runtime was installed)
         self._failed: dict[str, str | None] = {}  # tag -> code id that could not be loaded here
         self._reported: set[str] = set()  # problems already logged
         self._retiring: list[threading.Thread] = []
 
     # --------------------------------------------------------------- converge
     def converge(self, snapshot: Snapshot, report: RestoreReport | None = None) -> bool:
-        """Serve what ``snapshot`` holds; returns whether its revision was new here."""
+        """Serve what ``snapshot`` holds; returns whether its revision was new here.
+
+        When the snapshot knows which keys changed since the revision applied here (a commit
+        made through this instance's store), only their backends, traffic and routes are
+        looked at (with backends still waiting for their module, and endpoints whose backend
+        runtime was installed since): a change costs the same with 10 or 10,000 endpoints.
+        """
         registry, problems = snapshot.registry(self._store.description)
         for key, why in problems.items():
             self._problem(key, why, report)
+        changed = snapshot.changed_since(self.revision)
         if self._run_replicas:
-            self._converge_backends(snapshot, registry, report)
-            self._converge_traffic(registry, report)
-        if registry.route_table() != self.registry.route_table():
-            self.routes_version += 1
+            tags, names = self._to_look_at(registry, changed)
+            self._converge_backends(snapshot, registry, tags, report)
+            self._converge_traffic(registry, names, report)
+        self._converge_routes(registry, None if changed is None else _names(changed, ENDPOINT))
         if report is not None:
             report.endpoints.extend(registry.endpoints)
         moved = snapshot.revision != self.revision
         self.registry, self.revision = registry, snapshot.revision
         return moved
 
-    def _converge_backends(self, snapshot: Snapshot, registry: Registry, report: RestoreReport | None) -> None:
+    def _to_look_at(self, registry: Registry, changed: frozenset[str] | None) -> tuple[list[str], list[str]]:
+        """The backends and endpoints (traffic) to converge: all of them, or those touched since."""
+        if changed is None:
+            return list(registry.backends), list(registry.traffic)
+        tags = _names(changed, BACKEND, CONFIG) | self.deferred
+        return sorted(tags), sorted(_names(changed, TRAFFIC) | self._dirty_traffic)
+
+    def _converge_routes(self, registry: Registry, names: set[str] | None) -> None:
+        if names is None:
+            table = registry.route_table()
+            if table != self.route_table:
+                self.routes_version += 1
+            self.route_table = table
+            return
+        for name in names:
+            info = registry.endpoints.get(name)
+            if info is not None and info.route is not None:
+                entry = registry.route_entry(name)
+                if self.route_table.get(info.route) != entry:
+                    self.route_table[info.route] = entry
+                    self.routes_version += 1
+
+    def _converge_backends(
+        self, snapshot: Snapshot, registry: Registry, tags: list[str], report: RestoreReport | None
+    ) -> None:
         records = snapshot.group(BACKEND)
-        for tag, spec in registry.backends.items():
+        for tag in tags:
+            spec = registry.backends.get(tag)
+            if spec is None:
+                continue
             runtime = self.runtimes.get(tag)
             config = registry.configs[tag]
             if runtime is not None and spec.code_id in (None, runtime.definition.code_id):
@@ -138,8 +175,14 @@ class Converger:
                 runtime.tag, type(exc).__name__, exc, len(runtime.replicas()),
             )
 
-    def _converge_traffic(self, registry: Registry, report: RestoreReport | None) -> None:
-        for name, weights in registry.traffic.items():
+    def _converge_traffic(self, registry: Registry, names: list[str], report: RestoreReport | None) -> None:
+        self._dirty_traffic = set()
+        for name in names:
+            weights = registry.traffic.get(name)
+            if weights is None:
+                continue
+            for tag in weights:
+                self._users.setdefault(tag, set()).add(name)
             kept = {tag: weight for tag, weight in weights.items() if tag in self.runtimes}
             missing = sorted(tag for tag, weight in weights.items() if tag not in kept and weight > 0)
             total = sum(kept.values())
@@ -178,7 +221,9 @@ class Converger:
         self._router.add_backend(runtime)
         self._failed.pop(runtime.tag, None)
         self.deferred.discard(runtime.tag)
-        self._applied_traffic.clear()  # policies hold the tag; rebuilt by the next convergence
+        for name in self._users.get(runtime.tag, ()):  # policies hold the tag: rebuilt by the next convergence
+            self._applied_traffic.pop(name, None)
+            self._dirty_traffic.add(name)
         if old is not None:
             self._retire(old)
 
@@ -198,3 +243,8 @@ class Converger:
         """Wait (bounded) for replaced runtimes to have drained and stopped."""
         for thread in list(self._retiring):
             thread.join(timeout)
+
+
+def _names(keys: frozenset[str], *prefixes: str) -> set[str]:
+    """The names of the store ``keys`` under any of ``prefixes`` (``config/x`` → ``x``)."""
+    return {key.partition("/")[2] for key in keys if key.partition("/")[0] + "/" in prefixes}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -36,7 +37,7 @@ from .config import BackendConfig
 from .errors import StoreError
 from .fingerprint import code_id, shape_id
 from .invoke import accepts_batch
-from .kv.base import AtomicKVStore
+from .kv.base import AtomicKVStore, decode_value, encode_value
 from .registry import BackendInfo, BackendSpec, EndpointInfo, Registry, normalise_methods
 
 log = logging.getLogger("serve_core")
@@ -44,7 +45,7 @@ log = logging.getLogger("serve_core")
 REVISION = "meta/revision"
 ENDPOINT, BACKEND, CONFIG, TRAFFIC, INSTANCE = "endpoint/", "backend/", "config/", "traffic/", "instance/"
 DEPLOYED = "deployed/"
-_GROUPS = (ENDPOINT, BACKEND, CONFIG, TRAFFIC, INSTANCE, DEPLOYED)
+_GROUPS = (ENDPOINT, BACKEND, CONFIG, TRAFFIC, DEPLOYED)  # what a Snapshot holds (not the heartbeats)
 _SIGNED = (ENDPOINT, CONFIG, TRAFFIC, DEPLOYED)  # wrapped and signed; backend records carry their own seal
 
 
@@ -79,11 +80,22 @@ class Snapshot:
 
     ``records`` holds the verified values (backend records keep their own seal, checked when
     their code is loaded); ``refused`` names the records whose signature did not verify.
+    A snapshot that :meth:`RegistryStore.commit` moved on (:meth:`advanced`) also knows the
+    store keys written since the revision before (``base``, ``changed``), so that the next
+    registry and convergence do only the work of that change.
+
+    The records and the registry of a snapshot are shared with the snapshot it advances to
+    (updated in place: a change costs the size of the change, not of the registry). A
+    snapshot is read until the next commit through the same store; the registry may be
+    read from any thread (its dicts only gain or replace entries, one C-level step each).
     """
 
     revision: int
     records: dict[str, dict[str, Any]]  # group prefix -> {name: value}
     refused: dict[str, str] = dataclasses.field(default_factory=dict)  # store key -> why
+    base: int | None = None  # the revision ``changed`` is counted from (None: unknown)
+    changed: frozenset[str] = frozenset()  # store keys written since ``base``
+    _built: list[tuple[Registry, dict[str, str]]] = dataclasses.field(default_factory=list, compare=False, repr=False)
 
     def group(self, prefix: str) -> dict[str, Any]:
         return self.records.get(prefix, {})
@@ -92,23 +104,69 @@ class Snapshot:
         """What a deployment file last set for ``TRAFFIC``/``CONFIG`` ``name`` (``None``: never)."""
         return self.group(DEPLOYED).get(kind_prefix + name)
 
+    def changed_since(self, revision: int) -> frozenset[str] | None:
+        """The store keys written between ``revision`` and this snapshot (``None``: not known here)."""
+        if revision == self.revision:
+            return frozenset()
+        return self.changed if revision == self.base else None
+
     def registry(self, where: str) -> tuple[Registry, dict[str, str]]:
-        """The registry these records describe, and store key → why a record was left out."""
-        registry = Registry(where)
-        problems: dict[str, str] = dict(self.refused)
-        for name, value in self.group(ENDPOINT).items():
-            _parse(problems, ENDPOINT + name, partial(_add_endpoint, registry, name, value))
-        for tag, value in self.group(BACKEND).items():
-            if CONFIG + tag in self.refused:
-                problems[BACKEND + tag] = f"its config was refused: {self.refused[CONFIG + tag]}"
-                continue
-            _parse(problems, BACKEND + tag, partial(_add_backend, registry, tag, value, self.group(CONFIG).get(tag)))
-        for name, weights in self.group(TRAFFIC).items():
-            _parse(problems, TRAFFIC + name, partial(_set_traffic, registry, name, weights))
-        return registry, problems
+        """The registry these records describe, and store key → why a record was left out (built once)."""
+        if not self._built:
+            registry = Registry(where)
+            problems: dict[str, str] = dict(self.refused)
+            for name in self.group(ENDPOINT):
+                self._parse_endpoint(registry, problems, name)
+            for tag in self.group(BACKEND):
+                self._parse_backend(registry, problems, tag)
+            for name in self.group(TRAFFIC):
+                self._parse_traffic(registry, problems, name)
+            self._built.append((registry, problems))
+        return self._built[0]
+
+    def advanced(self, revision: int, values: dict[str, Any]) -> Snapshot | None:
+        """This snapshot after a commit wrote ``values`` (verified, as a read returns them) as ``revision``.
+
+        Returns ``None`` when a written record does not parse (the caller then reads the store again).
+        """
+        for key, value in values.items():
+            prefix, _, name = key.partition("/")
+            self.records[prefix + "/"][name] = value
+            self.refused.pop(key, None)
+        if self._built:
+            registry, problems = self._built[0]
+            for key in values:
+                prefix, _, name = key.partition("/")
+                group = prefix + "/"
+                if group == ENDPOINT:
+                    self._parse_endpoint(registry, problems, name)
+                elif group in (BACKEND, CONFIG) and name in self.group(BACKEND):
+                    self._parse_backend(registry, problems, name)
+                    key = BACKEND + name
+                elif group == TRAFFIC:
+                    self._parse_traffic(registry, problems, name)
+                if key in problems:
+                    return None
+        return Snapshot(revision, self.records, self.refused, self.revision, frozenset(values), self._built)
+
+    def _parse_endpoint(self, registry: Registry, problems: dict[str, str], name: str) -> None:
+        value = self.group(ENDPOINT)[name]
+        _parse(problems, ENDPOINT + name, partial(_add_endpoint, registry, name, value))
+
+    def _parse_backend(self, registry: Registry, problems: dict[str, str], tag: str) -> None:
+        if CONFIG + tag in self.refused:
+            problems[BACKEND + tag] = f"its config was refused: {self.refused[CONFIG + tag]}"
+            return
+        value, config = self.group(BACKEND)[tag], self.group(CONFIG).get(tag)
+        _parse(problems, BACKEND + tag, partial(_add_backend, registry, tag, value, config))
+
+    def _parse_traffic(self, registry: Registry, problems: dict[str, str], name: str) -> None:
+        weights = self.group(TRAFFIC)[name]
+        _parse(problems, TRAFFIC + name, partial(_set_traffic, registry, name, weights))
 
 
 def _parse(problems: dict[str, str], key: str, action: Callable[[], None]) -> None:
+    problems.pop(key, None)
     try:
         action()
     except (StoreError, TypeError, ValueError, KeyError, AttributeError) as exc:
@@ -159,14 +217,31 @@ class RegistryStore:
         self.store = store
         self.description = description
         self.code = CodeStore(Signer(secret), durable, description)
+        self._last: Snapshot | None = None  # the newest snapshot read or committed here
+        self._lock = threading.Lock()  # guards _last
 
     # ------------------------------------------------------------ reading
     def load(self) -> Snapshot:
-        """The whole registry, in one read.
+        """The registry at the store's current revision.
+
+        One key is read when the revision is the one last read or committed here (every
+        registry change moves it, in the same transaction); otherwise the whole registry.
 
         Raises:
             StoreError: the store cannot be read.
         """
+        revision = self.revision()
+        with self._lock:
+            last = self._last
+        if last is not None and last.revision == revision:
+            return last
+        snapshot = self._read()
+        with self._lock:
+            self._last = snapshot
+        return snapshot
+
+    def _read(self) -> Snapshot:
+        """The whole registry, in one read."""
         records: dict[str, dict[str, Any]] = {prefix: {} for prefix in _GROUPS}
         refused: dict[str, str] = {}
         revision = 0
@@ -210,7 +285,25 @@ class RegistryStore:
             StoreError: the store cannot be written.
         """
         expected = revision or None  # revision 0: the key is not there yet
-        return self.store.compare_and_update(REVISION, expected, {**self.seal(items), REVISION: revision + 1})
+        sealed = self.seal(items)
+        with self._lock:
+            last, self._last = self._last, None  # unknown until the outcome is
+        if not self.store.compare_and_update(REVISION, expected, {**sealed, REVISION: revision + 1}):
+            return False
+        if last is not None and last.revision == revision:
+            with self._lock:
+                self._last = last.advanced(revision + 1, self._as_read(sealed))
+        return True
+
+    def _as_read(self, sealed: dict[str, Any]) -> dict[str, Any]:
+        """Written registry records as :meth:`load` returns them: fresh JSON copies, signatures opened."""
+        values: dict[str, Any] = {}
+        for key, value in sealed.items():
+            group = key.partition("/")[0] + "/"
+            if group in _GROUPS:
+                copy = decode_value(encode_value(key, value))
+                values[key] = self.code.open_value(key, copy) if group in _SIGNED else copy
+        return values
 
     def encode_backend(self, info: BackendInfo, config: BackendConfig) -> dict[str, Any]:
         """The keys to write for a backend (pure: call before starting replicas).
@@ -249,6 +342,12 @@ class RegistryStore:
             )
         batch = accepts_batch(target) if spec.accepts_batch is None else spec.accepts_batch
         return BackendInfo(tag, target, init_args, batch, spec.code_id or code_id(target, init_args), shape)
+
+    def instance_records(self) -> dict[str, Any]:
+        """Every ``instance/<id>`` record, by id (heartbeats: a read of the whole namespace)."""
+        return {
+            key[len(INSTANCE):]: value for key, value in self.store.as_dict().items() if key.startswith(INSTANCE)
+        }
 
     def save_instance(self, instance_id: str, record: dict[str, Any]) -> None:
         """Write a heartbeat (not a registry change: the revision stays)."""

@@ -153,6 +153,9 @@ class Registry:
         return info
 
     def add_endpoint(self, info: EndpointInfo) -> None:
+        old = self.endpoints.get(info.name)
+        if old is not None and old.route is not None and self.routes.get(old.route) == info.name:
+            del self.routes[old.route]
         self.endpoints[info.name] = info
         if info.route is not None:
             self.routes[info.route] = info.name
@@ -242,6 +245,8 @@ class Registry:
 
     def route_table(self) -> dict[str, list[Any]]:
         """``{route: [endpoint, [methods]]}`` for endpoints with a route."""
-        return {
-            route: [name, list(self.endpoints[name].methods)] for route, name in self.routes.items()
-        }
+        return {route: self.route_entry(name) for route, name in list(self.routes.items())}
+
+    def route_entry(self, name: str) -> list[Any]:
+        """``[endpoint, [methods]]``, the endpoint's value in :meth:`route_table`."""
+        return [name, list(self.endpoints[name].methods)]

@@ -365,7 +365,7 @@ class Serve:
     def _converge(self, snapshot: Snapshot, report: RestoreReport | None = None) -> None:
         """Make this instance serve what ``snapshot`` holds (:class:`~serve_core.converge.Converger`)."""
         if self._conv.converge(snapshot, report):
-            self._beacon.stale()  # tell the store at once which revision is applied here
+            self._beacon.stale(len(self._conv.registry.configs))  # tell the store soon which revision is applied
             if self._watcher is not None and self._state is State.RUNNING:
                 try:  # so `serve-core status` shows the new revision applied here at once
                     self._beat()
@@ -375,6 +375,8 @@ class Serve:
     # -------------------------------------------------------------- instances
     def _beat(self, force: bool = False) -> None:
         """Refresh this instance's record in the store, when due (or now with ``force``)."""
+        if not (force or self._beacon.due()):
+            return
         address = self.http_address()
         runtimes = self._conv.runtimes
         self._beacon.beat(
@@ -386,7 +388,7 @@ class Serve:
                     "desired": runtimes[tag].target_replicas if tag in runtimes else config.initial_replicas,
                     "running": len(runtimes[tag].replicas()) if tag in runtimes else 0,
                 }
-                for tag, config in self._conv.registry.configs.items()
+                for tag, config in list(self._conv.registry.configs.items())
             },
             force=force,
         )
@@ -670,7 +672,7 @@ class Serve:
 
     def route_table(self) -> dict[str, list[Any]]:
         """``{route: [endpoint, [methods]]}`` of the endpoints reachable over HTTP."""
-        return self._conv.registry.route_table()
+        return {route: [name, list(methods)] for route, (name, methods) in list(self._conv.route_table.items())}
 
     @property
     def routes_version(self) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .persistence import INSTANCE, RegistryStore
+from .persistence import RegistryStore
 from .sync import live_instances
 
 
@@ -16,7 +16,7 @@ def status_report(store: RegistryStore, now: float, expiry_s: float) -> dict[str
     """The store's state as JSON-ready data (see docs/sharing.md for the fields)."""
     snapshot = store.load()
     registry, problems = snapshot.registry(store.description)
-    live, _ = live_instances(snapshot.group(INSTANCE), now, expiry_s)
+    live, _ = live_instances(store.instance_records(), now, expiry_s)
     return {
         "store": store.description,
         "revision": snapshot.revision,
