@@ -240,6 +240,16 @@ class RegistryStore:
             self._last = snapshot
         return snapshot
 
+    def latest(self) -> Snapshot:
+        """The snapshot last read or committed here, without reading the store (else :meth:`load`).
+
+        Right after a :meth:`commit` it is the revision just written: what the committing
+        instance converges on (a later change by another writer comes with the next load).
+        """
+        with self._lock:
+            last = self._last
+        return last if last is not None else self.load()
+
     def _read(self) -> Snapshot:
         """The whole registry, in one read."""
         records: dict[str, dict[str, Any]] = {prefix: {} for prefix in _GROUPS}

@@ -464,7 +464,7 @@ class Serve:
                 self._converge(snapshot)
                 return
             if self._store.commit(snapshot.revision, items):
-                self._converge(self._store.load())
+                self._converge(self._store.latest())
                 return
         raise StoreError(f"store {self._store.description}: the registry kept changing under this call; try again")
 
@@ -518,7 +518,7 @@ class Serve:
                     items = self._store.encode_backend(info, registry.configs[info.tag])
                     if not self._store.commit(snapshot.revision, items):
                         continue
-                    snapshot = self._store.load()
+                    snapshot = self._store.latest()
                     stored = dataclasses.replace(stored, code_id=info.code_id)
                 if stored is not None and stored.code_id == info.code_id:
                     self._adopt(info, registry.configs[info.tag], backend_config, snapshot)
@@ -565,7 +565,7 @@ class Serve:
         if runtime is not None:
             self._conv.install(runtime)
         self._changed_here.add(info.tag)
-        self._converge(self._store.load())
+        self._converge(self._store.latest())
         return True
 
     def _new_runtime(self, info: BackendInfo, config: BackendConfig) -> BackendRuntime:
@@ -629,7 +629,7 @@ class Serve:
                         runtime.reconfigure(old)
                     raise
                 if committed:
-                    self._converge(self._store.load())
+                    self._converge(self._store.latest())
                     return
         raise StoreError(f"store {self._store.description}: the registry kept changing under this call; try again")
 

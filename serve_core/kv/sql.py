@@ -202,8 +202,7 @@ class SQLKVStore(UpdateBased):
         with self._begin("write", ", ".join([*encoded, *deletes])) as conn:
             for key in deletes:
                 conn.execute(sql_delete(self.table).where(*self._where(key)))
-            for key, text in encoded.items():
-                self._upsert(conn, key, text)
+            self._upsert(conn, encoded)
 
     def compare_and_update(
         self, key: str, expected: Any, items: Mapping[str, Any], delete: Iterable[str] = ()
@@ -221,9 +220,7 @@ class SQLKVStore(UpdateBased):
                     return False
                 for name in deletes:
                     conn.execute(sql_delete(self.table).where(*self._where(name)))
-                for name, text in encoded.items():
-                    if name != key:
-                        self._upsert(conn, name, text)
+                self._upsert(conn, {name: text for name, text in encoded.items() if name != key})
                 if conn.dialect.name == "postgresql":
                     conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, self.namespace)))
         except IntegrityError:  # the key was inserted by another writer first
@@ -256,17 +253,21 @@ class SQLKVStore(UpdateBased):
     def _where(self, key: str) -> tuple[Any, ...]:
         return (self.table.c.namespace == self.namespace, self.table.c.key == key)
 
-    def _upsert(self, conn: Connection, key: str, text: str) -> None:
-        row = {"namespace": self.namespace, "key": key, "value": text}
+    def _upsert(self, conn: Connection, texts: Mapping[str, str]) -> None:
+        """Insert or replace every key of ``texts``: one statement, executed for all rows at once."""
+        if not texts:
+            return
+        rows = [{"namespace": self.namespace, "key": key, "value": text} for key, text in texts.items()]
         dialect = conn.dialect.name
         if dialect in ("sqlite", "postgresql"):
-            insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
-            stmt = insert(self.table).values(**row)
+            insert = (sqlite.insert if dialect == "sqlite" else postgresql.insert)(self.table)
             conflict = ["namespace", "key"]
-            conn.execute(stmt.on_conflict_do_update(index_elements=conflict, set_={"value": text}))
+            upsert = insert.on_conflict_do_update(index_elements=conflict, set_={"value": insert.excluded.value})
+            conn.execute(upsert, rows)
             return
-        conn.execute(sql_delete(self.table).where(*self._where(key)))  # portable fallback
-        conn.execute(self.table.insert().values(**row))
+        for key in texts:  # portable fallback
+            conn.execute(sql_delete(self.table).where(*self._where(key)))
+        conn.execute(self.table.insert(), rows)
 
     @contextlib.contextmanager
     def _begin(self, action: str, keys: str) -> Iterator[Connection]:
