@@ -22,12 +22,19 @@ so both see the same machine load. Only the ratios mean something.
     ``Serve.stat()`` loops, and ``stat()``'s own duration.
 
 (c) and (d) are measured by ``contention(stat_once, hot_call, stats)``.
+
+(e) a million samples: one histogram holding 1,000,000 samples in its hour (278 a second),
+    ``stat()``'s aggregation of it (``snapshot`` + ``percentile_keys``, every default window
+    and percentile), and a backend's four such histograms (what ``Serve.stat()`` does for a
+    backend that answered a million calls in the hour), against the floor: one
+    ``np.percentile`` of the same million values, already in one array (rounds interleaved).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import random
 import statistics
 import threading
@@ -260,11 +267,50 @@ def report_end_to_end(rounds: int) -> None:
         print(f"    Serve.stat() itself: median {_ms(statistics.median(durations))}   max {_ms(max(durations))}")
 
 
+def report_million(rounds: int, samples: int = 1_000_000) -> None:
+    """Row (e): ``stat()`` over a million samples against one ``np.percentile`` of them."""
+    rate = samples // WINDOW_S
+    values = np.random.default_rng(0).lognormal(-4, 1, rate * WINDOW_S)
+    hists = [WindowedHistogram(WINDOW_S) for _ in NAMES]
+    for index, value in enumerate(values.tolist()):
+        when = NOW - WINDOW_S + index / rate
+        for hist in hists:
+            hist.record(value, when)
+    flat = hists[0].window(WINDOW_S, NOW)
+
+    def one() -> None:
+        percentile_keys("x", hists[0].snapshot(NOW), PERCENTILES, WINDOWS, NOW)
+
+    def backend() -> None:
+        for name, hist in zip(NAMES, hists):
+            percentile_keys(name, hist.snapshot(NOW), PERCENTILES, WINDOWS, NOW)
+
+    def floor() -> None:
+        np.percentile(flat, PERCENTILES)
+
+    times: dict[str, list[float]] = {"one": [], "backend": [], "floor": []}
+    for index in range(rounds):
+        order = [("one", one), ("backend", backend), ("floor", floor)]
+        for key, func in order if index % 2 else order[::-1]:
+            times[key].append(_timed(func))
+    base = statistics.median(times["floor"])
+    print(f"(e) {flat.size:,} samples in one histogram's window; median of {rounds} interleaved rounds")
+    print(f"    np.percentile of them, one array (floor)  {_ms(base)}")
+    for key, label in (("one", "stat() of that histogram"), ("backend", "stat() of a backend: 4 such")):
+        median = statistics.median(times[key])
+        print(f"    {label:<38} {_ms(median)}   {median / base:5.2f}x the floor")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="rounds of each stat() measurement")
     parser.add_argument("--no-end-to-end", action="store_true", help="skip row (d) (it fills a Serve: ~30 s)")
+    parser.add_argument("--million", action="store_true", help="only row (e), a million samples")
     args = parser.parse_args(argv)
+    print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    if args.million:
+        report_million(args.rounds)
+        return
     start = time.perf_counter()
     backend = _Backend()
     samples = sum(len(hist.window(WINDOW_S, NOW)) for hist in backend.new.values())
@@ -276,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     report_stat(backend, args.rounds)
     print()
     report_contention(backend, args.rounds)
+    print()
+    report_million(args.rounds)
     if not args.no_end_to_end:
         print()
         report_end_to_end(args.rounds)

@@ -92,6 +92,7 @@ class RayReplica:
         # messages leave, and are read, in the order submitted. Re-entrant: a message that
         # fails to leave ends at once, and its end sends what waits.
         self._send_lock = threading.RLock()
+        self._pickler = _CallPickler()  # used under the send lock
         self._messages = 0  # actor calls out, counted from before they are sent
         self.actor_calls = 0  # actor calls made so far (for diagnostics and tests)
         self._outbox: list[Pending] = []
@@ -158,7 +159,7 @@ class RayReplica:
         """
         sendable: list[Pending] = []
         blobs: list[bytes] = []
-        pickler = _CallPickler()
+        pickler = self._pickler  # ours alone: messages are sent under the send lock
         for call, future in message:
             try:
                 blobs.append(pickler.dumps(call))
@@ -345,11 +346,28 @@ class RayReplica:
         return f"<RayReplica {self.replica_id} pid={self._host.pid} {'alive' if self.alive else 'gone'}>"
 
 
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes})
+"""Argument types that the C pickler writes exactly as cloudpickle would (no code, no classes)."""
+
+
+def _plain(call: Call) -> bool:
+    """Whether a Python call carries only plain values: then the C pickler is enough (5x faster)."""
+    if call.web:
+        return False
+    for kwargs in call.kwargs:
+        for value in kwargs.values():
+            if type(value) not in _PLAIN:
+                return False
+    return all(request is None for request in call.requests)
+
+
 class _CallPickler:
     """Pickles calls one by one with Ray's cloudpickle, each loadable on its own.
 
-    One pickler serves a whole message (setting one up costs more than pickling a small
-    call); its memo is cleared between calls so no pickle refers to another.
+    One pickler serves a replica's messages (setting one up costs more than pickling a
+    small call); its memo is cleared between calls so no pickle refers to another. A
+    call of plain values (:func:`_plain`) goes through the C pickler instead: cloudpickle
+    would write the same bytes, more slowly (its hook runs for every object).
     """
 
     def __init__(self) -> None:
@@ -360,6 +378,8 @@ class _CallPickler:
         return cloudpickle.CloudPickler(self._buffer, protocol=pickle.HIGHEST_PROTOCOL)
 
     def dumps(self, call: Call) -> bytes:
+        if _plain(call):
+            return pickle.dumps(call, pickle.HIGHEST_PROTOCOL)
         self._buffer.seek(0)
         self._buffer.truncate()
         self._pickler.clear_memo()

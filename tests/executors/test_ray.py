@@ -207,6 +207,24 @@ def test_unpicklable_argument_fails_only_that_call(ray_local: Any, make_serve: M
     assert handle.remote(value=[1, 2]).result(WAIT) == [1, 2]
 
 
+def test_plain_arguments_and_arguments_sent_by_value_both_arrive(ray_local: Any, make_serve: MakeServe) -> None:
+    # Plain values travel through the C pickler, anything else through cloudpickle (a class
+    # defined here exists only in this process: it must travel by value).
+    class Here:
+        def __init__(self, x: int) -> None:
+            self.x = x
+
+        def __eq__(self, other: object) -> bool:
+            return type(other).__name__ == "Here" and getattr(other, "x", None) == self.x
+
+    handle = _tricky(make_serve(executor="ray"))
+    plain = [None, True, 7, 2.5, "text", b"\x00bytes"]
+    for value in [*plain, Here(3), [Here(4)], {"k": (1, "two")}]:
+        assert handle.remote(value=value).result(WAIT) == value
+    futures = [handle.remote(value=value) for value in [*plain, Here(5)]]  # coalesced into one message
+    assert [f.result(WAIT) for f in futures] == [*plain, Here(5)]
+
+
 def test_large_results_come_back_also_when_coalesced(ray_local: Any, make_serve: MakeServe) -> None:
     # Replies this large go through Ray's shared object store (they once aborted the driver).
     srv = make_serve(executor="ray")
