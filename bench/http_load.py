@@ -15,8 +15,9 @@ Not a test: speed is not asserted anywhere.
 ``--compare observability`` measures the no-op endpoint with metrics, access log and request
 ids on against the same build with them off (``noop_factory.py``), the same way; the ratio
 printed is the time per request, on / off (issue 13's target: at most 1.15x under Granian at
-c=8). ``--interface rsgi`` serves them through Granian's RSGI interface, as ``serve-core run
---server granian`` does.
+c=8). ``--interface rsgi`` serves ours through Granian's RSGI interface, as ``serve-core run
+--server granian`` does (the bare baseline stays the WSGI hello world on Granian's WSGI
+interface, the issue 16 baseline).
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ elif {app!r}.startswith("obs-"):
     target, factory = "noop_factory:" + ("rsgi_app" if {interface!r} == "rsgi" else "app"), True
 else:
     os.environ["SERVE_CORE_APP"] = {noop!r}
-    target, factory = "serve_core.http.granian:app_from_env", True
+    factory_name = "rsgi_app_from_env" if {interface!r} == "rsgi" else "app_from_env"
+    target, factory = "serve_core.http.granian:" + factory_name, True
 print("ready", flush=True)
-if {interface!r} == "rsgi" and {app!r}.startswith("obs-"):  # RSGI runs on Granian's event loop thread
+if {interface!r} == "rsgi" and {app!r} != "bare":  # RSGI runs on Granian's event loop thread
     interface, threads = Interfaces.RSGI, {{}}
 else:
     interface, threads = Interfaces.WSGI, {{"blocking_threads": {threads}}}

@@ -119,6 +119,7 @@ class Query:
     requeues: int = 0  # times it came back from a replica it never reached
     dispatched: float = 0.0  # monotonic time it was handed to a replica
     batch_wait: float = 0.0  # of its time queued, seconds a free replica held its batch open to fill
+    caller_runs: bool = False  # its caller blocks on the answer at once: it may run the call itself
 
     @property
     def web(self) -> bool:

@@ -79,13 +79,15 @@ def retry_after_hint(queued: int, in_flight: int, mean_call_s: float) -> float:
 class Slot:
     """A replica and the calls it holds (at most ``capacity`` at once), by token."""
 
-    __slots__ = ("replica", "capacity", "calls", "retired", "drained", "timers", "cancel")
+    __slots__ = ("replica", "capacity", "calls", "retired", "drained", "timers", "cancel", "run_here")
 
     def __init__(self, replica: Replica, capacity: int) -> None:
         self.replica = replica
         self.capacity = capacity
         # The replica's optional ``cancel(future)`` (executors.base.CancellableReplica), or None.
         self.cancel: Callable[[Future[list[Outcome]]], bool] | None = getattr(replica, "cancel", None)
+        # The replica's optional ``run_here(call)`` (executors.base.CallerRunsReplica), or None.
+        self.run_here: Callable[[Call], list[Outcome]] | None = getattr(replica, "run_here", None)
         self.calls: dict[int, list[Query]] = {}
         self.timers: dict[int, Timer] = {}  # token -> its call_timeout_s timer, when one is set
         self.retired = False  # taken out of service: finishes its calls, gets no new ones
@@ -263,7 +265,7 @@ class BackendRuntime:
                     self._wake_at(self._queue.earliest_deadline())
                 return
             work, expired = self._take()
-        self._run(work, expired)
+        self._run(work, expired, here=query if query.caller_runs else None)
 
     def _refused(self, query: Query, kind: str) -> None:
         """Count a query refused at admission (under the lock)."""
@@ -344,13 +346,17 @@ class BackendRuntime:
         if self._meter is not None:
             self._meter.answered(queries, None)
 
-    def _run(self, work: list[Work], expired: list[Query], done: Done | None = None) -> None:
+    def _run(
+        self, work: list[Work], expired: list[Query], done: Done | None = None, here: Query | None = None
+    ) -> None:
         """Finish ``done``, answer expired queries and submit work, outside the lock.
 
         Calls answered at once loop here. A thread already inside this loop for this backend
         (a user's done-callback calling the endpoint again, an inline backend calling itself)
         only adds to it: the work joins the outer loop instead of nesting, so no chain of
-        calls grows the stack.
+        calls grows the stack. ``here`` is the query this thread's caller blocks on
+        (``Query.caller_runs``): dispatched alone to a replica that can run it in this
+        thread (:meth:`_runs_here`), it runs here.
         """
         local = self._local
         pending = getattr(local, "pending", None)
@@ -368,7 +374,10 @@ class BackendRuntime:
                         f"deadline of the query to backend {self.tag!r} passed before it ran"
                     ))
                 for slot, token, queries in work:
-                    future = self._submit(slot, queries)
+                    if queries[0] is here and self._runs_here(slot, queries):
+                        pending.append(self._finish_outcomes(slot, token, *_run_here(slot, self._call(queries))))
+                        continue
+                    future = self._submit(slot, self._call(queries))
                     if future.done():
                         pending.append(self._finish(slot, token, future))
                     else:
@@ -378,7 +387,22 @@ class BackendRuntime:
         finally:
             local.pending = None
 
-    def _submit(self, slot: Slot, queries: list[Query]) -> Future[list[Outcome]]:
+    def _runs_here(self, slot: Slot, queries: list[Query]) -> bool:
+        """Caller-runs: a single call, on a replica that can run it here and holds no other call.
+
+        Not with ``call_timeout_s`` (a call in the caller's thread could not be abandoned) nor
+        ``caller_runs=False`` (the backend wants its calls on the replica's thread).
+        """
+        config = self._config
+        return (
+            slot.run_here is not None
+            and len(queries) == 1
+            and slot.capacity == 1
+            and config.caller_runs
+            and config.call_timeout_s is None
+        )
+
+    def _call(self, queries: list[Query]) -> Call:
         head = queries[0]
         if len(queries) == 1:
             requests: tuple[Any, ...] = (head.request,)
@@ -386,7 +410,9 @@ class BackendRuntime:
         else:
             requests = tuple([query.request for query in queries])
             kwargs = tuple([query.kwargs for query in queries])
-        call = Call(head.method, head.request is not None, self._config.max_batch_size is not None, requests, kwargs)
+        return Call(head.method, head.request is not None, self._config.max_batch_size is not None, requests, kwargs)
+
+    def _submit(self, slot: Slot, call: Call) -> Future[list[Outcome]]:
         try:
             if slot.replica.alive:
                 return slot.replica.submit(call)
@@ -418,6 +444,12 @@ class BackendRuntime:
             outcomes = future.result()
         except BaseException as exc:  # noqa: BLE001 - any failure of the future is a dead replica
             outcomes, died = [], exc
+        return self._finish_outcomes(slot, token, outcomes, died)
+
+    def _finish_outcomes(
+        self, slot: Slot, token: int, outcomes: list[Outcome], died: BaseException | None
+    ) -> tuple[list[Work], list[Query]]:
+        """:meth:`_finish` for a call that answered ``outcomes``, or failed with ``died``."""
         now = self._clock.monotonic()
         replace = False
         failed: list[Query] = []
@@ -880,6 +912,15 @@ def _answer(query: Query, ok: bool, value: Any) -> None:
         query.settle(ok, value)
     except Exception:  # noqa: BLE001 - logged: the other queries of the call still get their answers
         log.exception("could not answer a query of endpoint %r", query.endpoint)
+
+
+def _run_here(slot: Slot, call: Call) -> tuple[list[Outcome], BaseException | None]:
+    """Run a call in this thread on the slot's replica: its outcomes, or why the replica failed."""
+    assert slot.run_here is not None  # checked by _runs_here; internal invariant
+    try:
+        return slot.run_here(call), None
+    except BaseException as exc:  # noqa: BLE001 - as from a future: NotDeliveredError requeues, else died
+        return [], exc
 
 
 def _checked(slot: Slot, queries: list[Query], outcomes: list[Outcome]) -> list[Outcome]:

@@ -727,6 +727,7 @@ class Serve:
         method_name: str = "__call__",
         slo: SLO = NO_SLO,
         shard_key: str | None = None,
+        caller_runs: bool = False,
     ) -> ServeFuture:
         """Call an endpoint: the one entry that handles and the HTTP front use.
 
@@ -737,6 +738,9 @@ class Serve:
             method_name: the backend method to call.
             slo: the call's deadline (:meth:`SLO.parse`).
             shard_key: pins the call to one backend of a split while the weights stay.
+            caller_runs: the caller blocks on the answer right after this returns: a
+                synchronous call that finds its replica free may run in this thread, in which
+                case the future is answered when this returns (``BackendConfig.caller_runs``).
 
         Returns:
             A future (also awaitable) of the backend's result.
@@ -751,7 +755,10 @@ class Serve:
         arrival = self.clock.monotonic()
         deadline = NO_DEADLINE if slo is NO_SLO else slo.deadline(self.clock)
         self._router.submit(
-            Query(endpoint_name, method_name, kwargs or {}, request, deadline, shard_key, future, arrival)
+            Query(
+                endpoint_name, method_name, kwargs or {}, request, deadline, shard_key, future, arrival,
+                caller_runs=caller_runs,
+            )
         )
         return future
 

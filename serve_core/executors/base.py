@@ -126,6 +126,23 @@ class CancellableReplica(Replica, Protocol):
 
 
 @runtime_checkable
+class CallerRunsReplica(Replica, Protocol):
+    """A replica whose synchronous calls may run in the thread that submits them: optional.
+
+    ``run_here(call)`` runs the call in the calling thread and returns its outcomes (never a
+    user's exception: those are outcomes), or raises
+    :class:`~serve_core.errors.NotDeliveredError` when the replica is stopped. The runtime
+    calls it only for a caller that would block on the answer anyway, when the replica holds
+    no other call (so the one-call-at-a-time rule of the replica holds) and nothing needs the
+    call on the replica's own thread (docs/executors.md, "Caller-runs"): the hand-off to the
+    replica's thread and back, two thread wake-ups, is saved. A replica that cannot run a call
+    here (an async backend, another process) sets ``run_here`` to ``None`` or leaves it out.
+    """
+
+    def run_here(self, call: Call) -> list[Outcome]: ...
+
+
+@runtime_checkable
 class Executor(Protocol):
     """Places replicas. ``start_replica`` raises if the user's constructor fails.
 

@@ -60,6 +60,16 @@ class ThreadReplica:
         future.set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
         return future
 
+    def run_here(self, call: Call) -> list[Outcome]:
+        """Run ``call`` in the calling thread (caller-runs: the runtime holds no other call here).
+
+        Raises:
+            NotDeliveredError: the replica was stopped (its worker ended).
+        """
+        if self._stopping:
+            raise NotDeliveredError(f"replica {self.replica_id} was stopped")
+        return self._invoker.run(call)  # never raises: every failure is an outcome
+
     def stop(self, drain_timeout: float | None = None) -> None:
         with self._lock:
             if not self._stopping:
@@ -108,6 +118,8 @@ class LoopReplica:
         self.replica_id = spec.replica_id
         self._calls = CallLoop(f"serve-replica-{spec.replica_id}")
         self._calls.build(spec.target, spec.init_args)
+
+    run_here = None  # calls run as tasks on the replica's loop (base.CallerRunsReplica)
 
     @property
     def alive(self) -> bool:

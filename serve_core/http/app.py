@@ -112,7 +112,8 @@ class ServeApp:
         method = call_method(request)
         buffer_body(request, self.max_body_bytes)
         future = self.serve.enqueue(
-            entry.endpoint, request=request, method_name=method, slo=slo, shard_key=shard_key(request)
+            entry.endpoint, request=request, method_name=method, slo=slo, shard_key=shard_key(request),
+            caller_runs=True,  # this thread waits for the answer: it may as well run the call
         )
         request.serve_endpoint = entry.endpoint
         try:

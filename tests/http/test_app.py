@@ -6,6 +6,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -255,7 +256,7 @@ def test_unanswered_request_is_504_and_withdrawn_from_the_queue(make_app: MakeAp
         gate.wait(WAIT)  # holds the only replica until the test opens the gate
         return "late"
 
-    _deploy(srv, backend)
+    _deploy(srv, backend, caller_runs=False)  # the call runs on the replica's thread: the request can give up
     running = client.request("GET", "/f?n=1")  # runs, but its answer comes too late
     queued = client.request("GET", "/f?n=2")  # waits behind it, then gives up
     assert (running.status, queued.status) == (504, 504)
@@ -263,6 +264,29 @@ def test_unanswered_request_is_504_and_withdrawn_from_the_queue(make_app: MakeAp
     gate.set()
     assert srv.get_handle("f").remote().result(WAIT) == "late"  # queued after n=2: n=2 never ran
     assert calls == ["1", "python"]
+
+
+def test_a_call_the_request_thread_runs_answers_when_it_returns(make_app: MakeApp) -> None:
+    """Caller-runs: the request's own thread runs the call, which no request timeout can cut short;
+    a request queued behind it still gives up in time."""
+    srv, client = make_app(http_request_timeout_s=0.05)
+    entered, gate, threads = threading.Event(), threading.Event(), []
+
+    def backend(request: Any) -> str:
+        threads.append(threading.current_thread())
+        entered.set()
+        gate.wait(WAIT)
+        return request.args["n"]
+
+    _deploy(srv, backend)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(client.request, "GET", "/f?n=1")
+        assert entered.wait(WAIT)
+        queued = client.request("GET", "/f?n=2")  # the replica is busy: queued, then 504
+        assert queued.status == 504
+        gate.set()
+        assert (running.result(WAIT).status, running.result(WAIT).body) == (200, b"1")
+    assert len(threads) == 1 and not threads[0].name.startswith("serve-replica-")  # the request's own thread
 
 
 def test_a_backends_own_timeout_error_is_its_answer(make_app: MakeApp) -> None:
