@@ -26,7 +26,7 @@ from typing import Any
 
 from serve_core import BackendConfig, Serve
 
-from .core_cases import WAIT, settle
+from .core_cases import WAIT
 
 CALLS = 4096
 IO_S = 0.001
@@ -46,13 +46,18 @@ def deploy(srv: Serve, target: Callable[[Any], None], replicas: int) -> Callable
     srv.create_backend(target, "work:v1", backend_config=BackendConfig(num_replicas=replicas, max_queue_size=2 * CALLS))
     srv.link("work", "work:v1")
     remote = srv.get_handle("work").remote
-    settle([remote() for _ in range(CALLS)])  # warm up
+    collect([remote() for _ in range(CALLS)])  # warm up
     return remote
+
+
+def collect(futures: list[Any]) -> list[Any]:
+    """Every call's answer, read as a caller would (bounded waits)."""
+    return [future.result(WAIT) for future in futures]
 
 
 def burst(remote: Callable[..., Any]) -> float:
     start = time.perf_counter()
-    settle([remote() for _ in range(CALLS)])
+    collect([remote() for _ in range(CALLS)])
     return CALLS / (time.perf_counter() - start)
 
 

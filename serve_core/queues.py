@@ -21,84 +21,16 @@ import dataclasses
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Hashable
-from concurrent.futures import Future
+from collections.abc import Hashable
 from typing import Any
 
 from .errors import BackPressureError
+from .future import ServeFuture, Timing
 
 NO_DEADLINE = math.inf
 
 
-@dataclasses.dataclass(slots=True)
-class Timing:
-    """Where and how long a query spent, attached to its future by the runtime before it is answered.
-
-    ``queue_s`` is the time queued until a replica was free for it, ``batch_wait_s`` the time
-    a free replica then held its batch open to fill (``batch_wait_timeout_s``; 0 otherwise),
-    ``execution_s`` the time of the replica call it was part of. Set for web queries that
-    reached a replica (the HTTP front's ``Server-Timing`` header and access log read it).
-    Treat it as immutable: it is not frozen because one is built per web query, and a frozen
-    dataclass's ``__init__`` costs three times more.
-    """
-
-    backend: str
-    replica: str
-    queue_s: float
-    batch_wait_s: float
-    execution_s: float
-
-
-class ServeFuture(Future):
-    """A ``concurrent.futures.Future`` that can also be awaited from asyncio, from any loop.
-
-    ``timing`` is the query's :class:`Timing` once it is answered, when the runtime recorded one.
-
-    :meth:`cancel` also reaches a running call (an ``async def`` backend's task); cancelling
-    the asyncio task that awaits this future cancels it the same way.
-    """
-
-    timing: Timing | None = None
-    # Class-level defaults: a future that is never cancelled costs nothing per instance.
-    _canceller: Callable[[], bool] | None = None
-    _cancel_wanted = False
-
-    def __await__(self) -> Any:
-        import asyncio
-
-        return asyncio.wrap_future(self).__await__()
-
-    def cancel(self) -> bool:
-        """Withdraw the query if it is queued; ask its replica to cancel it if it is running.
-
-        Returns:
-            True if the query was withdrawn (it resolves cancelled, as a stdlib future), or if the
-            running call's replica took the request: an async call's task is cancelled and the
-            future resolves with :class:`concurrent.futures.CancelledError` (or with the call's
-            answer, if it finished first or swallowed the cancellation, as with
-            ``asyncio.Task.cancel``). False when the future is done, or its call cannot be
-            cancelled (synchronous code, a batch, an executor without cancellation), or it was
-            being handed to its replica at that instant: then the request is kept and reaches the
-            call as soon as it is there.
-        """
-        if super().cancel():
-            return True
-        if self.done():
-            return False
-        self._cancel_wanted = True
-        canceller = self._canceller
-        return canceller() if canceller is not None else False
-
-    def set_canceller(self, canceller: Callable[[], bool]) -> None:
-        """Register how to cancel the running call (the runtime, once its replica holds it).
-
-        A :meth:`cancel` that came while the call was on its way is delivered now. Either side
-        may see the other's write (both are plain attribute writes under the GIL), so the
-        canceller may run twice: replicas' cancels are idempotent.
-        """
-        self._canceller = canceller
-        if self._cancel_wanted and not self.done():
-            canceller()
+__all__ = ["NO_DEADLINE", "BackendQueue", "Query", "ServeFuture", "Timing"]
 
 
 @dataclasses.dataclass(eq=False, slots=True)
