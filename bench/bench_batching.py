@@ -12,7 +12,9 @@ ideal: what the replica would do if serving cost nothing), rounds interleaved:
 
 Reported: items/s of each side (median of rounds), the ratio ours / direct (median of the
 per-round ratios; issue 16's target is >= 0.8 for 4,096 in flight), and the serving cost
-per item, ``1/ours - 1/direct`` in microseconds (target <= 15 us). BLAS runs on one thread
+per item, ``1/ours - 1/direct`` in microseconds (target <= 15 us); then the same from the
+process CPU time (all threads) of each side, which other processes' load does not inflate:
+the steadier measure on a busy machine. BLAS runs on one thread
 (``OPENBLAS_NUM_THREADS=1`` unless set).
 """
 
@@ -28,6 +30,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -57,24 +60,20 @@ def collect(futures: list[Any]) -> list[Any]:
     return [future.result(WAIT) for future in futures]
 
 
-def direct(model: Callable[..., list[Any]], vectors: list[np.ndarray]) -> float:
-    """Items/s of the model called on consecutive batches of :data:`BATCH`."""
-    start = time.perf_counter()
+def direct(model: Callable[..., list[Any]], vectors: list[np.ndarray]) -> None:
+    """The model called on consecutive batches of :data:`BATCH`."""
     for i in range(0, len(vectors), BATCH):
         chunk = vectors[i : i + BATCH]
         model([None] * len(chunk), x=chunk)
-    return len(vectors) / (time.perf_counter() - start)
 
 
-def in_flight(remote: Callable[..., Any], vectors: list[np.ndarray]) -> float:
-    """Items/s of one thread putting every call in flight, then waiting for all."""
-    start = time.perf_counter()
+def in_flight(remote: Callable[..., Any], vectors: list[np.ndarray]) -> None:
+    """One thread puts every call in flight, then reads every answer."""
     collect([remote(x=vector) for vector in vectors])
-    return len(vectors) / (time.perf_counter() - start)
 
 
-def callers(remote: Callable[..., Any], vectors: list[np.ndarray], threads: int = CALLERS) -> float:
-    """Items/s of ``threads`` threads each making blocking calls one after the other."""
+def callers(remote: Callable[..., Any], vectors: list[np.ndarray], threads: int = CALLERS) -> None:
+    """``threads`` threads each make blocking calls one after the other."""
     share = [vectors[i::threads] for i in range(threads)]
 
     def work(mine: list[np.ndarray]) -> None:
@@ -82,12 +81,17 @@ def callers(remote: Callable[..., Any], vectors: list[np.ndarray], threads: int 
             remote(x=vector).result(WAIT)
 
     pool = [threading.Thread(target=work, args=(part,)) for part in share]
-    start = time.perf_counter()
     for thread in pool:
         thread.start()
     for thread in pool:
         thread.join(WAIT)
-    return len(vectors) / (time.perf_counter() - start)
+
+
+def timed(run: Callable[[], None]) -> tuple[float, float]:
+    """Wall and process CPU seconds (all threads) of ``run()``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -97,6 +101,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     model = _model()
     vectors = list(np.random.default_rng(1).standard_normal((ITEMS, SIZE), dtype=np.float32))
+    items = len(vectors)
     with Serve(executor="thread", start_server=False) as srv:
         srv.create_endpoint("model", None)
         config = BackendConfig(max_batch_size=BATCH, max_queue_size=2 * ITEMS)
@@ -104,21 +109,25 @@ def main() -> None:
         srv.link("model", "model:v1")
         remote = srv.get_handle("model").remote
         in_flight(remote, vectors[:256])  # warm up
-        print(f"{'case':<16} {'ours items/s':>13} {'direct':>10} {'ratio':>7} {'cost/item':>10}")
+        print(
+            f"{'case':<16} {'ours items/s':>13} {'direct':>10} {'ratio':>7} {'cost/item':>10} "
+            f"{'CPU ratio':>10} {'CPU/item':>10}"
+        )
         for name, drive in (("4096 in flight", in_flight), ("64 callers", callers)):
-            ours, base, ratios = [], [], []
+            ours, base = [], []
             for index in range(args.rounds):
-                if index % 2:
-                    o, b = drive(remote, vectors), direct(model, vectors)
-                else:
-                    b, o = direct(model, vectors), drive(remote, vectors)
+                sides = [partial(drive, remote, vectors), partial(direct, model, vectors)]
+                first, second = (timed(side) for side in (sides if index % 2 else sides[::-1]))
+                o, b = (first, second) if index % 2 else (second, first)
                 ours.append(o)
                 base.append(b)
-                ratios.append(o / b)
-            o, b = statistics.median(ours), statistics.median(base)
+            wall = statistics.median(b[0] / o[0] for o, b in zip(ours, base))  # ours / direct in items/s
+            cpu = statistics.median(b[1] / o[1] for o, b in zip(ours, base))
+            o_wall, b_wall = statistics.median(o[0] for o in ours), statistics.median(b[0] for b in base)
+            o_cpu, b_cpu = statistics.median(o[1] for o in ours), statistics.median(b[1] for b in base)
             print(
-                f"{name:<16} {o:13,.0f} {b:10,.0f} {statistics.median(ratios):6.2f}x "
-                f"{(1 / o - 1 / b) * 1e6:8.1f} us"
+                f"{name:<16} {items / o_wall:13,.0f} {items / b_wall:10,.0f} {wall:6.2f}x "
+                f"{(o_wall - b_wall) / items * 1e6:8.1f} us {cpu:9.2f}x {(o_cpu - b_cpu) / items * 1e6:8.1f} us"
             )
     print(f"load average (1 min) {load:.2f} before, {os.getloadavg()[0]:.2f} after")
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from _thread import RLock as _RLock  # threading.RLock is a Python function returning this
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
@@ -67,7 +68,7 @@ class ServeFuture(Future):
     _cancel_wanted = False
 
     def __init__(self) -> None:  # Future's fields, without its Condition (see the module docstring)
-        self._lock = threading.RLock()  # re-entrant as the stdlib's: wait() calls f.exception() holding it
+        self._lock = _RLock()  # re-entrant as the stdlib's: wait() calls f.exception() holding it
         self._state = PENDING
         self._result: Any = None
         self._exception: BaseException | None = None

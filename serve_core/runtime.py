@@ -502,11 +502,19 @@ class BackendRuntime:
     def _record(self, slot: Slot, queries: list[Query], outcomes: list[Outcome], now: float) -> None:
         """Metrics of a finished call, and its slot freed (under the lock)."""
         self.requests.inc(len(queries))
-        for query, outcome in zip(queries, outcomes):
+        if len(queries) == 1:
+            query = queries[0]
             self._latency.record(now - query.arrival, now)
             self._queue_wait.record(query.dispatched - query.arrival, now)
-            if not outcome.ok:
+            if not outcomes[0].ok:
                 self.errors.inc()
+        else:  # a batch: its queries were dispatched together
+            dispatched = queries[0].dispatched
+            self._latency.record_many([now - query.arrival for query in queries], now)
+            self._queue_wait.record_many([dispatched - query.arrival for query in queries], now)
+            failed = sum(not outcome.ok for outcome in outcomes)
+            if failed:
+                self.errors.inc(failed)
         seconds = now - queries[0].dispatched
         self._execution.record(seconds, now)
         self._batch_size.record(len(queries), now)

@@ -27,6 +27,19 @@ def test_earliest_deadline_first_then_arrival() -> None:
     assert [queue.pop().kwargs["i"] for _ in range(5)] == [2, 0, 3, 1, 4]
 
 
+def test_restored_queries_take_back_their_place_with_and_without_deadlines() -> None:
+    queue = BackendQueue(100)
+    for item in [query(i=0), query(i=1), query(2.0, i=2), query(i=3), query(i=4)]:
+        queue.push(item)
+    taken = [queue.pop() for _ in range(4)]  # 2 (deadline first), then 0, 1, 3
+    assert [q.kwargs["i"] for q in taken] == [2, 0, 1, 3]
+    for item in (taken[2], taken[0], taken[3], taken[1]):  # back in any order (a requeue does that)
+        queue.restore(item)
+    assert len(queue) == 5
+    assert [q.kwargs["i"] for q in queue.drain()] == [2, 0, 1, 3, 4]
+    assert len(queue) == 0
+
+
 def test_queue_is_bounded() -> None:
     queue = BackendQueue(2)
     queue.push(query())
@@ -219,7 +232,8 @@ def test_a_queued_serve_future_cancels_and_calls_back_like_a_future() -> None:
 
 def test_serve_futures_work_with_wait_first_exception_and_as_completed() -> None:
     """``wait`` calls ``f.exception()`` holding every future's lock: the lock must be re-entrant."""
-    failed, pending = ServeFuture(), ServeFuture()
+    failed: Future[int] = ServeFuture()
+    pending: Future[int] = ServeFuture()
     failed.set_running_or_notify_cancel()
     failed.set_exception(ValueError("boom"))
     done, not_done = wait([failed, pending], timeout=30, return_when=FIRST_EXCEPTION)
