@@ -204,6 +204,9 @@ class Scheduler(RuleBasedStateMachine):
             assert isinstance(replica, CancellableReplica)
             replica.here = here
         self.executor.failing_starts = int(replacement_fails)
+        # A replica that failed here is replaced on a helper thread: held at the gate until this
+        # thread is done with the call, so the two never race (and every run is the same).
+        self.executor.start_gate = threading.Event()
         try:
             future = self.srv.enqueue(endpoint, kwargs={"i": self.calls, "fail": fail}, caller_runs=True)
         except ServeError:
@@ -212,7 +215,9 @@ class Scheduler(RuleBasedStateMachine):
             for replica in self.executor.started:
                 assert isinstance(replica, CancellableReplica)
                 replica.here = "answer"
+            self.executor.start_gate.set()
             _wait_for_replacements()
+            self.executor.start_gate = None
             self.executor.failing_starts = 0
         index = len(self.futures)
         self.resolutions[index] = 0
