@@ -177,7 +177,8 @@ class BackendConfig:
             under that replica (still one call at a time), instead of handing it to the
             replica's thread (docs/executors.md, "Caller-runs"). ``False`` keeps every call
             on the replica's own thread (a backend with thread-bound state needs that). Off
-            while ``call_timeout_s`` is set.
+            while ``call_timeout_s`` is set; a caller with a timeout runs calls only of a backend
+            whose recent calls were short (:mod:`serve_core.callerruns`).
     """
 
     num_replicas: int = 1

@@ -30,6 +30,7 @@ from functools import partial
 from typing import Any
 
 from .batching import ExecutionTimes, form_batch
+from .callerruns import RecentLongest, may_run_here
 from .clock import Clock, Timer, wait_for
 from .config import BackendConfig
 from .errors import (
@@ -175,6 +176,7 @@ class BackendRuntime:
         self._replacers: list[threading.Thread] = []
         self._local = threading.local()  # per thread: the dispatch loop it is running, if any
         self._times = ExecutionTimes()
+        self._longest = RecentLongest()  # for callers with a timeout: may they run a call (callerruns)?
         self._filling_since: float | None = None  # when a free replica began holding a batch open to fill
         self._target = config.initial_replicas  # replicas to keep: num_replicas, or the autoscaler's
         self._supervisor = Supervisor(self, clock, checks_health(definition.target))
@@ -264,8 +266,9 @@ class BackendRuntime:
                 if self._config.drop_expired and query.deadline != NO_DEADLINE:
                     self._wake_at(self._queue.earliest_deadline())
                 return
+            here = query.caller_runs and may_run_here(query.caller_timeout_s, self._longest, self._clock.monotonic())
             work, expired = self._take()
-        self._run(work, expired, here=query if query.caller_runs else None)
+        self._run(work, expired, here=query if here else None)
 
     def _refused(self, query: Query, kind: str) -> None:
         """Count a query refused at admission (under the lock)."""
@@ -391,7 +394,9 @@ class BackendRuntime:
         """Caller-runs: a single call, on a replica that can run it here and holds no other call.
 
         Not with ``call_timeout_s`` (a call in the caller's thread could not be abandoned) nor
-        ``caller_runs=False`` (the backend wants its calls on the replica's thread).
+        ``caller_runs=False`` (the backend wants its calls on the replica's thread); a caller
+        with a timeout only if the backend's recent calls were short (:mod:`.callerruns`,
+        decided in :meth:`admit`).
         """
         config = self._config
         return (
@@ -522,6 +527,7 @@ class BackendRuntime:
             self._meter.finished(queries, outcomes, now)
         if queries[0].request is not None:  # web calls: the HTTP front reads it (one batch is all web or none)
             self._stamp(slot, queries, now)
+        self._longest.observe(seconds, now)
         if self._config.batch_wait_timeout_s:  # the model only serves batches that wait
             self._times.observe(len(queries), seconds)
         if slot.retired:

@@ -728,6 +728,7 @@ class Serve:
         slo: SLO = NO_SLO,
         shard_key: str | None = None,
         caller_runs: bool = False,
+        caller_timeout_s: float | None = None,
     ) -> ServeFuture:
         """Call an endpoint: the one entry that handles and the HTTP front use.
 
@@ -741,6 +742,9 @@ class Serve:
             caller_runs: the caller blocks on the answer right after this returns: a
                 synchronous call that finds its replica free may run in this thread, in which
                 case the future is answered when this returns (``BackendConfig.caller_runs``).
+            caller_timeout_s: how long the caller then waits (None: as long as it takes); with
+                a timeout, only a backend whose recent calls were short runs in the caller
+                (:mod:`serve_core.callerruns`).
 
         Returns:
             A future (also awaitable) of the backend's result.
@@ -757,7 +761,7 @@ class Serve:
         self._router.submit(
             Query(
                 endpoint_name, method_name, kwargs or {}, request, deadline, shard_key, future, arrival,
-                caller_runs=caller_runs,
+                caller_runs=caller_runs, caller_timeout_s=caller_timeout_s,
             )
         )
         return future

@@ -4,7 +4,8 @@
 the call runs in the caller's thread when its replica is free, still one call at a time per
 replica, with ``serve.context`` set for the call and reset after it; errors and replica
 failures answer as on the replica's thread; ``call_timeout_s`` and ``caller_runs=False``
-keep calls on the replica's thread.
+keep calls on the replica's thread, and so does a caller with a timeout until the backend's
+recent calls proved short (:mod:`serve_core.callerruns`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import pytest
 
 import serve_core as serve
 from serve_core import BackendConfig, Serve
+from serve_core.callerruns import RECENT_S, RecentLongest, may_run_here
 from serve_core.errors import DeadlineExceededError, ReplicaDiedError
 from serve_core.executors.base import Call, CallerRunsReplica, Outcome, ReplicaSpec
 from serve_core.executors.thread import ThreadExecutor, ThreadReplica
+from serve_core.testing import FakeClock
 
 from .conftest import WAIT
 from .procs import wait_until
@@ -203,3 +206,48 @@ def test_a_busy_replica_leaves_the_call_queued_for_its_thread(make_serve: Callab
     gate.set()
     assert running.result(WAIT).startswith(REPLICA_THREAD)
     assert queued.result(WAIT).startswith(REPLICA_THREAD)
+
+
+def test_recent_longest_keeps_the_longest_call_of_the_last_window() -> None:
+    longest = RecentLongest(recent_s=60)
+    assert longest.longest(0.0) is None
+    longest.observe(2.0, 1.0)
+    longest.observe(0.5, 20.0)
+    assert longest.longest(25.0) == 2.0
+    longest.observe(0.1, 40.0)  # a new half began at 31: 2.0 is in the previous one
+    assert longest.longest(50.0) == 2.0
+    assert longest.longest(75.0) == 0.1  # 2.0's half has gone
+    assert longest.longest(200.0) is None  # nothing that recent
+
+
+def test_may_run_here_needs_short_recent_calls_only_when_the_caller_has_a_timeout() -> None:
+    longest = RecentLongest()
+    assert may_run_here(None, longest, 0.0)  # no timeout: always
+    assert not may_run_here(10.0, longest, 0.0)  # no history: the first call goes to the replica
+    longest.observe(1.0, 0.0)
+    assert may_run_here(10.0, longest, 1.0) and not may_run_here(9.9, longest, 1.0)  # MARGIN times
+
+
+def test_a_caller_with_a_timeout_runs_calls_only_of_a_backend_whose_calls_were_short(
+    make_serve: Callable[..., Serve],
+) -> None:
+    clock = FakeClock()
+    srv = make_serve(executor="thread", clock=clock)
+
+    def backend(request: Any = None, seconds: float = 0.0) -> str:
+        clock.advance(seconds)  # the call "takes" that long on the instance's clock
+        return _thread_name()
+
+    _deploy(srv, backend)
+    me = threading.current_thread().name
+
+    def call(seconds: float = 0.0) -> str:
+        return str(srv.enqueue("f", kwargs={"seconds": seconds}, caller_runs=True, caller_timeout_s=10).result(WAIT))
+
+    assert call().startswith(REPLICA_THREAD)  # no history yet: on the replica's thread
+    assert call(0.5) == me  # its last call took 0 s: this one runs here, and takes 0.5 s
+    assert call(2.0) == me  # 0.5 s x MARGIN fits in 10 s: here again, taking 2 s
+    assert call().startswith(REPLICA_THREAD)  # 2 s x MARGIN does not fit: the replica's thread
+    clock.advance(RECENT_S * 2)  # nothing recent any more
+    assert call().startswith(REPLICA_THREAD)
+    assert call() == me

@@ -196,8 +196,9 @@ class Scheduler(RuleBasedStateMachine):
         fail=st.booleans(),
         here=st.sampled_from(["answer", "answer", "crash", "stopped"]),
         replacement_fails=st.booleans(),
+        timeout=st.sampled_from([None, 1.0]),
     )
-    def call_here(self, endpoint: str, fail: bool, here: str, replacement_fails: bool) -> None:
+    def call_here(self, endpoint: str, fail: bool, here: str, replacement_fails: bool, timeout: float | None) -> None:
         """A caller that blocks on the answer (the WSGI front): it may run the call in its own thread."""
         self.calls += 1
         for replica in self.executor.started:
@@ -208,7 +209,9 @@ class Scheduler(RuleBasedStateMachine):
         # thread is done with the call, so the two never race (and every run is the same).
         self.executor.start_gate = threading.Event()
         try:
-            future = self.srv.enqueue(endpoint, kwargs={"i": self.calls, "fail": fail}, caller_runs=True)
+            future = self.srv.enqueue(
+                endpoint, kwargs={"i": self.calls, "fail": fail}, caller_runs=True, caller_timeout_s=timeout
+            )
         except ServeError:
             return
         finally:

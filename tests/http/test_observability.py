@@ -145,8 +145,7 @@ def test_an_http_timeout_counts_as_a_timeout_error(make_serve: Callable[..., Ser
     gate = threading.Event()
     srv = make_serve(http_request_timeout_s=0.2)
     srv.create_endpoint("slow", "/slow")
-    # On the replica's thread (no caller-runs): the request gives up while the call runs.
-    srv.create_backend(lambda request: gate.wait(WAIT), "slow:v1", backend_config=BackendConfig(caller_runs=False))
+    srv.create_backend(lambda request: gate.wait(WAIT), "slow:v1")
     srv.link("slow", "slow:v1")
     client = Client(srv.wsgi_app())
     try:
