@@ -88,6 +88,17 @@ class ServeHandle:
         shard_key: str | None = _UNSET,
     ) -> _Handle: ...
 
+    @overload
+    def options(
+        self,
+        method_name: str | None = None,
+        relative_slo_ms: float | None = None,
+        absolute_slo_ms: float | None = None,
+        shard_key: str | None = _UNSET,
+        *,
+        stream: bool | None = None,
+    ) -> ServeHandle: ...
+
     def options(
         self,
         method_name: str | None = None,
