@@ -21,7 +21,7 @@ from ..streaming_backends import endless, failing, held, make_event, web_stream
 from .helpers import Wire
 
 
-@pytest.fixture(params=["inline", "thread"])
+@pytest.fixture(params=["inline", "thread", "process"])
 def executor(request: pytest.FixtureRequest) -> str:
     """The executors that stream so far."""
     return str(request.param)
