@@ -19,12 +19,6 @@ from .procs import wait_until
 from .streaming_backends import acounting, counting, dying, endless, failing, make_event, plain, with_context
 
 
-@pytest.fixture(params=["inline", "thread", "process"])
-def executor(request: pytest.FixtureRequest) -> str:
-    """The executors that stream so far."""
-    return str(request.param)
-
-
 @pytest.fixture
 def event(executor: str) -> Iterator[Callable[[], Any]]:
     managers: list[Any] = []

@@ -83,10 +83,14 @@ STREAM_WINDOW = 64
 
 @dataclasses.dataclass(frozen=True)
 class StreamOpened:
-    """The outcome value of a call that streams: its first item(s); ``ended``: nothing more comes."""
+    """The outcome value of a call that streams: its first item(s); ``ended``: nothing more comes.
+
+    ``seq`` names the stream where the replica does not number its calls (a Ray actor).
+    """
 
     first: list[Any]
     ended: bool = False
+    seq: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
