@@ -134,7 +134,8 @@ class BackendRuntime:
         clock: time source and timers.
         gc_window_seconds: how much metric history to keep.
         drain_timeout_s: how long a retired replica may take to finish its calls.
-        count_error: called with the endpoint of each query answered with an error.
+        count_error: called with the endpoint, this backend's tag and the error of each query
+            answered with an error.
         metrics: where the Prometheus metrics are recorded (None: not recorded).
     """
 
@@ -147,7 +148,7 @@ class BackendRuntime:
         clock: Clock,
         gc_window_seconds: float,
         drain_timeout_s: float,
-        count_error: Callable[[str], None],
+        count_error: Callable[[str, str, BaseException], None],
         metrics: Metrics | None = None,
     ) -> None:
         self.tag = definition.tag
@@ -455,11 +456,11 @@ class BackendRuntime:
             waiters = self._idle_now() if self._idle_waiters else []
         for query, outcome in zip(queries, outcomes):
             if not outcome.ok:
-                self._count_error(query.endpoint)
+                self._count_error(query.endpoint, self.tag, outcome.value)
             _answer(query, outcome.ok, outcome.value)
         if failed and error is not None:
             for query in failed:
-                self._count_error(query.endpoint)
+                self._count_error(query.endpoint, self.tag, error)
                 _answer(query, False, error)
         if replace:
             self._replace_later(slot.replica)
@@ -531,11 +532,12 @@ class BackendRuntime:
             "still running)", self.tag, slot.replica.replica_id, seconds,
         )
         for query in queries:
-            self._count_error(query.endpoint)
+            self._count_error(query.endpoint, self.tag, timeout)
             _answer(query, False, timeout)
-        for query in failed:
-            self._count_error(query.endpoint)
-            _answer(query, False, error)
+        if failed and error is not None:  # failed queries come with their error
+            for query in failed:
+                self._count_error(query.endpoint, self.tag, error)
+                _answer(query, False, error)
         if replace:
             self._replace_later(slot.replica)
         self._run(work, expired)
