@@ -358,6 +358,15 @@ def test_the_page_in_a_browser_shows_and_updates_the_numbers(
     _wait_text(page, "backends", "echo:v1", "errors", "1")
     page.wait_for_selector('#errors tbody tr td[data-field="type"]', timeout=WAIT * 1000)
     assert page.text_content('#errors tbody tr td[data-field="type"]') == "ValueError"
+    assert page.text_content('#errors tbody tr td[data-field="request"]') == "GET /echo"
+    srv.link("py", "echo:v2")
+    with pytest.raises(Exception):  # a handle call's request has no query string: the backend fails
+        srv.get_handle("py").remote().result(WAIT)
+    handle_row = '#errors tbody tr:first-child td[data-field="request"]'
+    from playwright.sync_api import expect
+
+    expect(page.locator(handle_row)).to_have_text("handle call", timeout=WAIT * 1000)  # the newest first
+    assert page.text_content('#errors tbody tr:first-child td[data-field="backend"]') == "echo:v2"
     chart_line = '#charts .card[data-kind="backend"][data-name="echo:v1"] svg path.series'
     page.wait_for_selector(chart_line, state="attached", timeout=WAIT * 1000)  # a flat line has no area
     assert page.text_content("#status").startswith("live")

@@ -322,7 +322,7 @@
     var cards = [];
     data.endpoints.forEach(function (ep) {
       if (state.endpoints[ep.name]) {
-        cards.push(chartCard("endpoint", ep.name, state.endpoints[ep.name], now, " (slowest backend of its split)"));
+        cards.push(chartCard("endpoint", ep.name, state.endpoints[ep.name], now, " (from the latency buckets)"));
       }
     });
     data.backends.forEach(function (be) {
