@@ -169,6 +169,9 @@ class Router:
             out[f"backend_{tag}_num_replicas"] = stats.replicas
             out[f"backend_{tag}_desired_replicas"] = stats.desired
             out[f"backend_{tag}_health_check_failures"] = stats.health_failures
+            if stats.streams:  # a backend that streamed: its streams and their items
+                out[f"{tag}_stream_counter"] = stats.streams
+                out[f"{tag}_stream_item_counter"] = stats.stream_items
             for name, snapshot in stats.histograms.items():
                 snapshots[f"{tag}_{name}"] = snapshot
         for name, requests, errors in endpoints:

@@ -730,6 +730,7 @@ class Serve:
         method_name: str = "__call__",
         slo: SLO = NO_SLO,
         shard_key: str | None = None,
+        stream: bool = False,
     ) -> ServeFuture:
         """Call an endpoint: the one entry that handles and the HTTP front use.
 
@@ -740,6 +741,9 @@ class Serve:
             method_name: the backend method to call.
             slo: the call's deadline (:meth:`SLO.parse`).
             shard_key: pins the call to one backend of a split while the weights stay.
+            stream: a backend that returns a generator may stream to this Python caller
+                (web calls always may): the future's result is then an
+                :class:`~serve_core.streams.ItemStream`, answered at the first item.
 
         Returns:
             A future (also awaitable) of the backend's result.
@@ -753,9 +757,10 @@ class Serve:
         future = ServeFuture()
         arrival = self.clock.monotonic()
         deadline = NO_DEADLINE if slo is NO_SLO else slo.deadline(self.clock)
-        self._router.submit(
-            Query(endpoint_name, method_name, kwargs or {}, request, deadline, shard_key, future, arrival)
-        )
+        query = Query(endpoint_name, method_name, kwargs or {}, request, deadline, shard_key, future, arrival)
+        if stream:
+            query.stream = True
+        self._router.submit(query)
         return future
 
     def route(self, url_route: str) -> Callable[[Any], ServeHandle]:
