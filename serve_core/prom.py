@@ -424,6 +424,25 @@ class Metrics:
         with self._lock:
             return list(self._meters)
 
+    def latency_counts(self) -> tuple[tuple[float, ...], dict[str, list[int]]] | None:
+        """The bucket bounds, and per endpoint the per-bucket (not cumulative) counts of the ``total``
+        latency phase since this instance started, over all its meters; the last bucket is past every
+        bound. None when metrics are off or shared between processes (each worker's are not its own).
+        """
+        if not self.config.enabled or self._shared is not None:
+            return None
+        width = len(self.config.latency_buckets) + 1
+        start = PHASES.index("total") * width
+        totals: dict[str, list[int]] = {}
+        for meter in self.meters():
+            for endpoint, series in meter.snapshot().series.items():
+                if not endpoint:
+                    continue
+                counts = series.counts[start : start + width]
+                known = totals.get(endpoint)
+                totals[endpoint] = counts if known is None else [a + b for a, b in zip(known, counts)]
+        return self.config.latency_buckets, totals
+
     def loads(self) -> dict[str, BackendLoad]:
         """The gauges of every live runtime, summed per backend tag."""
         totals: dict[str, BackendLoad] = {}

@@ -138,7 +138,8 @@ class BackendRuntime:
         clock: time source and timers.
         gc_window_seconds: how much metric history to keep.
         drain_timeout_s: how long a retired replica may take to finish its calls.
-        count_error: called with the endpoint of each query answered with an error.
+        count_error: called with the endpoint, this backend's tag and the error of each query
+            answered with an error.
         metrics: where the Prometheus metrics are recorded (None: not recorded).
     """
 
@@ -151,7 +152,7 @@ class BackendRuntime:
         clock: Clock,
         gc_window_seconds: float,
         drain_timeout_s: float,
-        count_error: Callable[[str], None],
+        count_error: Callable[[str, str, BaseException], None],
         metrics: Metrics | None = None,
     ) -> None:
         self.tag = definition.tag
@@ -472,11 +473,11 @@ class BackendRuntime:
             waiters = self._idle_now() if self._idle_waiters else []
         for query, outcome in zip(queries, outcomes):
             if not outcome.ok:
-                self._count_error(query.endpoint)
+                self._count_error(query.endpoint, self.tag, outcome.value)
             _answer(query, outcome.ok, outcome.value)
         if failed and error is not None:
             for query in failed:
-                self._count_error(query.endpoint)
+                self._count_error(query.endpoint, self.tag, error)
                 _answer(query, False, error)
         if replace:
             self._replace_later(slot.replica)
@@ -529,7 +530,7 @@ class BackendRuntime:
             work, expired = self._take() if self._idle and self._queue else ([], [])
             waiters = self._idle_now() if self._idle_waiters else []
         if error is not None:
-            self._count_error(queries[0].endpoint)
+            self._count_error(queries[0].endpoint, self.tag, error)
         if replace:
             self._replace_later(slot.replica)
         for waiter in waiters:
@@ -608,13 +609,14 @@ class BackendRuntime:
             "still running)", self.tag, slot.replica.replica_id, seconds,
         )
         for query in queries:
-            self._count_error(query.endpoint)
+            self._count_error(query.endpoint, self.tag, timeout)
             _answer(query, False, timeout)
         for stream in streams:
             stream.abort(ReplicaDiedError(f"replica {slot.replica.replica_id} is replaced: a call on it timed out"))
-        for query in failed:
-            self._count_error(query.endpoint)
-            _answer(query, False, error)
+        if failed and error is not None:  # failed queries come with their error
+            for query in failed:
+                self._count_error(query.endpoint, self.tag, error)
+                _answer(query, False, error)
         if replace:
             self._replace_later(slot.replica)
         self._run(work, expired)

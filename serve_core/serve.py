@@ -50,6 +50,7 @@ from .persistence import (
 from .policy import PolicySpec, RoutePolicy
 from .prom import Metrics, MetricsConfig
 from .queues import NO_DEADLINE, Query, ServeFuture
+from .recent_errors import RecentErrors
 from .registry import BackendInfo, Registry
 from .router import Router
 from .runtime import BackendRuntime
@@ -174,6 +175,7 @@ class Serve:
         self._unsubscribe: Callable[[], None] | None = None
         self._admin = threading.RLock()  # serialises registry changes, convergence and shutdown
         self.metrics = Metrics(MetricsConfig.of(metrics), self.clock)
+        self._recent_errors = RecentErrors(self.clock, debug=debug)
         self._router = self._build_router(
             queueing_policy, dict(policy_kwargs or {}), rng, max_pending_per_endpoint, pending_timeout_s
         )
@@ -227,6 +229,7 @@ class Serve:
             max_pending_per_endpoint=max_pending_per_endpoint,
             pending_timeout_s=pending_timeout_s,
             metrics=self.metrics,
+            recent_errors=self._recent_errors,
         )
 
     # ------------------------------------------------------------ lifecycle
@@ -854,6 +857,18 @@ class Serve:
         """
         pcts, windows = check_stat_args(percentiles, agg_windows_seconds, self.gc_window_seconds)
         return self._router.stat(pcts, windows)
+
+    def recent_errors(self) -> list[dict[str, Any]]:
+        """The last errors calls were answered with, oldest first (handle and HTTP calls; docs/dashboard.md).
+
+        Each is ``{"time", "error_id", "endpoint", "backend", "kind", "type", "count"}``, plus
+        ``method`` and ``path`` for an HTTP 500, and ``message`` and ``traceback`` in debug mode.
+        """
+        return self._recent_errors.recent()
+
+    def annotate_error(self, error_id: str, *, method: str, path: str) -> bool:
+        """Attach the HTTP request that failed with ``error_id`` to its recent error (the HTTP front calls this)."""
+        return self._recent_errors.annotate(error_id, method=method, path=path)
 
     def __repr__(self) -> str:
         registry = self._conv.registry
