@@ -44,7 +44,8 @@ class Call:
     """One unit of work for a replica: a single query or a batch of queries.
 
     ``requests[i]`` is query i's web request (``None`` for Python calls) and
-    ``kwargs[i]`` its keyword arguments. Treat it as immutable; it is not frozen because
+    ``kwargs[i]`` its keyword arguments. ``stream``: a generator the call returns may stream
+    (web calls and ``options(stream=True)`` handles; never a batch). Treat it as immutable; it is not frozen because
     one is built for every call, and a frozen dataclass's ``__init__`` costs three times more.
     """
 
@@ -53,6 +54,7 @@ class Call:
     batched: bool
     requests: tuple[Any, ...]
     kwargs: tuple[dict[str, Any], ...]
+    stream: bool = False
 
     def __len__(self) -> int:
         return len(self.kwargs)
@@ -60,7 +62,7 @@ class Call:
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt through __init__: several times faster to unpickle than the field-by-field
         # default of slotted dataclasses.
-        return Call, (self.method, self.web, self.batched, self.requests, self.kwargs)
+        return Call, (self.method, self.web, self.batched, self.requests, self.kwargs, self.stream)
 
 
 @dataclasses.dataclass(slots=True)
