@@ -251,3 +251,25 @@ def test_a_caller_with_a_timeout_runs_calls_only_of_a_backend_whose_calls_were_s
     clock.advance(RECENT_S * 2)  # nothing recent any more
     assert call().startswith(REPLICA_THREAD)
     assert call() == me
+
+
+def test_a_stream_a_caller_ran_is_pulled_in_its_readers_thread_and_holds_the_replica(
+    make_serve: Callable[..., Serve],
+) -> None:
+    srv = make_serve(executor="thread")
+
+    def numbers(request: Any = None, n: int = 3) -> Any:
+        for i in range(n):
+            yield (i, _thread_name())
+
+    _deploy(srv, numbers)
+    stream = srv.enqueue("f", kwargs={"n": 3}, stream=True, caller_runs=True).result(0)
+    behind = srv.enqueue("f", kwargs={"n": 1}, stream=True, caller_runs=True)
+    assert not behind.done()  # the replica is taken until the first stream ends
+    items: list[Any] = []
+    while chunk := stream.read(WAIT):
+        items += chunk
+    me = threading.current_thread().name
+    assert items == [(0, me), (1, me), (2, me)]
+    second = behind.result(WAIT)
+    assert [item for chunk in iter(lambda: second.read(WAIT), []) for item in chunk][0][1].startswith(REPLICA_THREAD)
