@@ -11,7 +11,9 @@ side by side, measured in interleaved rounds:
 * ``io x100``: a backend that sleeps 1 ms (I/O: the GIL is free) with 100 replicas, whose
   ceiling is 100,000 calls/s, so the serving path bounds it (target: >= 0.9x of noop x1).
 
-Printed: calls/s of each (median of rounds) and the median of the per-round ratios.
+Printed: calls/s of each (median of rounds) and the median of the per-round ratios; then the
+process CPU time (all threads) per call and its ratio, noop x1's over each case's (so that
+above 1 is cheaper), which other processes' load skews far less.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from serve_core import BackendConfig, Serve
@@ -55,24 +58,27 @@ def collect(futures: list[Any]) -> list[Any]:
     return [future.result(WAIT) for future in futures]
 
 
-def burst(remote: Callable[..., Any]) -> float:
-    start = time.perf_counter()
+def burst(remote: Callable[..., Any]) -> None:
     collect([remote() for _ in range(CALLS)])
-    return CALLS / (time.perf_counter() - start)
 
 
-def callers(remote: Callable[..., Any], threads: int = CALLERS) -> float:
+def callers(remote: Callable[..., Any], threads: int = CALLERS) -> None:
     def work() -> None:
         for _ in range(CALLS // threads):
             remote().result(WAIT)
 
     pool = [threading.Thread(target=work) for _ in range(threads)]
-    start = time.perf_counter()
     for thread in pool:
         thread.start()
     for thread in pool:
         thread.join(WAIT)
-    return CALLS / (time.perf_counter() - start)
+
+
+def timed(run: Callable[[], None]) -> tuple[float, float]:
+    """Calls/s and process CPU microseconds (all threads) per call of ``run()``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return CALLS / (time.perf_counter() - wall), (time.process_time() - cpu) / CALLS * 1e6
 
 
 def main() -> None:
@@ -85,16 +91,20 @@ def main() -> None:
     try:
         remotes = {name: deploy(instances[name], *cases[name]) for name in cases}
         names = list(cases)
-        print(f"{'drive':<11} {'case':<10} {'calls/s':>9} {'against noop x1':>16}")
+        print(f"{'drive':<11} {'case':<10} {'calls/s':>9} {'against noop x1':>16} {'CPU/call':>10} {'CPU ratio':>10}")
         for drive_name, drive in (("burst", burst), ("64 callers", callers)):
-            samples: dict[str, list[float]] = {name: [] for name in cases}
+            samples: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
             for index in range(args.rounds):
                 for name in names[index % len(names) :] + names[: index % len(names)]:  # rotate the order
-                    samples[name].append(drive(remotes[name]))
+                    samples[name].append(timed(partial(drive, remotes[name])))
             base = samples["noop x1"]
             for name in names:
-                ratio = statistics.median(s / b for s, b in zip(samples[name], base))
-                print(f"{drive_name:<11} {name:<10} {statistics.median(samples[name]):9,.0f} {ratio:15.2f}x")
+                ratio = statistics.median(s[0] / b[0] for s, b in zip(samples[name], base))
+                cpu = statistics.median(b[1] / s[1] for s, b in zip(samples[name], base))  # as a throughput ratio
+                print(
+                    f"{drive_name:<11} {name:<10} {statistics.median(s[0] for s in samples[name]):9,.0f} "
+                    f"{ratio:15.2f}x {statistics.median(s[1] for s in samples[name]):7.1f} us {cpu:9.2f}x"
+                )
     finally:
         for srv in instances.values():
             srv.shutdown()

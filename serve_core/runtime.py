@@ -42,7 +42,7 @@ from .errors import (
     ServeTypeError,
     ShuttingDownError,
 )
-from .executors.base import Call, ExecutorPool, Outcome, Replica, ReplicaSpec
+from .executors.base import IN_PROCESS_ATTRIBUTE, Call, ExecutorPool, Outcome, Replica, ReplicaSpec
 from .metrics import Counter, WindowedHistogram
 from .prom import BackendLoad, Meter, Metrics, error_kind
 from .queues import NO_DEADLINE, BackendQueue, Query, Timing
@@ -82,7 +82,10 @@ def retry_after_hint(queued: int, in_flight: int, mean_call_s: float) -> float:
 class Slot:
     """A replica and the calls it holds (at most ``capacity`` at once), by token."""
 
-    __slots__ = ("replica", "capacity", "calls", "retired", "drained", "timers", "cancel", "run_here")
+    __slots__ = (
+        "replica", "capacity", "calls", "retired", "drained", "timers", "cancel", "run_here", "idle", "in_service",
+        "in_process",
+    )
 
     def __init__(self, replica: Replica, capacity: int) -> None:
         self.replica = replica
@@ -91,9 +94,14 @@ class Slot:
         self.cancel: Callable[[Future[list[Outcome]]], bool] | None = getattr(replica, "cancel", None)
         # The replica's optional ``run_here(call)`` (executors.base.CallerRunsReplica), or None.
         self.run_here: Callable[[Call], list[Outcome]] | None = getattr(replica, "run_here", None)
+        # The replica's optional ``in_process`` flag: its calls run on a thread of this process.
+        self.in_process: bool = bool(getattr(replica, IN_PROCESS_ATTRIBUTE, False))
         self.calls: dict[int, list[Query]] = {}
         self.timers: dict[int, Timer] = {}  # token -> its call_timeout_s timer, when one is set
         self.retired = False  # taken out of service: finishes its calls, gets no new ones
+        # Where the runtime keeps it (flags, so the hot path tests membership in O(1)):
+        self.idle = False  # in the runtime's idle deque
+        self.in_service = False  # in the runtime's slots (not retired, not dropped)
         self.drained: Future[None] = Future()  # resolves once retired (or dropped) with no call left
 
     @property
@@ -169,7 +177,7 @@ class BackendRuntime:
         self._lifecycle = threading.RLock()  # serialises start, scale, reconfigure, replace, close
         self._queue = BackendQueue(config.max_queue_size)
         self._slots: list[Slot] = []  # in service, oldest first
-        self._idle: collections.deque[Slot] = collections.deque()  # in service with room, in turn
+        self._idle: collections.deque[Slot] = collections.deque()  # in service with room; the next one first
         self._active: set[Slot] = set()  # holding calls (in service, retired or dropped)
         self._tokens = itertools.count()
         self._replica_ids = itertools.count(1)
@@ -339,6 +347,8 @@ class BackendRuntime:
             self._active.add(slot)
             if len(calls) < slot.capacity:
                 idle.append(slot)
+            else:
+                slot.idle = False
             filling, self._filling_since = self._filling_since, None
             for query in queries:
                 query.dispatched = now
@@ -608,10 +618,14 @@ class BackendRuntime:
         if slot.retired:
             if not slot.calls:
                 slot.mark_drained()
-        elif not slot.full and slot not in self._idle and slot in self._slots:
+        elif not slot.full and not slot.idle and slot.in_service:
             # Not "was full": after max_concurrent_queries was lowered a slot can stay full
             # through several finished calls, and must enter the idle list once.
-            self._idle.append(slot)
+            if slot.in_process:  # next in line: its thread has just run, waking it is cheap (or no wake-up)
+                self._idle.appendleft(slot)
+            else:  # in turn: calls spread over the replicas
+                self._idle.append(slot)
+            slot.idle = True
 
     def _stamp(self, slot: Slot, queries: list[Query], now: float) -> None:
         """Attach each query's :class:`Timing` to its future, before it is answered (under the lock)."""
@@ -697,9 +711,11 @@ class BackendRuntime:
         """Take a slot whose replica died out of service; True the first time (replace it then)."""
         if not slot.calls:
             slot.mark_drained()
-        if slot in self._idle:
+        if slot.idle:
             self._idle.remove(slot)
-        if slot in self._slots:
+            slot.idle = False
+        if slot.in_service:
+            slot.in_service = False
             self._slots.remove(slot)
             return True
         return False
@@ -806,6 +822,8 @@ class BackendRuntime:
             for slot in self._slots:
                 slot.capacity = capacity(config, slot.replica)
             self._idle = collections.deque(slot for slot in self._slots if not slot.full)
+            for slot in self._slots:
+                slot.idle = not slot.full
         self.dispatch()
 
     def _scale(self, target: int) -> None:
@@ -869,6 +887,7 @@ class BackendRuntime:
                 slot = Slot(replica, capacity(self._config, replica))
                 self._slots.append(slot)
                 self._idle.append(slot)
+                slot.idle = slot.in_service = True
                 self._broken = None
         if stop:
             replica.stop(0)
@@ -889,8 +908,10 @@ class BackendRuntime:
             self._slots = [slot for slot in self._slots if slot not in retired]
             for slot in retired:
                 slot.retired = True
-                if slot in self._idle:
+                slot.in_service = False
+                if slot.idle:
                     self._idle.remove(slot)
+                    slot.idle = False
                 if not slot.calls:
                     slot.mark_drained()
         deadline = self._clock.monotonic() + self._drain_timeout  # one drain time for all of them
@@ -971,6 +992,8 @@ class BackendRuntime:
             leftovers = self._queue.drain()
             slots, self._slots = self._slots, []
             self._idle.clear()
+            for slot in slots:
+                slot.idle = slot.in_service = False
             if self._alarm is not None:
                 self._alarm.cancel()
             replacers = self._replacers

@@ -27,6 +27,7 @@ from serve_core.testing import FakeClock
 
 from .conftest import WAIT
 from .procs import wait_until
+from .scripted import ScriptedExecutor
 
 REPLICA_THREAD = "serve-replica-"
 
@@ -273,3 +274,27 @@ def test_a_stream_a_caller_ran_is_pulled_in_its_readers_thread_and_holds_the_rep
     assert items == [(0, me), (1, me), (2, me)]
     second = behind.result(WAIT)
     assert [item for chunk in iter(lambda: second.read(WAIT), []) for item in chunk][0][1].startswith(REPLICA_THREAD)
+
+
+def test_the_next_call_goes_to_the_thread_replica_that_finished_last(make_serve: Callable[..., Serve]) -> None:
+    """In-process replicas: the one freed last takes the next call (no wake-up of a sleeping thread)."""
+    srv = make_serve(executor="thread")
+    _deploy(srv, _thread_name, num_replicas=3)
+    remote = srv.get_handle("f").remote
+    names = [remote().result(WAIT) for _ in range(6)]
+    assert len(set(names)) == 1 and names[0].startswith(REPLICA_THREAD)
+
+
+def test_replicas_in_other_places_take_calls_in_turn(make_serve: Callable[..., Serve]) -> None:
+    executor = ScriptedExecutor()
+    srv = make_serve(executor=executor)
+    _deploy(srv, _thread_name, num_replicas=3)
+    remote = srv.get_handle("f").remote
+    holders = []
+    for _ in range(6):
+        future = remote()
+        (holder,) = executor.held()
+        holders.append(executor.started.index(holder))
+        holder.complete()
+        future.result(WAIT)
+    assert holders == [0, 1, 2, 0, 1, 2]

@@ -36,6 +36,7 @@ class ThreadReplica:
     """
 
     default_max_concurrent_queries = 1
+    in_process = True  # base.Replica: the runtime gives the next call to the replica freed last
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
@@ -129,6 +130,7 @@ class LoopReplica:
     """
 
     default_max_concurrent_queries = 1  # the original's rule; max_concurrent_queries raises it
+    in_process = True
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
