@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from .errors import ServeTypeError, ValidationError
 from .queues import ServeFuture
 from .slo import NO_SLO, SLO
+from .streams import ServeStream
 
 if TYPE_CHECKING:
     from .serve import Serve
 
 _UNSET: Any = object()
+_Handle = TypeVar("_Handle", bound="ServeHandle")
 
 
 class ServeHandle:
@@ -55,16 +57,62 @@ class ServeHandle:
             self.endpoint_name, kwargs=kwargs, method_name=self.method_name, slo=self.slo, shard_key=self.shard_key
         )
 
+    @overload
     def options(
         self,
         method_name: str | None = None,
         relative_slo_ms: float | None = None,
         absolute_slo_ms: float | None = None,
         shard_key: str | None = _UNSET,
+        *,
+        stream: Literal[True],
+    ) -> StreamingHandle: ...
+
+    @overload
+    def options(
+        self,
+        method_name: str | None = None,
+        relative_slo_ms: float | None = None,
+        absolute_slo_ms: float | None = None,
+        shard_key: str | None = _UNSET,
+        *,
+        stream: Literal[False],
+    ) -> ServeHandle: ...
+
+    @overload
+    def options(
+        self: _Handle,
+        method_name: str | None = None,
+        relative_slo_ms: float | None = None,
+        absolute_slo_ms: float | None = None,
+        shard_key: str | None = _UNSET,
+    ) -> _Handle: ...
+
+    @overload
+    def options(
+        self,
+        method_name: str | None = None,
+        relative_slo_ms: float | None = None,
+        absolute_slo_ms: float | None = None,
+        shard_key: str | None = _UNSET,
+        *,
+        stream: bool | None = None,
+    ) -> ServeHandle: ...
+
+    def options(
+        self,
+        method_name: str | None = None,
+        relative_slo_ms: float | None = None,
+        absolute_slo_ms: float | None = None,
+        shard_key: str | None = _UNSET,
+        *,
+        stream: bool | None = None,
     ) -> ServeHandle:
         """A new handle; options not given are inherited from this one.
 
-        Giving either SLO replaces this handle's SLO.
+        Giving either SLO replaces this handle's SLO. ``stream=True`` makes a
+        :class:`StreamingHandle`, whose ``remote()`` returns a :class:`~serve_core.streams.ServeStream`
+        of the items of a generator backend (docs/streaming.md); ``stream=False`` a plain one again.
         """
         if method_name is not None and (not isinstance(method_name, str) or not method_name):
             raise ValidationError(f"method_name must be a non-empty string, got {method_name!r}")
@@ -74,7 +122,8 @@ class ServeHandle:
             slo = self.slo
         else:
             slo = SLO.parse(relative_slo_ms, absolute_slo_ms)
-        return ServeHandle(
+        streaming = isinstance(self, StreamingHandle) if stream is None else stream
+        return (StreamingHandle if streaming else ServeHandle)(
             self._serve,
             self.endpoint_name,
             method_name=method_name if method_name is not None else self.method_name,
@@ -109,6 +158,32 @@ class ServeHandle:
 
     def __repr__(self) -> str:
         return (
-            f"ServeHandle(endpoint={self.endpoint_name!r}, method={self.method_name!r}, "
+            f"{type(self).__name__}(endpoint={self.endpoint_name!r}, method={self.method_name!r}, "
             f"slo={self.slo}, shard_key={self.shard_key!r})"
         )
+
+
+class StreamingHandle(ServeHandle):
+    """A handle whose calls stream: ``handle.options(stream=True)``."""
+
+    __slots__ = ()
+
+    def remote(self, *args: Any, **kwargs: Any) -> ServeStream:  # type: ignore[override]
+        """Call the endpoint with keyword arguments; the items come as the backend yields them.
+
+        Returns:
+            A :class:`~serve_core.streams.ServeStream`: iterate it, or ``async for`` over it.
+            A backend that does not return a generator gives its result as the one item.
+
+        Raises:
+            ServeTypeError: positional arguments were given.
+            BackPressureError: the backend's queue is full.
+        """
+        if args:
+            raise ServeTypeError(
+                "handle.remote() takes keyword arguments only, e.g. handle.remote(x=1)"
+            )
+        return ServeStream(self._serve.enqueue(
+            self.endpoint_name, kwargs=kwargs, method_name=self.method_name, slo=self.slo,
+            shard_key=self.shard_key, stream=True,
+        ))

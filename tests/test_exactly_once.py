@@ -6,6 +6,8 @@ completions, user errors, replica crashes, failing replacements, scale up and do
 link and split, time passing (deadlines, batch waits, the waiting room's timeout),
 cancellation by the caller (of queued calls, and of running ones, which the replicas here
 cancel the way an async replica cancels a task: at once, or when the call next ends),
+calls whose caller runs them in its own thread (caller-runs: answered, the replica crashing
+there, or found stopped),
 replacing a backend's code under its tag (the old runtime drains while the new one takes
 the calls), and shutdown. After every step no future has been resolved
 twice, nothing was logged as a failure of the scheduler and no thread died of an
@@ -22,6 +24,7 @@ import functools
 import logging
 import random
 import threading
+from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future
 from typing import Any
 
@@ -31,8 +34,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import serve_core as serve
 from serve_core import BackendConfig, Serve
-from serve_core.errors import ServeError
-from serve_core.executors.base import Outcome, ReplicaSpec
+from serve_core.errors import NotDeliveredError, ReplicaDiedError, ServeError
+from serve_core.executors.base import Call, Outcome, ReplicaSpec
+from serve_core.streams import ItemStream, ServeStream
 from serve_core.testing import FakeClock
 
 from .conftest import WAIT
@@ -49,6 +53,13 @@ def answer(*, i: int = 0, fail: bool = False) -> int:
 def answer_edited(*, i: int = 0, fail: bool = False) -> int:
     """Another definition of ``answer`` (other code): replacing one with the other swaps runtimes."""
     return answer(i=i, fail=fail) + 0
+
+
+def numbers(*, n: int = 2, fail: bool = False) -> Iterator[int]:
+    """A streaming backend: ``n`` items, then maybe an error mid-stream."""
+    yield from range(n)
+    if fail:
+        raise ValueError("user error mid-stream")
 
 
 @serve.accept_batch
@@ -81,6 +92,17 @@ class CancellableReplica(ScriptedReplica):
         super().__init__(spec)
         self.at_once = False
         self.cancelled: list[Future[list[Outcome]]] = []
+        self.here = "answer"  # what run_here does: answer, crash (dies), stopped (never ran the call)
+
+    def run_here(self, call: Call) -> list[Outcome]:
+        """Caller-runs (``CallerRunsReplica``): the call runs in the caller's thread, or the replica fails."""
+        assert not self.held, "a caller ran a call on a replica holding another one"
+        if self.here == "answer":
+            return self._invoker.run(call)
+        self.alive = False
+        if self.here == "crash":
+            raise ReplicaDiedError(f"replica {self.replica_id} crashed in the caller's thread")
+        raise NotDeliveredError(f"replica {self.replica_id} was stopped")
 
     def cancel(self, future: Future[list[Outcome]]) -> bool:
         index = next((i for i, (_, held) in enumerate(self.held) if held is future), None)
@@ -152,6 +174,10 @@ class Scheduler(RuleBasedStateMachine):
         )
         self.srv.split("split", {"s": 0.5, "i": 0.5})
         self.srv.link("batch", "bt")
+        self.srv.create_endpoint("stream")
+        self.srv.create_backend(numbers, "st", backend_config=BackendConfig(max_queue_size=6, max_concurrent_queries=2))
+        self.srv.link("stream", "st")
+        self.readers: list[ServeStream] = []
         self.futures: list[Future[Any]] = []
         self.resolutions: dict[int, int] = {}
         self.stopped = False
@@ -177,8 +203,73 @@ class Scheduler(RuleBasedStateMachine):
         future.add_done_callback(functools.partial(self._resolved, index))
         self.futures.append(future)
 
+    @precondition(lambda self: not self.stopped)
+    @rule(
+        endpoint=st.sampled_from(["split", "later"]),
+        fail=st.booleans(),
+        here=st.sampled_from(["answer", "answer", "crash", "stopped"]),
+        replacement_fails=st.booleans(),
+        timeout=st.sampled_from([None, 1.0]),
+    )
+    def call_here(self, endpoint: str, fail: bool, here: str, replacement_fails: bool, timeout: float | None) -> None:
+        """A caller that blocks on the answer (the WSGI front): it may run the call in its own thread."""
+        self.calls += 1
+        for replica in self.executor.started:
+            assert isinstance(replica, CancellableReplica)
+            replica.here = here
+        self.executor.failing_starts = int(replacement_fails)
+        # A replica that failed here is replaced on a helper thread: held at the gate until this
+        # thread is done with the call, so the two never race (and every run is the same).
+        self.executor.start_gate = threading.Event()
+        try:
+            future = self.srv.enqueue(
+                endpoint, kwargs={"i": self.calls, "fail": fail}, caller_runs=True, caller_timeout_s=timeout
+            )
+        except ServeError:
+            return
+        finally:
+            for replica in self.executor.started:
+                assert isinstance(replica, CancellableReplica)
+                replica.here = "answer"
+            self.executor.start_gate.set()
+            _wait_for_replacements()
+            self.executor.start_gate = None
+            self.executor.failing_starts = 0
+        index = len(self.futures)
+        self.resolutions[index] = 0
+        future.add_done_callback(functools.partial(self._resolved, index))
+        self.futures.append(future)
+
     def _resolved(self, index: int, future: Future[Any]) -> None:
         self.resolutions[index] += 1
+
+    @precondition(lambda self: not self.stopped)
+    @rule(n=st.integers(0, 3), fail=st.booleans(), streaming=st.booleans())
+    def stream_call(self, n: int, fail: bool, streaming: bool) -> None:
+        """A call to a generator backend, read as a stream (or not: it must fail, once)."""
+        handle = self.srv.get_handle("stream").options(stream=streaming)
+        try:
+            answer = handle.remote(n=n, fail=fail)
+        except ServeError:
+            return
+        future = answer.future if isinstance(answer, ServeStream) else answer
+        if isinstance(answer, ServeStream):
+            self.readers.append(answer)
+        index = len(self.futures)
+        self.resolutions[index] = 0
+        future.add_done_callback(functools.partial(self._resolved, index))
+        self.futures.append(future)
+
+    @precondition(lambda self: any(replica.producers for replica in self.executor.started))
+    @rule(data=st.data())
+    def produce(self, data: st.DataObject) -> None:
+        replica = data.draw(st.sampled_from([r for r in self.executor.started if r.producers]))
+        replica.produce(data.draw(st.integers(0, len(replica.producers) - 1)))
+
+    @precondition(lambda self: self.readers)
+    @rule(data=st.data())
+    def close_reader(self, data: st.DataObject) -> None:
+        data.draw(st.sampled_from(self.readers)).close()
 
     @precondition(lambda self: self.futures)
     @rule(data=st.data())
@@ -272,6 +363,9 @@ class Scheduler(RuleBasedStateMachine):
         pending = [i for i, future in enumerate(self.futures) if not future.done()]
         assert not pending, f"futures still pending after shutdown: {pending}"
         assert all(count == 1 for count in self.resolutions.values()), self.resolutions
+        for future in self.futures:  # every stream ends for its reader: none waits for items that never come
+            if not future.cancelled() and future.exception() is None and isinstance(future.result(), ItemStream):
+                _read_to_the_end(future.result())
 
     def teardown(self) -> None:
         self.srv.shutdown()
@@ -281,6 +375,18 @@ class Scheduler(RuleBasedStateMachine):
         assert not self.thread_errors, self.thread_errors
         self._check_all_done()
         assert not self.failures.records, [r.getMessage() for r in self.failures.records]
+
+
+def _read_to_the_end(stream: ItemStream) -> None:
+    for _ in range(100):
+        try:
+            if not stream.read(0):
+                return
+        except TimeoutError:
+            raise AssertionError("a stream was left open after shutdown: its reader would wait forever") from None
+        except Exception:  # noqa: BLE001 - ended with its error (mid-stream, shutdown, replica died)
+            pass
+    raise AssertionError("a stream never ended")
 
 
 Scheduler.TestCase.settings = settings(

@@ -19,6 +19,7 @@ from functools import partial
 from ..errors import NotDeliveredError, ReplicaDiedError
 from ..invoke import Invoker, is_async_target
 from ._loop import CallLoop
+from ._stream import PullStream, generated_of, open_stream, pump
 from .base import Call, Outcome, ReplicaSpec
 
 _STOP = None  # sentinel on a replica's work queue
@@ -35,6 +36,7 @@ class ThreadReplica:
     """
 
     default_max_concurrent_queries = 1
+    in_process = True  # base.Replica: the runtime gives the next call to the replica freed last
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
@@ -60,6 +62,20 @@ class ThreadReplica:
         future.set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
         return future
 
+    def run_here(self, call: Call) -> list[Outcome]:
+        """Run ``call`` in the calling thread (caller-runs: the runtime holds no other call here).
+
+        Raises:
+            NotDeliveredError: the replica was stopped (its worker ended).
+        """
+        if self._stopping:
+            raise NotDeliveredError(f"replica {self.replica_id} was stopped")
+        outcomes = self._invoker.run(call)  # never raises: every failure is an outcome
+        gen = generated_of(outcomes)
+        # A stream's next steps run in its reader's thread (the caller's), as on the inline
+        # executor; the runtime keeps the replica taken until the stream ends.
+        return outcomes if gen is None else [PullStream.opened(gen)]
+
     def stop(self, drain_timeout: float | None = None) -> None:
         with self._lock:
             if not self._stopping:
@@ -74,7 +90,7 @@ class ThreadReplica:
                 call, future = item
                 if future.set_running_or_notify_cancel():
                     try:
-                        future.set_result(self._invoker.run(call))
+                        self._run(call, future)
                     except BaseException as exc:  # noqa: BLE001 - never leave a future running
                         future.set_exception(ReplicaDiedError(f"replica {self.replica_id} failed: {exc!r}"))
                         raise
@@ -83,6 +99,17 @@ class ThreadReplica:
                 self._stopping = True
             self._invoker.close()
             self._refuse_leftovers()
+
+    def _run(self, call: Call, future: Future[list[Outcome]]) -> None:
+        outcomes = self._invoker.run(call)
+        gen = generated_of(outcomes)
+        if gen is None:
+            future.set_result(outcomes)
+            return
+        outcome, channel = open_stream(gen)  # answered at its first item, then pumped on this thread
+        future.set_result([outcome])
+        if channel is not None:
+            pump(gen, channel)
 
     def _refuse_leftovers(self) -> None:
         # Calls queued behind a call that killed the worker never ran.
@@ -103,11 +130,14 @@ class LoopReplica:
     """
 
     default_max_concurrent_queries = 1  # the original's rule; max_concurrent_queries raises it
+    in_process = True
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
         self._calls = CallLoop(f"serve-replica-{spec.replica_id}")
         self._calls.build(spec.target, spec.init_args)
+
+    run_here = None  # calls run as tasks on the replica's loop (base.CallerRunsReplica)
 
     @property
     def alive(self) -> bool:
