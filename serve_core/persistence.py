@@ -237,7 +237,8 @@ class RegistryStore:
             return last
         snapshot = self._read()
         with self._lock:
-            self._last = snapshot
+            if self._last is None or self._last.revision < snapshot.revision:  # never back (a read racing a commit)
+                self._last = snapshot
         return snapshot
 
     def latest(self) -> Snapshot:
