@@ -169,19 +169,26 @@ async def send_stream(transport: Any, stream: ItemStream, first: list[Any], even
     A transport that fails (the client went away) ends the sending and closes the stream.
     """
     encode = encode_event if events else encode_item
-    items = first
+    items: list[Any] | str = first
     try:
-        while True:
-            if items:
-                await transport.send_bytes(b"".join([encode(item) for item in items]))
-            try:
-                items = await stream.aread()
-            except Exception as exc:  # noqa: BLE001 - the generator's failure
-                error_id = stream_failed(exc, where)
+        while items:
+            if isinstance(items, str):  # the stream failed: its error id
                 if events:
-                    await transport.send_bytes(error_event(error_id))
-                return
-            if not items:
-                return
+                    await transport.send_bytes(error_event(items))
+                return  # a plain body ends normally: Granian's transport cannot cut it
+            await transport.send_bytes(b"".join([encode(item) for item in items]))
+            items = await _next(stream, where)
     finally:
         stream.close()
+
+
+async def _next(stream: ItemStream, where: str) -> list[Any] | str:
+    """The next items, or the error id of the stream's failure (logged).
+
+    Caught here, not in :func:`send_stream`: the error (kept by the recent errors) must not
+    hold a frame that holds Granian's transport, which ends the response only once it is freed.
+    """
+    try:
+        return await stream.aread()
+    except Exception as exc:  # noqa: BLE001 - the generator's failure
+        return stream_failed(exc, where)
