@@ -8,11 +8,12 @@ items in flight: the parent grants :class:`~._wire.Credit` as its reader takes t
 slow reader holds the producer back. A reader that closes the stream sends
 :class:`~._wire.CloseStream`, which closes the generator in the worker.
 
-* A synchronous worker runs the generator on its only thread (:func:`serve_sync`), reading
-  credits and closes from the pipe while it waits; what else arrives meanwhile (the next
-  calls, ``Stop``) is kept and served after the stream, in order, as without streams.
-* An async worker pumps the generator on its loop into a local channel
-  (:func:`~._stream.apump`) and a :class:`Sender` thread per stream moves the items to the pipe.
+* A synchronous worker pumps the generator on a thread into a local channel
+  (:func:`~._stream.pump`, :func:`serve_sync`), an async worker on its loop
+  (:func:`~._stream.apump`); a :class:`Sender` thread per stream moves the items to the pipe,
+  as many per message as are ready. The worker's main thread reads credits and closes; a
+  synchronous worker keeps what else arrives meanwhile (the next calls, ``Stop``) for after the
+  stream, in order, as without streams.
 * :class:`ParentStreams` is the parent's side: one :class:`~serve_core.streams.Channel` per
   stream, fed by the replica's reader thread, failed with the replica's death.
 """
@@ -20,17 +21,18 @@ slow reader holds the producer back. A reader that closes the stream sends
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import threading
 from collections.abc import Callable
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from ..errors import ServeError
-from ..invoke import END, Generated
+from ..invoke import Generated
 from ..streams import Channel
 from ._outcomes import dump_outcomes, remote_error
-from ._stream import open_stream
+from ._stream import open_stream, pump
 from ._wire import STREAM_WINDOW, CloseStream, Credit, StreamEnd, StreamItems, StreamOpened, dumps
 from .base import Outcome
 
@@ -53,9 +55,11 @@ def _items(seq: int, items: list[Any]) -> bytes:
 
 # ------------------------------------------------------------- a synchronous worker
 def serve_sync(conn: Connection, seq: int, gen: Generated, kept: collections.deque[Any]) -> bool:
-    """Stream call ``seq``'s generator on this thread; False when the pipe ended meanwhile.
+    """Stream call ``seq``'s generator; False when the pipe ended meanwhile.
 
-    Messages that are not this stream's credits or close are appended to ``kept``.
+    The generator runs on a thread of its own into a local channel and a :class:`Sender` moves
+    its items to the pipe (as many per message as are ready), while this thread reads the
+    parent's credits and close; other messages are appended to ``kept``, for after the stream.
     """
     outcome, channel = open_stream(gen)
     if not outcome.ok:
@@ -65,41 +69,31 @@ def serve_sync(conn: Connection, seq: int, gen: Generated, kept: collections.deq
     conn.send_bytes(dump_outcomes(opened(first, channel is None)))
     if channel is None:
         return True
-    credits, error, alive = STREAM_WINDOW - len(first), None, True
+    done_r, done_w = os.pipe()
+    sender = Sender(seq, channel, conn.send_bytes, lambda: os.write(done_w, b"x"))
+    producer = threading.Thread(target=pump, args=(gen, channel), name=f"serve-stream-{seq}-producer", daemon=True)
+    producer.start()
+    sender.start(len(first))
+    alive = True
     try:
-        while True:
-            credits, closed = _take_messages(conn, seq, credits, kept)
-            if closed:
-                break
-            item = gen.next()
-            if item is END:
-                break
-            conn.send_bytes(_items(seq, [item]))
-            credits -= 1
-    except (EOFError, OSError):
-        alive = False  # the parent is gone
-    except BaseException as exc:  # noqa: BLE001 - a mid-stream failure ends the stream with it
-        error = exc
-    try:
-        gen.close()
-    except BaseException as exc:  # noqa: BLE001 - its finally failed
-        error = error or exc
-    if alive:
-        conn.send_bytes(dumps(StreamEnd(seq, remote_error(error) if error is not None else None)))
+        while alive and done_r not in wait([conn, done_r]):
+            try:
+                message = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):  # the parent is gone: stop the generator, then end
+                sender.close()
+                alive = False
+                continue
+            if isinstance(message, Credit) and message.seq == seq:
+                sender.grant(message.count)
+            elif isinstance(message, CloseStream) and message.seq == seq:
+                sender.close()
+            elif not isinstance(message, (Credit, CloseStream)):  # a late one for an ended stream is dropped
+                kept.append(message)
+        producer.join()
+    finally:
+        os.close(done_r)
+        os.close(done_w)
     return alive
-
-
-def _take_messages(conn: Connection, seq: int, credits: int, kept: collections.deque[Any]) -> tuple[int, bool]:
-    """Read what the parent sent (waiting while no credit is left): the credits, and whether it closed."""
-    while conn.poll(None if credits <= 0 else 0):
-        message = pickle.loads(conn.recv_bytes())
-        if isinstance(message, Credit) and message.seq == seq:
-            credits += message.count
-        elif isinstance(message, CloseStream) and message.seq == seq:
-            return credits, True
-        elif not isinstance(message, (Credit, CloseStream)):  # a late one for an ended stream is dropped
-            kept.append(message)
-    return credits, False
 
 
 # ----------------------------------------------------------------- an async worker
