@@ -362,7 +362,8 @@ class RSGIApp:
             )
             transport = proto.response_stream(200, headers)
             if environ["REQUEST_METHOD"] != "HEAD":
-                await send_stream(transport, stream, first, events, f"{request.method} {request.path}")
+                where = f"{request.method} {request.path}"
+                await send_stream(transport, stream, first, events, where, self.app.request_timeout_s)
         except Exception:  # noqa: BLE001 - Granian's RSGIProtocolClosed: the client left; the stream is closed
             log.debug("RSGI stream to %s ended early", request.path, exc_info=True)
         finally:
