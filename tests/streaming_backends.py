@@ -133,3 +133,15 @@ class Gated:
         if not self.gate.wait(WAIT):
             raise TimeoutError("the gate never opened")
         return request.args.get("n", "")
+
+
+def held_call(*, release: Any) -> Iterator[Any]:
+    """:func:`held` for a handle call (keyword-only: no request argument)."""
+    yield from held(release)
+
+
+def late(*, gate: Any) -> Iterator[int]:
+    """Its first item waits for ``gate``."""
+    if not gate.wait(WAIT):
+        raise TimeoutError("the gate never opened")
+    yield 1
