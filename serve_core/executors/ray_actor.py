@@ -22,7 +22,7 @@ import os
 import pickle
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import cloudpickle  # Ray's own copy: classes sent by value keep their identity
@@ -31,6 +31,9 @@ from ..errors import ServeError
 from ..invoke import Invoker
 from ._outcomes import dump_outcomes
 from .base import Call
+
+if TYPE_CHECKING:
+    from .ray_gateway import LinkInfo
 from .ray_progress import ProgressFile, process_started_at, progress_dir
 
 REPLY_SLICE_S = 0.005
@@ -64,11 +67,11 @@ class ReplicaActor:
         self._finished = 0
         self._progress = ProgressFile(progress_dir())
 
-    def build(self, target: Any, init_args: tuple[Any, ...]) -> HostInfo:
-        """Build the backend; the constructor's error is reported, not raised."""
+    def build(self, target: Any, init_args: tuple[Any, ...], link: LinkInfo | None = None) -> HostInfo:
+        """Build the backend (its handles reach the instance through ``link``); the constructor's error is reported."""
         error: Exception | None = None
         try:
-            self._invoker = Invoker(target, init_args)
+            self._invoker = Invoker(target, init_args, scope=link.open() if link is not None else None)
         except Exception as exc:  # noqa: BLE001 - reported to the parent
             error = exc
         pid = os.getpid()

@@ -38,7 +38,7 @@ class ThreadReplica:
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
-        self._invoker = Invoker(spec.target, spec.init_args)
+        self._invoker = Invoker(spec.target, spec.init_args, scope=spec.scope)
         self._work: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._stopping = False
@@ -107,7 +107,7 @@ class LoopReplica:
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
         self._calls = CallLoop(f"serve-replica-{spec.replica_id}")
-        self._calls.build(spec.target, spec.init_args)
+        self._calls.build(spec.target, spec.init_args, spec.scope)
 
     @property
     def alive(self) -> bool:
