@@ -290,8 +290,7 @@ class RayExecutor:
         with self._lock:
             pump = self._gateways.get(instance_id)
             if pump is None:
-                name = f"{self._prefix}:gateway-{len(self._gateways) + 1}"
-                pump = self._gateways[instance_id] = GatewayPump(spec.scope, name)
+                pump = self._gateways[instance_id] = GatewayPump(spec.scope)
         return pump.link_info(spec.backend_tag, spec.replica_id)
 
     def _place_async(

@@ -3,7 +3,8 @@
 A Ray replica's handles cannot reach the driver's router directly (an actor cannot call the
 driver), and calling the target replicas directly would skip the queue, the traffic split and
 the SLO order. So each instance that runs Ray replicas has one small :class:`Gateway` actor
-(async, ``num_cpus=0``, anywhere on the cluster, reachable from every node through Ray):
+(async, ``num_cpus=0``, unnamed, anywhere on the cluster, reachable from every node through Ray;
+started with the instance's first Ray replica, killed with the executor):
 
 * a replica's :class:`GatewayLink` sends a call as ``gateway.call(caller, number, data)`` (the
   same :class:`~._nested.Nested` message a process worker sends its parent); that actor call
@@ -147,9 +148,10 @@ class GatewayPump:
         scope: the instance whose router takes the calls.
     """
 
-    def __init__(self, scope: ReplicaScope, name: str) -> None:
+    def __init__(self, scope: ReplicaScope) -> None:
         self._scope = scope
-        self.actor = _RemoteGateway.options(name=name).remote()
+        # Not named: it is the instance's plumbing, reached by its handle (sent with each replica's backend).
+        self.actor = _RemoteGateway.remote()
         self._callers: dict[str, NestedCalls] = {}
         self._lock = threading.Lock()  # _callers: the pump thread adds, stopping replicas remove
         self._stopping = threading.Event()

@@ -89,7 +89,10 @@ def test_a_dead_async_actor_fails_its_calls_and_is_replaced(rsrv: Serve, ray_loc
     handle = deploy(rsrv, hanging_backend(), started, cleaned, max_concurrent_queries=2)
     future = handle.remote()
     assert started.wait(WAIT)
+    from serve_core.executors.ray_async import RayAsyncReplica  # imports Ray: only once it is there
+
     (replica,) = rsrv.replicas("b")
+    assert isinstance(replica, RayAsyncReplica)
     ray_local.kill(replica.actor, no_restart=True)
     with pytest.raises(ReplicaDiedError):
         future.result(WAIT * 3)
