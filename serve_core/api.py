@@ -214,11 +214,8 @@ def get_handle(
 
     With ``missing_ok=True`` the endpoint need not exist yet; calls wait (bounded
     by ``max_pending_per_endpoint`` and ``pending_timeout_s``) until it has traffic.
-
-    Inside a replica (on any executor) the handle is to an endpoint of the replica's own
-    instance, whichever instance is the default (docs/composition.md).
     """
-    scope = ambient_scope()
+    scope = ambient_scope()  # inside a replica: its own instance's endpoint (docs/composition.md)
     if scope is not None:
         return scope.get_handle(endpoint_name, relative_slo_ms, absolute_slo_ms, missing_ok)
     return _default.get().get_handle(endpoint_name, relative_slo_ms, absolute_slo_ms, missing_ok)

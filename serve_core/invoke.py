@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .composition import ReplicaScope, entered
+from .composition import ReplicaScope, enter_call, entered, leave_call
 from .context import call_context
 from .errors import BatchResultError, MethodNotFoundError, ServeTypeError, WebOnlyAccessError
 from .executors.base import Call, Outcome
@@ -192,15 +192,18 @@ class Invoker:
 
     def run(self, call: Call) -> list[Outcome]:
         """Run a call; one outcome per query, never raises."""
+        token = enter_call(self.scope, call) if self.scope is not None else None
         try:
             func, positional = self._resolve(call.method)
-            with entered(self.scope, call):
-                if call.batched:
-                    return self._run_batch(call, func, positional)
-                return [self._run_single(call, func, positional)]
+            if call.batched:
+                return self._run_batch(call, func, positional)
+            return [self._run_single(call, func, positional)]
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an answer, even
             # SystemExit or asyncio.CancelledError raised by user code: the replica must survive.
             return [Outcome(False, exc)] * len(call)
+        finally:
+            if token is not None:
+                leave_call(token)
 
     def close(self) -> None:
         """Release the event loop used for async backends."""
