@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=_seconds, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long queued and running calls may finish (default: %(default)s)",
     )
+    run.add_argument(
+        "--dashboard", choices=("auto", "on", "off"), default="auto",
+        help="the page at /-/dashboard: auto is on for a loopback --host only, since it has no "
+        "authentication (default: %(default)s)",
+    )
     run.add_argument("--workers", type=_positive, default=1, help="worker processes (granian only; default: 1)")
     run.add_argument(
         "--log-format", choices=("text", "json"), default="text",
@@ -218,6 +223,7 @@ def _run(args: argparse.Namespace) -> int:
     import serve_core as serve
 
     from .http.accesslog import configure_access_log
+    from .http.granian import DASHBOARD_CHOICES
 
     configure_access_log(args.log_format)
     stop = threading.Event()
@@ -235,6 +241,7 @@ def _run(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             http_request_timeout_s=args.request_timeout,
             drain_timeout_s=args.drain_timeout,
+            dashboard=DASHBOARD_CHOICES[args.dashboard],
         )
     except serve.ServeError as exc:  # a taken port, an unreachable store...: one line (a traceback with --debug)
         if args.debug:

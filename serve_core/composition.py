@@ -72,6 +72,7 @@ class Link(Protocol):
         method_name: str = "__call__",
         slo: SLO = ...,
         shard_key: str | None = None,
+        stream: bool = False,
         origin: Origin | None = None,
     ) -> ServeFuture: ...
 

@@ -9,17 +9,19 @@ a composed call: it inherits the caller's deadline and chain (:mod:`serve_core.c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from .composition import Link, bind, current_scope
 from .errors import ServeStateError, ServeTypeError, ValidationError
 from .queues import ServeFuture
 from .slo import NO_SLO, SLO
+from .streams import ServeStream
 
 if TYPE_CHECKING:
     from .serve import Serve
 
 _UNSET: Any = object()
+_Handle = TypeVar("_Handle", bound="ServeHandle")
 
 
 class ServeHandle:
@@ -54,7 +56,10 @@ class ServeHandle:
         return self._instance_id
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _unpickled, (self._instance_id, self.endpoint_name, self.method_name, self.slo, self.shard_key)
+        streaming = isinstance(self, StreamingHandle)
+        return _unpickled, (
+            self._instance_id, self.endpoint_name, self.method_name, self.slo, self.shard_key, streaming
+        )
 
     def __copy__(self) -> ServeHandle:
         return self  # immutable
@@ -76,6 +81,11 @@ class ServeHandle:
             raise ServeTypeError(
                 "handle.remote() takes keyword arguments only, e.g. handle.remote(x=1)"
             )
+        return self._enqueue(kwargs, False)
+
+    def _enqueue(self, kwargs: dict[str, Any], stream: bool) -> ServeFuture:
+        """Enqueue on the handle's instance; inside a replica of it, as a composed call."""
+        extra: dict[str, Any] = {"stream": True} if stream else {}
         link = self._link
         scoped = current_scope()
         if scoped is not None:  # inside a replica: a composed call, if it goes to the replica's instance
@@ -83,13 +93,56 @@ class ServeHandle:
             if link is None or link.instance_id == scope.link.instance_id:
                 return scope.link.enqueue(
                     self.endpoint_name, kwargs=kwargs, method_name=self.method_name, slo=self.slo,
-                    shard_key=self.shard_key, origin=scope.origin(call),
+                    shard_key=self.shard_key, origin=scope.origin(call), **extra,
                 )
         if link is None:
             link = self._link = bind(self._instance_id, self.endpoint_name)
         return link.enqueue(
-            self.endpoint_name, kwargs=kwargs, method_name=self.method_name, slo=self.slo, shard_key=self.shard_key
+            self.endpoint_name, kwargs=kwargs, method_name=self.method_name, slo=self.slo,
+            shard_key=self.shard_key, **extra,
         )
+
+    @overload
+    def options(
+        self,
+        method_name: str | None = None,
+        relative_slo_ms: float | None = None,
+        absolute_slo_ms: float | None = None,
+        shard_key: str | None = _UNSET,
+        *,
+        stream: Literal[True],
+    ) -> StreamingHandle: ...
+
+    @overload
+    def options(
+        self,
+        method_name: str | None = None,
+        relative_slo_ms: float | None = None,
+        absolute_slo_ms: float | None = None,
+        shard_key: str | None = _UNSET,
+        *,
+        stream: Literal[False],
+    ) -> ServeHandle: ...
+
+    @overload
+    def options(
+        self: _Handle,
+        method_name: str | None = None,
+        relative_slo_ms: float | None = None,
+        absolute_slo_ms: float | None = None,
+        shard_key: str | None = _UNSET,
+    ) -> _Handle: ...
+
+    @overload
+    def options(
+        self,
+        method_name: str | None = None,
+        relative_slo_ms: float | None = None,
+        absolute_slo_ms: float | None = None,
+        shard_key: str | None = _UNSET,
+        *,
+        stream: bool | None = None,
+    ) -> ServeHandle: ...
 
     def options(
         self,
@@ -97,10 +150,14 @@ class ServeHandle:
         relative_slo_ms: float | None = None,
         absolute_slo_ms: float | None = None,
         shard_key: str | None = _UNSET,
+        *,
+        stream: bool | None = None,
     ) -> ServeHandle:
         """A new handle; options not given are inherited from this one.
 
-        Giving either SLO replaces this handle's SLO.
+        Giving either SLO replaces this handle's SLO. ``stream=True`` makes a
+        :class:`StreamingHandle`, whose ``remote()`` returns a :class:`~serve_core.streams.ServeStream`
+        of the items of a generator backend (docs/streaming.md); ``stream=False`` a plain one again.
         """
         if method_name is not None and (not isinstance(method_name, str) or not method_name):
             raise ValidationError(f"method_name must be a non-empty string, got {method_name!r}")
@@ -110,7 +167,8 @@ class ServeHandle:
             slo = self.slo
         else:
             slo = SLO.parse(relative_slo_ms, absolute_slo_ms)
-        return ServeHandle(
+        streaming = isinstance(self, StreamingHandle) if stream is None else stream
+        return (StreamingHandle if streaming else ServeHandle)(
             self._link,
             self.endpoint_name,
             method_name=method_name if method_name is not None else self.method_name,
@@ -159,15 +217,38 @@ class ServeHandle:
 
     def __repr__(self) -> str:
         return (
-            f"ServeHandle(endpoint={self.endpoint_name!r}, method={self.method_name!r}, "
+            f"{type(self).__name__}(endpoint={self.endpoint_name!r}, method={self.method_name!r}, "
             f"slo={self.slo}, shard_key={self.shard_key!r})"
         )
 
 
+class StreamingHandle(ServeHandle):
+    """A handle whose calls stream: ``handle.options(stream=True)``."""
+
+    __slots__ = ()
+
+    def remote(self, *args: Any, **kwargs: Any) -> ServeStream:  # type: ignore[override]
+        """Call the endpoint with keyword arguments; the items come as the backend yields them.
+
+        Returns:
+            A :class:`~serve_core.streams.ServeStream`: iterate it, or ``async for`` over it.
+            A backend that does not return a generator gives its result as the one item.
+
+        Raises:
+            ServeTypeError: positional arguments were given.
+            BackPressureError: the backend's queue is full.
+        """
+        if args:
+            raise ServeTypeError(
+                "handle.remote() takes keyword arguments only, e.g. handle.remote(x=1)"
+            )
+        return ServeStream(self._enqueue(kwargs, True))
+
+
 def _unpickled(
-    instance_id: str, endpoint_name: str, method_name: str, slo: SLO, shard_key: str | None
+    instance_id: str, endpoint_name: str, method_name: str, slo: SLO, shard_key: str | None, stream: bool = False
 ) -> ServeHandle:
     """A handle as unpickled: bound when first called (:func:`serve_core.composition.bind`)."""
-    return ServeHandle(
+    return (StreamingHandle if stream else ServeHandle)(
         None, endpoint_name, method_name=method_name, slo=slo, shard_key=shard_key, instance_id=instance_id
     )

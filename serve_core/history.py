@@ -9,10 +9,14 @@ in, so memory is bounded by that count times the number of endpoints and backend
 A point holds, per endpoint and per backend, the request and error rates since the previous
 point (from ``stat()``'s counters; a counter that went back, a backend replaced by new code,
 counts from zero) and the p50/p95/p99 latency of the calls that finished in about the last
-interval (``stat()``'s shortest window: one-second buckets). ``stat()`` has latency per
-backend only: an endpoint's latency is the slowest of the backends its traffic goes to at
-that moment, an upper bound of the endpoint's own percentile (a percentile of a mix of
-calls is never above the largest of the parts' percentiles).
+interval. A backend's percentiles are ``stat()``'s, over its shortest window (one-second
+buckets), exact. ``stat()`` has no latency per endpoint: an endpoint's comes from the
+Prometheus latency histogram (``latency_counts``, the instance's ``Metrics.latency_counts``),
+the calls that finished since the previous point, interpolated within their buckets as
+Prometheus' ``histogram_quantile`` does, so it is as fine as the buckets (by default 0.5 ms
+to a minute; below 0.5 ms it reads as a fraction of the first bucket). Without those counts
+(metrics off, or shared between worker processes) an endpoint's latency is the slowest of the
+backends its traffic goes to, an upper bound of its own percentile.
 
 Everything is read through the instance's public methods (``stat``, ``get_traffic_policy``,
 ``running``); nothing here imports the HTTP layer.
@@ -38,6 +42,8 @@ DEFAULT_INTERVAL_S = 1.0
 DEFAULT_HORIZON_S = 600.0
 
 Values = tuple[float | None, ...]  # one per FIELDS entry; None: not known at that point
+LatencyCounts = Callable[[], "tuple[tuple[float, ...], dict[str, list[int]]] | None"]
+_UNKNOWN: Values = (None,) * len(PERCENTILES)
 
 
 class StatSource(Protocol):
@@ -82,6 +88,8 @@ class History:
         horizon_s: how far back points are kept; the ring holds ``ceil(horizon_s / interval_s)``.
         window_s: the ``stat()`` window the latency percentiles are read over (defaults to
             ``interval_s``; at most the instance's ``gc_window_seconds``).
+        latency_counts: the bucket bounds and per-endpoint latency bucket counts since the
+            start (``Metrics.latency_counts``), or None; without it endpoints get the upper bound.
     """
 
     def __init__(
@@ -92,6 +100,7 @@ class History:
         interval_s: float = DEFAULT_INTERVAL_S,
         horizon_s: float = DEFAULT_HORIZON_S,
         window_s: float | None = None,
+        latency_counts: LatencyCounts | None = None,
     ) -> None:
         for name, value in (("interval_s", interval_s), ("horizon_s", horizon_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -104,6 +113,8 @@ class History:
         self.capacity = max(1, math.ceil(horizon_s / interval_s))
         self._points: collections.deque[Point] = collections.deque(maxlen=self.capacity)
         self._counters: dict[str, tuple[float, float, float]] = {}  # series -> (requests, errors, at)
+        self._latency_counts = latency_counts
+        self._buckets: dict[str, list[int]] | None = None  # endpoint -> latency bucket counts at the last point
         self._seq = 0
         self._lock = threading.Lock()
         self._timer: Timer | None = None
@@ -152,10 +163,12 @@ class History:
             return None
         now, wall = self._clock.monotonic(), self._clock.wall()
         backends = {tag: self._values("b/" + tag, tag, stats, now) for tag in _backends(stats)}
+        measured = self._measured_latency()
         endpoints = {}
         for name in _endpoints(stats):
             counters = f"endpoint_{name}_request_counter", f"endpoint_{name}_error_counter"
-            endpoints[name] = self._rates("e/" + name, stats, *counters, now) + self._endpoint_latency(name, backends)
+            latency = measured.get(name, _UNKNOWN) if measured is not None else self._endpoint_latency(name, backends)
+            endpoints[name] = self._rates("e/" + name, stats, *counters, now) + latency
         with self._lock:
             live = {"b/" + tag for tag in backends} | {"e/" + name for name in endpoints}
             for key in [key for key in self._counters if key not in live]:
@@ -184,6 +197,23 @@ class History:
         new_requests = requests - before[0] if requests >= before[0] else requests
         new_errors = errors - before[1] if errors >= before[1] else errors
         return (new_requests / elapsed, new_errors / elapsed)
+
+    def _measured_latency(self) -> dict[str, Values] | None:
+        """Per endpoint, percentiles of the calls since the previous point, from the latency buckets."""
+        counted = self._latency_counts() if self._latency_counts is not None else None
+        if counted is None:
+            return None
+        bounds, totals = counted
+        out: dict[str, Values] = {}
+        with self._lock:
+            before, self._buckets = self._buckets, {name: list(counts) for name, counts in totals.items()}
+        if before is None:
+            return out  # the first point: no interval yet
+        for name, counts in totals.items():
+            last = before.get(name)  # none: the endpoint's calls all came since the last point
+            new = counts if last is None else [a - b for a, b in zip(counts, last)]
+            out[name] = tuple(bucket_quantile(bounds, new, p / 100) for p in PERCENTILES)
+        return out
 
     def _endpoint_latency(self, name: str, backends: Mapping[str, Values]) -> Values:
         try:
@@ -231,6 +261,27 @@ class History:
 
     def __repr__(self) -> str:
         return f"<History {len(self)}/{self.capacity} points every {self.interval_s:g} s>"
+
+
+def bucket_quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float | None:
+    """The ``q`` quantile of values counted in buckets, linear within the bucket it falls in.
+
+    ``counts[i]`` values lie in ``(bounds[i-1], bounds[i]]`` (from 0 for the first); the last
+    count is of values past every bound, which read as the last bound. None without values.
+    """
+    total = sum(counts)
+    if total <= 0 or any(count < 0 for count in counts):
+        return None
+    rank = q * total
+    below = 0
+    for index, count in enumerate(counts):
+        if count and below + count >= rank:
+            if index >= len(bounds):
+                return float(bounds[-1])
+            lower = bounds[index - 1] if index else 0.0
+            return lower + (bounds[index] - lower) * max(0.0, rank - below) / count
+        below += count
+    return float(bounds[-1])
 
 
 def _backends(stats: Mapping[str, float]) -> list[str]:

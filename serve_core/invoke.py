@@ -30,6 +30,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +69,12 @@ WARMUP_METHOD = "warmup"
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, tuple, dict})
 """Result types that are never awaitable: skips ``inspect.isawaitable`` on the common answers."""
 
+_GENERATORS = frozenset({types.GeneratorType, types.AsyncGeneratorType})
+"""Results that stream (:class:`Generated`)."""
+
+END: Any = object()
+"""What :meth:`Generated.next` returns once the generator is exhausted."""
+
 
 def is_public_method(name: str) -> bool:
     """Methods reachable by callers: ``__call__`` and names without a leading underscore."""
@@ -93,11 +100,16 @@ def wants_positional(func: Callable[..., Any]) -> bool:
 
 
 def is_coroutine_callable(func: Any) -> bool:
-    """Whether calling ``func`` makes a coroutine: an ``async def`` function, method or ``__call__``."""
-    if inspect.iscoroutinefunction(func):
+    """Whether calling ``func`` makes a coroutine or an async generator: an ``async def`` function,
+    method or ``__call__`` (such calls run as tasks on an event loop, and can be cancelled)."""
+    if _is_async_def(func):
         return True
     call = None if inspect.isroutine(func) else inspect.getattr_static(type(func), "__call__", None)
-    return inspect.iscoroutinefunction(call)
+    return _is_async_def(call)
+
+
+def _is_async_def(func: Any) -> bool:
+    return inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func)
 
 
 def is_async_target(target: Any) -> bool:
@@ -114,7 +126,7 @@ def is_async_target(target: Any) -> bool:
         member = inspect.getattr_static(target, name, None)
         if isinstance(member, (staticmethod, classmethod)):
             member = member.__func__
-        if inspect.iscoroutinefunction(member):
+        if _is_async_def(member):
             return True
     return False
 
@@ -130,7 +142,7 @@ def awaits_statically(target: Any, method: str) -> bool:
     member = inspect.getattr_static(target, method, None)
     if isinstance(member, (staticmethod, classmethod)):
         member = member.__func__
-    return inspect.iscoroutinefunction(member)
+    return _is_async_def(member)
 
 
 class Invoker:
@@ -246,7 +258,10 @@ class Invoker:
         args = (request,) if positional else ()
         try:
             with call_context(call.web, None, request_id):
-                return Outcome(True, self._await(func(*args, **call.kwargs[0])))
+                value = self._await(func(*args, **call.kwargs[0]))
+            if type(value) in _GENERATORS:
+                value = generated(call, value, request_id)
+            return Outcome(True, value)
         except BaseException as exc:  # noqa: BLE001 - see run()
             return Outcome(False, exc)
 
@@ -298,9 +313,91 @@ class Invoker:
             # Each call runs in a task of its own, with its own copy of the context: the
             # values set here are this call's, whatever else runs on the loop meanwhile.
             with call_context(call.web, None, request_id):
-                return Outcome(True, await _awaited(func(*args, **call.kwargs[0])))
+                value = await _awaited(func(*args, **call.kwargs[0]))
+            if type(value) in _GENERATORS:
+                value = generated(call, value, request_id)
+            return Outcome(True, value)
         except BaseException as exc:  # noqa: BLE001 - see run()
             return Outcome(False, _as_cancelled(exc))
+
+
+class Generated:
+    """A generator (or async generator) a call returned, stepped in the call's ``serve.context``.
+
+    The call ran the backend and got a generator; its body runs step by step as the items are
+    pulled, by whoever pumps the stream (the replica's thread or loop, or an inline caller).
+    """
+
+    __slots__ = ("gen", "is_async", "_web", "_request_id", "_loop")
+
+    def __init__(self, gen: Any, web: bool, request_id: str | None) -> None:
+        self.gen = gen
+        self.is_async = type(gen) is types.AsyncGeneratorType
+        self._web = web
+        self._request_id = request_id
+        self._loop: asyncio.AbstractEventLoop | None = None  # steps an async generator from sync code
+
+    def context(self) -> call_context:
+        return call_context(self._web, None, self._request_id)
+
+    def next(self) -> Any:
+        """The next item, or :data:`END`; raises what the generator raised (sync callers)."""
+        with self.context():
+            if not self.is_async:
+                return next(self.gen, END)
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            return self._loop.run_until_complete(_anext(self.gen))
+
+    async def anext(self) -> Any:
+        """:meth:`next` on the running loop."""
+        with self.context():
+            if self.is_async:
+                return await _anext(self.gen)
+            return next(self.gen, END)
+
+    def close(self) -> None:
+        """Close the generator (its ``finally`` runs if it had not ended); raises what that raised."""
+        try:
+            if not self.is_async:
+                self.gen.close()
+            elif self._loop is None and _loop_running():  # an inline caller inside a coroutine
+                asyncio.ensure_future(self.aclose())
+            elif self._loop is not None or self.gen.ag_frame is not None:
+                loop = self._loop = self._loop or asyncio.new_event_loop()
+                with self.context():
+                    loop.run_until_complete(self.gen.aclose())
+        finally:
+            if self._loop is not None:
+                self._loop.close()
+                self._loop = None
+
+    async def aclose(self) -> None:
+        """:meth:`close` on the running loop."""
+        with self.context():
+            if self.is_async:
+                await self.gen.aclose()
+            else:
+                self.gen.close()
+
+
+async def _anext(gen: Any) -> Any:
+    try:
+        return await gen.__anext__()
+    except StopAsyncIteration:
+        return END
+
+
+def generated(call: Call, gen: Any, request_id: str | None) -> Generated:
+    """The stream of a call that returned a generator; raises if the call may not stream."""
+    if call.stream:
+        return Generated(gen, call.web, request_id)
+    if type(gen) is types.GeneratorType:
+        gen.close()  # never started: nothing of its body ran
+    raise ServeTypeError(
+        "the backend returned a generator, which streams: call it with handle.options(stream=True).remote(...)"
+        + (" (batch calls cannot stream)" if call.batched else "")
+    )
 
 
 def _batch_arguments(call: Call, positional: bool) -> tuple[tuple[Any, ...], dict[str, list[Any]]]:

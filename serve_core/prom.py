@@ -12,6 +12,9 @@ name                                  type       labels                         
 ``serve_core_queue_length``           gauge      backend                         queued queries
 ``serve_core_in_flight``              gauge      backend                         queries held by replicas
 ``serve_core_replicas``               gauge      backend, state                  desired and running replicas
+``serve_core_streams_total``          counter    endpoint, backend               streams ended (docs/streaming.md)
+``serve_core_stream_items_total``     counter    endpoint, backend               items the streams produced
+``serve_core_stream_seconds_total``   counter    endpoint, backend               their durations, first item to end
 ====================================  =========  ==============================  ================================
 
 Recording costs three float appends per query under the lock the recording code already
@@ -180,6 +183,9 @@ class Meter(Protocol):
     def error(self, endpoint: str, kind: str) -> None:
         """An error whose request is counted elsewhere (the HTTP front's timeout)."""
 
+    def streamed(self, query: Query, items: int, seconds: float) -> None:
+        """A stream ended (its query was counted by :meth:`finished`): its items and duration."""
+
 
 @dataclasses.dataclass
 class Series:
@@ -253,6 +259,7 @@ class MeterSnapshot:
     series: dict[str, Series]
     batch_counts: list[int]
     batch_sum: float
+    streams: dict[str, tuple[int, int, float]] = dataclasses.field(default_factory=dict)  # endpoint -> totals
 
 
 class LocalMeter:
@@ -267,7 +274,7 @@ class LocalMeter:
 
     __slots__ = (
         "backend", "lock", "load", "_bounds", "_bounds_array", "_width", "_sizes", "_series",
-        "_batch_counts", "_batch_sum",
+        "_batch_counts", "_batch_sum", "_streams",
     )
 
     def __init__(self, backend: str, lock: Any, load: LoadSource | None, config: MetricsConfig) -> None:
@@ -282,6 +289,7 @@ class LocalMeter:
         # Calls of more than one query only: single calls are the queries that ran minus these.
         self._batch_counts = [0] * (len(self._sizes) + 1)
         self._batch_sum = 0
+        self._streams: dict[str, tuple[int, int, float]] = {}  # endpoint -> streams, items, seconds
 
     def _new(self, endpoint: str) -> _Counts:
         counts = self._series[endpoint] = _Counts(self._width)
@@ -333,6 +341,10 @@ class LocalMeter:
         series = self._series.get(endpoint) or self._new(endpoint)
         series.errors[kind] = series.errors.get(kind, 0) + 1
 
+    def streamed(self, query: Query, items: int, seconds: float) -> None:
+        streams, produced, total = self._streams.get(query.endpoint, (0, 0, 0.0))
+        self._streams[query.endpoint] = (streams + 1, produced + items, total + seconds)
+
     def snapshot(self) -> MeterSnapshot:
         """The totals, the derived counts filled in (buffers folded and copied under the lock)."""
         with self.lock:
@@ -341,6 +353,7 @@ class LocalMeter:
                 kept.fold(self._bounds_array)
                 raw.append((endpoint, kept.answered, dict(kept.errors), kept.counts.tolist(), kept.sums.tolist()))
             batch_counts, batch_sum = list(self._batch_counts), self._batch_sum
+            streams = dict(self._streams)
         width = self._width
         series: dict[str, Series] = {}
         ran_in_all = 0
@@ -352,7 +365,7 @@ class LocalMeter:
             series[endpoint] = Series(answered + ran, errors, bucket_counts, sums)
         singles = ran_in_all - batch_sum
         batch_counts[bisect_left(self._sizes, 1)] += singles
-        return MeterSnapshot(self.backend, series, batch_counts, float(batch_sum + singles))
+        return MeterSnapshot(self.backend, series, batch_counts, float(batch_sum + singles), streams)
 
 
 class Metrics:
@@ -413,6 +426,25 @@ class Metrics:
     def meters(self) -> list[Any]:
         with self._lock:
             return list(self._meters)
+
+    def latency_counts(self) -> tuple[tuple[float, ...], dict[str, list[int]]] | None:
+        """The bucket bounds, and per endpoint the per-bucket (not cumulative) counts of the ``total``
+        latency phase since this instance started, over all its meters; the last bucket is past every
+        bound. None when metrics are off or shared between processes (each worker's are not its own).
+        """
+        if not self.config.enabled or self._shared is not None:
+            return None
+        width = len(self.config.latency_buckets) + 1
+        start = PHASES.index("total") * width
+        totals: dict[str, list[int]] = {}
+        for meter in self.meters():
+            for endpoint, series in meter.snapshot().series.items():
+                if not endpoint:
+                    continue
+                counts = series.counts[start : start + width]
+                known = totals.get(endpoint)
+                totals[endpoint] = counts if known is None else [a + b for a, b in zip(known, counts)]
+        return self.config.latency_buckets, totals
 
     def loads(self) -> dict[str, BackendLoad]:
         """The gauges of every live runtime, summed per backend tag."""

@@ -120,6 +120,7 @@ class Query:
     dispatched: float = 0.0  # monotonic time it was handed to a replica
     chain: tuple[str, ...] = ()  # made inside replicas of these backends, waiting for it (composition.Origin)
     batch_wait: float = 0.0  # of its time queued, seconds a free replica held its batch open to fill
+    stream: bool = False  # the caller reads a stream (handle.options(stream=True)); web calls always may
 
     @property
     def web(self) -> bool:

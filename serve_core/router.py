@@ -20,6 +20,7 @@ from .metrics import Counter, percentile_keys
 from .policy import Policy, PolicySpec
 from .prom import Meter, Metrics
 from .queues import Query
+from .recent_errors import RecentErrors
 from .runtime import BackendRuntime
 from .split import Traffic
 from .waiting import WaitingRoom
@@ -48,8 +49,10 @@ class Router:
         max_pending_per_endpoint: int,
         pending_timeout_s: float,
         metrics: Metrics | None = None,
+        recent_errors: RecentErrors | None = None,
     ) -> None:
         self._clock = clock
+        self._recent_errors = recent_errors
         self._policy = policy
         self._policy_kwargs = policy_kwargs
         self._rng = rng
@@ -132,10 +135,12 @@ class Router:
         for query in queries:
             query.settle(False, error)
 
-    def count_error(self, endpoint: str) -> None:
-        """A query of ``endpoint`` was answered with an error (called by runtimes)."""
+    def count_error(self, endpoint: str, backend: str, error: BaseException) -> None:
+        """A query of ``endpoint`` was answered with ``error`` by ``backend`` (called by runtimes)."""
         with self._lock:
             self._endpoint(endpoint).errors.inc()
+        if self._recent_errors is not None:
+            self._recent_errors.add(endpoint, backend, error)
 
     def close(self) -> None:
         """Refuse new queries, and answer those waiting for traffic (they have nowhere to go)."""
@@ -164,6 +169,9 @@ class Router:
             out[f"backend_{tag}_num_replicas"] = stats.replicas
             out[f"backend_{tag}_desired_replicas"] = stats.desired
             out[f"backend_{tag}_health_check_failures"] = stats.health_failures
+            if stats.streams:  # a backend that streamed: its streams and their items
+                out[f"{tag}_stream_counter"] = stats.streams
+                out[f"{tag}_stream_item_counter"] = stats.stream_items
             for name, snapshot in stats.histograms.items():
                 snapshots[f"{tag}_{name}"] = snapshot
         for name, requests, errors in endpoints:

@@ -48,6 +48,7 @@ from .metrics import Counter, WindowedHistogram
 from .prom import BackendLoad, Meter, Metrics, error_kind
 from .queues import NO_DEADLINE, BackendQueue, Query, Timing
 from .registry import BackendInfo
+from .streams import ItemStream
 from .supervision import Supervisor, checks_health
 
 log = logging.getLogger("serve_core")
@@ -55,8 +56,9 @@ log = logging.getLogger("serve_core")
 MAX_REQUEUES = 3
 """Times a query may come back undelivered (``NotDeliveredError``) before it fails."""
 
-HISTOGRAMS = ("latency_s", "queue_wait_s", "execution_s", "batch_size")
-"""Per-backend windowed histograms: arrival to answer, time queued, time of a call, batch sizes."""
+HISTOGRAMS = ("latency_s", "queue_wait_s", "execution_s", "batch_size", "stream_duration_s")
+"""Per-backend windowed histograms: arrival to answer (a stream's end), time queued, time of a call,
+batch sizes, and from a stream's first item to its end (in ``stat()`` once the backend streamed)."""
 
 RETRY_AFTER_BOUNDS_S = (1.0, 60.0)
 """Range of the ``retry_after_s`` hint of the ``BackPressureError`` of a full queue."""
@@ -113,6 +115,8 @@ class RuntimeStats:
     histograms: dict[str, Any]  # name -> the histogram's snapshot
     desired: int = 0  # replicas the runtime keeps (num_replicas, or the autoscaler's choice)
     health_failures: int = 0  # replicas taken out of rotation by a failed health check
+    streams: int = 0  # streams ended
+    stream_items: int = 0  # items they produced
 
 
 def capacity(config: BackendConfig, replica: Replica) -> int:
@@ -136,7 +140,8 @@ class BackendRuntime:
         clock: time source and timers.
         gc_window_seconds: how much metric history to keep.
         drain_timeout_s: how long a retired replica may take to finish its calls.
-        count_error: called with the endpoint of each query answered with an error.
+        count_error: called with the endpoint, this backend's tag and the error of each query
+            answered with an error.
         metrics: where the Prometheus metrics are recorded (None: not recorded).
         scope: what its replicas' code is part of (calls made there are composed calls).
     """
@@ -150,7 +155,7 @@ class BackendRuntime:
         clock: Clock,
         gc_window_seconds: float,
         drain_timeout_s: float,
-        count_error: Callable[[str], None],
+        count_error: Callable[[str, str, BaseException], None],
         metrics: Metrics | None = None,
         scope: ReplicaScope | None = None,
     ) -> None:
@@ -184,8 +189,11 @@ class BackendRuntime:
         self._hinted: set[tuple[str, str]] = set()
         self.requests = Counter()
         self.errors = Counter()
+        self.streams = Counter()
+        self.stream_items = Counter()
+        self._streams: dict[int, ItemStream] = {}  # token -> the stream its call is producing
         self.histograms = {name: WindowedHistogram(gc_window_seconds) for name in HISTOGRAMS}
-        self._latency, self._queue_wait, self._execution, self._batch_size = (
+        self._latency, self._queue_wait, self._execution, self._batch_size, self._stream_duration = (
             self.histograms[name] for name in HISTOGRAMS
         )
         # Recorded under self._lock, like the histograms above.
@@ -226,9 +234,14 @@ class BackendRuntime:
                 self.errors.value,
                 len(self._queue),
                 len(self._slots),
-                {name: hist.snapshot(now) for name, hist in self.histograms.items()},
+                {
+                    name: hist.snapshot(now) for name, hist in self.histograms.items()
+                    if hist is not self._stream_duration or self.streams.value
+                },
                 self._target,
                 self._supervisor.health_failures,
+                self.streams.value,
+                self.stream_items.value,
             )
 
     def load(self) -> BackendLoad | None:
@@ -405,7 +418,9 @@ class BackendRuntime:
         else:
             requests = tuple([query.request for query in queries])
             kwargs = tuple([query.kwargs for query in queries])
-        call = Call(head.method, head.request is not None, self._config.max_batch_size is not None, requests, kwargs)
+        batched = self._config.max_batch_size is not None
+        web = head.request is not None
+        call = Call(head.method, web, batched, requests, kwargs, not batched and (web or head.stream))
         if head.chain or head.deadline != NO_DEADLINE or len(queries) > 1:
             call.origin = _origin(queries)
         try:
@@ -439,6 +454,9 @@ class BackendRuntime:
             outcomes = future.result()
         except BaseException as exc:  # noqa: BLE001 - any failure of the future is a dead replica
             outcomes, died = [], exc
+        if died is None and len(outcomes) == 1 and isinstance(outcomes[0].value, ItemStream):
+            self._stream_started(slot, token, outcomes[0].value)
+            return [], []
         now = self._clock.monotonic()
         replace = False
         failed: list[Query] = []
@@ -476,17 +494,74 @@ class BackendRuntime:
             waiters = self._idle_now() if self._idle_waiters else []
         for query, outcome in zip(queries, outcomes):
             if not outcome.ok:
-                self._count_error(query.endpoint)
+                self._count_error(query.endpoint, self.tag, outcome.value)
             _answer(query, outcome.ok, outcome.value)
         if failed and error is not None:
             for query in failed:
-                self._count_error(query.endpoint)
+                self._count_error(query.endpoint, self.tag, error)
                 _answer(query, False, error)
         if replace:
             self._replace_later(slot.replica)
         for waiter in waiters:
             waiter()
         return work, expired
+
+    # ------------------------------------------------------------------- streams
+    def _stream_started(self, slot: Slot, token: int, stream: ItemStream) -> None:
+        """A call's first item exists: answer its query with the stream; the slot stays taken until it ends.
+
+        The call's timeout (like the query's deadline) applied until now, to the first item.
+        """
+        with self._lock:
+            queries = slot.calls.get(token)
+            timer = slot.timers.pop(token, None) if slot.timers else None
+            if timer is not None:
+                timer.cancel()
+            if queries is not None:
+                self._streams[token] = stream
+                if queries[0].request is not None:
+                    self._stamp(slot, queries, self._clock.monotonic())
+        if queries is None:  # abandoned by shutdown or its call timeout, which answered the query
+            stream.close()
+            return
+        _answer(queries[0], True, stream)
+        stream.ended.add_done_callback(partial(self._stream_ended, slot, token, stream))
+
+    def _stream_ended(self, slot: Slot, token: int, stream: ItemStream, ended: Future[None]) -> None:
+        """The producer of a stream is done: count it and free its slot (its query was answered)."""
+        died = ended.exception()
+        error = stream.error
+        now = self._clock.monotonic()
+        replace = False
+        with self._lock:
+            self._streams.pop(token, None)
+            queries = slot.calls.pop(token, None)
+            if queries is None:
+                return  # abandoned by shutdown or a call timeout on its replica
+            if not slot.calls:
+                self._active.discard(slot)
+            if died is not None:
+                replace = self._drop(slot)
+            self.streams.inc()
+            self.stream_items.inc(stream.items)
+            self._stream_duration.record(now - queries[0].dispatched, now)
+            self._record(slot, queries, [Outcome(error is None, error)], now)
+            if self._meter is not None:
+                self._meter.streamed(queries[0], stream.items, now - queries[0].dispatched)
+            work, expired = self._take() if self._idle and self._queue else ([], [])
+            waiters = self._idle_now() if self._idle_waiters else []
+        if error is not None:
+            self._count_error(queries[0].endpoint, self.tag, error)
+        if replace:
+            self._replace_later(slot.replica)
+        for waiter in waiters:
+            waiter()
+        if work or expired:
+            self._run(work, expired)
+
+    def _take_streams(self, tokens: Any) -> list[ItemStream]:
+        """Take the streams of these calls' tokens away from them (under the lock); the caller aborts them."""
+        return [stream for token in list(tokens) if (stream := self._streams.pop(token, None)) is not None]
 
     def _record(self, slot: Slot, queries: list[Query], outcomes: list[Outcome], now: float) -> None:
         """Metrics of a finished call, and its slot freed (under the lock)."""
@@ -529,7 +604,10 @@ class BackendRuntime:
             slot.timers.pop(token, None)
             if queries is None:
                 return  # it finished meanwhile
-            behind = [query for call in slot.calls.values() for query in call]  # handed to it, not started
+            streaming = [token for token in slot.calls if token in self._streams]
+            streams = self._take_streams(streaming)  # answered already: aborted below, not requeued
+            # Handed to it, not started:
+            behind = [query for token, call in slot.calls.items() if token not in streaming for query in call]
             slot.calls.clear()
             for timer in slot.timers.values():
                 timer.cancel()
@@ -552,11 +630,14 @@ class BackendRuntime:
             "still running)", self.tag, slot.replica.replica_id, seconds,
         )
         for query in queries:
-            self._count_error(query.endpoint)
+            self._count_error(query.endpoint, self.tag, timeout)
             _answer(query, False, timeout)
-        for query in failed:
-            self._count_error(query.endpoint)
-            _answer(query, False, error)
+        for stream in streams:
+            stream.abort(ReplicaDiedError(f"replica {slot.replica.replica_id} is replaced: a call on it timed out"))
+        if failed and error is not None:  # failed queries come with their error
+            for query in failed:
+                self._count_error(query.endpoint, self.tag, error)
+                _answer(query, False, error)
         if replace:
             self._replace_later(slot.replica)
         self._run(work, expired)
@@ -870,14 +951,20 @@ class BackendRuntime:
             replacers = self._replacers
             if leftovers and self._meter is not None:
                 self._meter.answered(leftovers, "shutdown")
+            streams, self._streams = self._streams, {}
         for query in leftovers:
             _answer(query, False, ShuttingDownError("serve instance shut down before the query ran"))
+        for stream in streams.values():  # answered already: their readers get the error mid-stream
+            stream.abort(ShuttingDownError("serve instance shut down while the stream ran"))
         for slot in slots:
             slot.replica.stop(stop_timeout)
         for thread in replacers:
             thread.join(stop_timeout)
         with self._lock:  # calls that outlived the drain: shutdown answers them, their replies are dropped
-            abandoned = [query for slot in self._active for call in slot.calls.values() for query in call]
+            abandoned = [
+                query for slot in self._active for token, call in slot.calls.items() if token not in streams
+                for query in call
+            ]
             for slot in self._active:
                 slot.calls.clear()
             self._active.clear()

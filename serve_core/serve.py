@@ -51,6 +51,7 @@ from .persistence import (
 from .policy import PolicySpec, RoutePolicy
 from .prom import Metrics, MetricsConfig
 from .queues import NO_DEADLINE, Query, ServeFuture
+from .recent_errors import RecentErrors
 from .registry import BackendInfo, Registry
 from .router import Router
 from .runtime import BackendRuntime
@@ -176,6 +177,7 @@ class Serve:
         self._unsubscribe: Callable[[], None] | None = None
         self._admin = threading.RLock()  # serialises registry changes, convergence and shutdown
         self.metrics = Metrics(MetricsConfig.of(metrics), self.clock)
+        self._recent_errors = RecentErrors(self.clock, debug=debug)
         self._router = self._build_router(
             queueing_policy, dict(policy_kwargs or {}), rng, max_pending_per_endpoint, pending_timeout_s
         )
@@ -229,6 +231,7 @@ class Serve:
             max_pending_per_endpoint=max_pending_per_endpoint,
             pending_timeout_s=pending_timeout_s,
             metrics=self.metrics,
+            recent_errors=self._recent_errors,
         )
 
     # ------------------------------------------------------------ lifecycle
@@ -731,6 +734,7 @@ class Serve:
         method_name: str = "__call__",
         slo: SLO = NO_SLO,
         shard_key: str | None = None,
+        stream: bool = False,
         origin: Origin | None = None,
     ) -> ServeFuture:
         """Call an endpoint: the one entry that handles and the HTTP front use.
@@ -742,6 +746,9 @@ class Serve:
             method_name: the backend method to call.
             slo: the call's deadline (:meth:`SLO.parse`).
             shard_key: pins the call to one backend of a split while the weights stay.
+            stream: a backend that returns a generator may stream to this Python caller
+                (web calls always may): the future's result is then an
+                :class:`~serve_core.streams.ItemStream`, answered at the first item.
             origin: for a call made inside a replica, the caller's deadline (the earlier of
                 the two counts) and chain (:mod:`serve_core.composition`).
 
@@ -758,6 +765,8 @@ class Serve:
         arrival = self.clock.monotonic()
         deadline = NO_DEADLINE if slo is NO_SLO else slo.deadline(self.clock)
         query = Query(endpoint_name, method_name, kwargs or {}, request, deadline, shard_key, future, arrival)
+        if stream:
+            query.stream = True
         if origin is not None:
             query.deadline = min(deadline, origin.deadline)
             query.chain = origin.chain
@@ -858,6 +867,18 @@ class Serve:
         """
         pcts, windows = check_stat_args(percentiles, agg_windows_seconds, self.gc_window_seconds)
         return self._router.stat(pcts, windows)
+
+    def recent_errors(self) -> list[dict[str, Any]]:
+        """The last errors calls were answered with, oldest first (handle and HTTP calls; docs/dashboard.md).
+
+        Each is ``{"time", "error_id", "endpoint", "backend", "kind", "type", "count"}``, plus
+        ``method`` and ``path`` for an HTTP 500, and ``message`` and ``traceback`` in debug mode.
+        """
+        return self._recent_errors.recent()
+
+    def annotate_error(self, error_id: str, *, method: str, path: str) -> bool:
+        """Attach the HTTP request that failed with ``error_id`` to its recent error (the HTTP front calls this)."""
+        return self._recent_errors.annotate(error_id, method=method, path=path)
 
     def __repr__(self) -> str:
         registry = self._conv.registry

@@ -12,8 +12,10 @@ import threading
 from concurrent.futures import Future
 
 from serve_core.errors import NotDeliveredError, ReplicaDiedError
+from serve_core.executors._stream import generated_of, open_stream
 from serve_core.executors.base import Call, Outcome, ReplicaSpec
-from serve_core.invoke import Invoker
+from serve_core.invoke import END, Generated, Invoker
+from serve_core.streams import Channel
 
 from .conftest import WAIT
 
@@ -24,6 +26,7 @@ class ScriptedReplica:
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
         self.held: list[tuple[Call, Future[list[Outcome]]]] = []
+        self.producers: list[tuple[Generated, Channel]] = []  # streams answered, produced step by step
         self.alive = True
         self._invoker = Invoker(spec.target, spec.init_args)
 
@@ -39,7 +42,30 @@ class ScriptedReplica:
     def complete(self, index: int = 0) -> None:
         """Run the ``index``-th held call and answer it."""
         call, future = self.held.pop(index)
-        future.set_result(self._invoker.run(call))
+        outcomes = self._invoker.run(call)
+        gen = generated_of(outcomes)
+        if gen is not None:  # a stream: answered at its first item, the rest comes with produce()
+            outcome, channel = open_stream(gen)
+            if channel is not None:
+                self.producers.append((gen, channel))
+            outcomes = [outcome]
+        future.set_result(outcomes)
+
+    def produce(self, index: int = 0) -> None:
+        """One step of the ``index``-th stream's generator (it ends if its reader closed it)."""
+        gen, channel = self.producers[index]
+        try:
+            item = END if channel.closed else gen.next()
+        except BaseException as exc:  # noqa: BLE001 - a mid-stream failure ends the stream
+            self.producers.pop(index)
+            channel.finish(exc)
+            return
+        if item is END:
+            self.producers.pop(index)
+            gen.close()
+            channel.finish()
+        else:
+            channel.put_nowait(item)
 
     def crash(self) -> None:
         """Die: every held call fails with ``ReplicaDiedError``."""
@@ -47,6 +73,9 @@ class ScriptedReplica:
         held, self.held = self.held, []
         for _, future in held:
             future.set_exception(ReplicaDiedError(f"replica {self.replica_id} crashed"))
+        producers, self.producers = self.producers, []
+        for _, channel in producers:
+            channel.finish(died=ReplicaDiedError(f"replica {self.replica_id} crashed mid-stream"))
 
     def stop(self, drain_timeout: float | None = None) -> None:
         self.alive = False

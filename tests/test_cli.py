@@ -157,6 +157,24 @@ def test_run_with_granian(app_file: Path, tmp_path: Path) -> None:
         assert proc.wait(WAIT) == 0
 
 
+@pytest.mark.parametrize(("flag", "status"), [("auto", 404), ("on", 200)])
+def test_the_dashboard_of_granian_workers_on_every_interface_needs_dashboard_on(
+    app_file: Path, tmp_path: Path, flag: str, status: int
+) -> None:
+    require(importlib.util.find_spec("granian") is not None, "granian is not installed")
+    port = free_port()
+    args = (str(app_file), "--host", "0.0.0.0", "--port", str(port), "--server", "granian", "--dashboard", flag)
+    with _running(*args, cwd=tmp_path) as (proc, url, _):
+        local = f"http://127.0.0.1:{port}"
+        _wait_until_answering(local)
+        reply = requests.get(f"{local}/-/dashboard", timeout=WAIT)
+        assert reply.status_code == status  # off by default: the workers are told the --host is not loopback
+        if status == 404:
+            assert "Serve(dashboard=True)" in reply.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+
+
 LIMITS_APP = """
 import threading
 import serve_core as serve

@@ -17,6 +17,7 @@ import pytest
 import serve_core as serve
 from serve_core import BackendConfig, DeadlineExceededError, LoopBackError, Serve, ServeStateError
 from serve_core.composition import Origin, ReplicaScope, bind, check_chain
+from serve_core.handle import StreamingHandle
 
 from .conftest import WAIT
 
@@ -106,6 +107,7 @@ def test_a_handle_pickles_without_its_instance(make_serve: Callable[..., Serve])
     )
     assert copied.remote(x=4).result(WAIT) == 8  # bound to the instance of that id in this process
     assert copy.deepcopy(handle) is handle and copy.copy(handle) is handle
+    assert isinstance(pickle.loads(pickle.dumps(handle.options(stream=True))), StreamingHandle)
 
 
 def test_an_unpickled_handle_without_its_instance_says_so(make_serve: Callable[..., Serve]) -> None:

@@ -27,6 +27,7 @@ import math
 import pickle
 import random
 import threading
+from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future
 from typing import Any
 
@@ -41,6 +42,7 @@ from serve_core.errors import ServeError
 from serve_core.executors._nested import NESTED, Nested, NestedCalls, NestedCancel
 from serve_core.executors.base import Outcome, ReplicaSpec
 from serve_core.slo import SLO
+from serve_core.streams import ItemStream, ServeStream
 from serve_core.testing import FakeClock
 
 from .conftest import WAIT
@@ -57,6 +59,13 @@ def answer(*, i: int = 0, fail: bool = False) -> int:
 def answer_edited(*, i: int = 0, fail: bool = False) -> int:
     """Another definition of ``answer`` (other code): replacing one with the other swaps runtimes."""
     return answer(i=i, fail=fail) + 0
+
+
+def numbers(*, n: int = 2, fail: bool = False) -> Iterator[int]:
+    """A streaming backend: ``n`` items, then maybe an error mid-stream."""
+    yield from range(n)
+    if fail:
+        raise ValueError("user error mid-stream")
 
 
 @serve.accept_batch
@@ -160,6 +169,10 @@ class Scheduler(RuleBasedStateMachine):
         )
         self.srv.split("split", {"s": 0.5, "i": 0.5})
         self.srv.link("batch", "bt")
+        self.srv.create_endpoint("stream")
+        self.srv.create_backend(numbers, "st", backend_config=BackendConfig(max_queue_size=6, max_concurrent_queries=2))
+        self.srv.link("stream", "st")
+        self.readers: list[ServeStream] = []
         self.futures: list[Future[Any]] = []
         self.resolutions: dict[int, int] = {}
         self.stopped = False
@@ -212,6 +225,23 @@ class Scheduler(RuleBasedStateMachine):
         self.futures.append(future)
 
     @precondition(lambda self: not self.stopped)
+    @rule(n=st.integers(0, 3), fail=st.booleans(), streaming=st.booleans())
+    def stream_call(self, n: int, fail: bool, streaming: bool) -> None:
+        """A call to a generator backend, read as a stream (or not: it must fail, once)."""
+        handle = self.srv.get_handle("stream").options(stream=streaming)
+        try:
+            answer = handle.remote(n=n, fail=fail)
+        except ServeError:
+            return
+        future = answer.future if isinstance(answer, ServeStream) else answer
+        if isinstance(answer, ServeStream):
+            self.readers.append(answer)
+        index = len(self.futures)
+        self.resolutions[index] = 0
+        future.add_done_callback(functools.partial(self._resolved, index))
+        self.futures.append(future)
+
+    @precondition(lambda self: not self.stopped)
     @rule(chain=st.sampled_from([(), ("s",), ("s", "s", "s")]), slo=st.sampled_from([None, 20]))
     def worker_call(self, chain: tuple[str, ...], slo: int | None) -> None:
         """A worker's composed call reaches the parent (answered once, whatever happens to it)."""
@@ -236,6 +266,16 @@ class Scheduler(RuleBasedStateMachine):
         number = int.from_bytes(data[len(NESTED):len(NESTED) + 8], "little")
         self.nested_answers[number] += 1
         return True
+    @precondition(lambda self: any(replica.producers for replica in self.executor.started))
+    @rule(data=st.data())
+    def produce(self, data: st.DataObject) -> None:
+        replica = data.draw(st.sampled_from([r for r in self.executor.started if r.producers]))
+        replica.produce(data.draw(st.integers(0, len(replica.producers) - 1)))
+
+    @precondition(lambda self: self.readers)
+    @rule(data=st.data())
+    def close_reader(self, data: st.DataObject) -> None:
+        data.draw(st.sampled_from(self.readers)).close()
 
     @precondition(lambda self: self.futures)
     @rule(data=st.data())
@@ -331,6 +371,9 @@ class Scheduler(RuleBasedStateMachine):
         assert not pending, f"futures still pending after shutdown: {pending}"
         assert all(count == 1 for count in self.resolutions.values()), self.resolutions
         assert all(count == 1 for count in self.nested_answers.values()), self.nested_answers
+        for future in self.futures:  # every stream ends for its reader: none waits for items that never come
+            if not future.cancelled() and future.exception() is None and isinstance(future.result(), ItemStream):
+                _read_to_the_end(future.result())
 
     def teardown(self) -> None:
         self.srv.shutdown()
@@ -340,6 +383,18 @@ class Scheduler(RuleBasedStateMachine):
         assert not self.thread_errors, self.thread_errors
         self._check_all_done()
         assert not self.failures.records, [r.getMessage() for r in self.failures.records]
+
+
+def _read_to_the_end(stream: ItemStream) -> None:
+    for _ in range(100):
+        try:
+            if not stream.read(0):
+                return
+        except TimeoutError:
+            raise AssertionError("a stream was left open after shutdown: its reader would wait forever") from None
+        except Exception:  # noqa: BLE001 - ended with its error (mid-stream, shutdown, replica died)
+            pass
+    raise AssertionError("a stream never ended")
 
 
 Scheduler.TestCase.settings = settings(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from serve_core import NotFoundError, Serve
-from serve_core.history import FIELDS, History
+from serve_core.history import FIELDS, History, bucket_quantile
 from serve_core.testing import FakeClock
 
 
@@ -110,6 +110,69 @@ def test_endpoint_latency_is_the_slowest_backend_with_traffic() -> None:
     assert point.endpoints["e"][4] == pytest.approx(0.09)
     assert point.endpoints["e"][2] == pytest.approx(0.09 * 50 / 99)
     assert point.endpoints["idle"][2:] == (None, None, None)  # no traffic yet
+
+
+def test_endpoint_latency_comes_from_the_latency_buckets_of_the_interval() -> None:
+    clock, source = FakeClock(), FakeSource()
+    counts: dict[str, list[int]] = {"e": [0, 0, 0, 0]}
+    history = History(source, clock, latency_counts=lambda: ((0.001, 0.01, 0.1), counts))
+    source.backend("shared", 1, p99=0.09)  # the backend's own percentiles: not the endpoint's any more
+    source.stats.update({"endpoint_e_request_counter": 0, "endpoint_e_error_counter": 0})
+    source.traffic["e"] = {"shared": 1.0}
+    first = history.sample()
+    assert first is not None and first.endpoints["e"][2:] == (None, None, None)  # no interval yet
+    counts["e"] = [0, 100, 0, 0]  # 100 calls between 1 and 10 ms
+    clock.advance(1.0)
+    second = history.sample()
+    assert second is not None
+    p50, p95, p99 = second.endpoints["e"][2:]
+    assert p50 == pytest.approx(0.0055) and p95 == pytest.approx(0.00955) and p99 == pytest.approx(0.00991)
+    assert second.backends["shared"][4] == pytest.approx(0.09)
+    counts["e"] = [0, 100, 0, 10]  # then 10 calls past the last bound: read as the last bound
+    clock.advance(1.0)
+    third = history.sample()
+    assert third is not None and third.endpoints["e"][2:] == (0.1, 0.1, 0.1)
+    clock.advance(1.0)
+    idle = history.sample()  # no call in the interval: not known
+    assert idle is not None and idle.endpoints["e"][2:] == (None, None, None)
+
+
+def test_a_real_instance_gives_each_endpoint_of_a_shared_backend_its_own_latency(
+    make_serve: Callable[..., Serve],
+) -> None:
+    clock = FakeClock()
+    srv = make_serve(executor="inline", clock=clock)
+
+    def work(seconds: float = 0.0) -> str:
+        clock.advance(seconds)  # the call takes this long on the instance's clock
+        return "done"
+
+    srv.create_backend(work, "work:v1")
+    for name in ("quick", "slow"):
+        srv.create_endpoint(name, None)
+        srv.link(name, "work:v1")
+    history = History(srv, clock, latency_counts=srv.metrics.latency_counts)
+    history.sample()
+    for _ in range(10):
+        srv.get_handle("quick").remote(seconds=0.0002).result(1)
+        srv.get_handle("slow").remote(seconds=0.2).result(1)
+    clock.advance(1.0)
+    point = history.sample()
+    assert point is not None
+    quick, slow = point.endpoints["quick"][2:], point.endpoints["slow"][2:]
+    assert all(value is not None and 0 < value <= 0.0005 for value in quick)  # the first bucket
+    assert all(value is not None and 0.1 < value <= 0.25 for value in slow)  # the 100-250 ms bucket
+    assert point.backends["work:v1"][4] == pytest.approx(0.2)  # the backend's p99: both endpoints' calls
+
+
+def test_bucket_quantile_interpolates_within_the_bucket() -> None:
+    bounds = (1.0, 2.0, 4.0)
+    assert bucket_quantile(bounds, [10, 0, 0, 0], 0.5) == 0.5
+    assert bucket_quantile(bounds, [5, 5, 0, 0], 0.5) == 1.0
+    assert bucket_quantile(bounds, [5, 5, 0, 0], 0.99) == pytest.approx(1.98)
+    assert bucket_quantile(bounds, [0, 0, 0, 3], 0.5) == 4.0
+    assert bucket_quantile(bounds, [0, 0, 0, 0], 0.5) is None
+    assert bucket_quantile(bounds, [1, -1, 0, 0], 0.5) is None  # counts that went back: not known
 
 
 def test_series_since_returns_only_newer_points_as_columns() -> None:

@@ -27,6 +27,7 @@ from typing import Any, cast
 
 from ..composition import ReplicaScope
 from ..invoke import Invoker, cancelled_error
+from ._stream import aopen_stream, apump, generated_of
 from .base import Call, Outcome
 
 Done = Callable[["list[Outcome] | None"], None]
@@ -49,7 +50,7 @@ class CallLoop:
         self._accepting = True
         self._draining = False
         self._calls: dict[Hashable, tuple[Call, Done]] = {}  # accepted and not reported; any thread reads it
-        self._tasks: dict[Hashable, asyncio.Task[list[Outcome]]] = {}  # the loop's thread only
+        self._tasks: dict[Hashable, asyncio.Task[list[Outcome] | None]] = {}  # the loop's thread only
         self.invoker: Invoker | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -124,19 +125,34 @@ class CallLoop:
 
     # -------------------------------------------------------- on the loop's thread
     def _start(self, key: Hashable, call: Call) -> None:
-        invoker = cast(Invoker, self.invoker)  # submit accepts calls only once it is built
-        task = self._loop.create_task(invoker.run_async(call))
+        task = self._loop.create_task(self._serve(key, call))
         self._tasks[key] = task
         task.add_done_callback(partial(self._finished, key))
 
-    def _finished(self, key: Hashable, task: asyncio.Task[list[Outcome]]) -> None:
+    async def _serve(self, key: Hashable, call: Call) -> list[Outcome] | None:
+        """Run the call; a stream is reported at its first item, then pumped here (returns None)."""
+        invoker = cast(Invoker, self.invoker)  # submit accepts calls only once it is built
+        outcomes = await invoker.run_async(call)
+        gen = generated_of(outcomes)
+        if gen is None:
+            return outcomes
+        outcome, channel = await aopen_stream(gen)
+        _, done = self._calls.pop(key)
+        done([outcome])
+        if channel is not None:
+            await apump(gen, channel)
+        return None
+
+    def _finished(self, key: Hashable, task: asyncio.Task[list[Outcome] | None]) -> None:
         del self._tasks[key]
-        call, done = self._calls.pop(key)
+        entry = self._calls.pop(key, None)  # None: a stream, reported at its first item
         try:
-            if task.cancelled():  # before its coroutine started: run_async never saw it
-                done([Outcome(False, cancelled_error())] * len(call))
+            if entry is None:
+                pass
+            elif task.cancelled():  # before its coroutine started: run_async never saw it
+                entry[1]([Outcome(False, cancelled_error())] * len(entry[0]))
             else:
-                done(task.result())  # run_async never raises
+                entry[1](cast("list[Outcome]", task.result()))  # _serve never raises
         finally:
             if self._draining and not self._tasks:
                 self._loop.stop()

@@ -175,14 +175,21 @@ class ParentLink:
         method_name: str = "__call__",
         slo: SLO = NO_SLO,
         shard_key: str | None = None,
+        stream: bool = False,
         origin: Origin | None = None,
     ) -> ServeFuture:
         """Send the call to the parent; the future resolves with its answer.
 
         Raises:
-            ServeTypeError: the arguments cannot be pickled.
+            ServeTypeError: the arguments cannot be pickled, or ``stream=True`` (a composed call
+                from another process does not stream: call without ``stream``).
             ReplicaDiedError: the pipe to the parent has ended.
         """
+        if stream:
+            raise ServeTypeError(
+                f"a streaming call to endpoint {endpoint_name!r} cannot be made from a replica in another "
+                "process (process or Ray executor) yet; call it without stream=True"
+            )
         number = next(self._numbers)
         message = Nested(number, endpoint_name, method_name, kwargs or {}, slo, shard_key, origin)
         try:

@@ -47,10 +47,11 @@ class Call:
     """One unit of work for a replica: a single query or a batch of queries.
 
     ``requests[i]`` is query i's web request (``None`` for Python calls) and
-    ``kwargs[i]`` its keyword arguments. ``origin`` is the deadline and chain that calls made
-    inside it inherit (:class:`~serve_core.composition.Origin`; None: no deadline, no chain). Treat
-    it as immutable; it is not frozen because one is built for every call, and a frozen
-    dataclass's ``__init__`` costs three times more.
+    ``kwargs[i]`` its keyword arguments. ``stream``: a generator the call returns may stream
+    (web calls and ``options(stream=True)`` handles; never a batch). ``origin`` is the deadline and
+    chain that calls made inside it inherit (:class:`~serve_core.composition.Origin`; None: no
+    deadline, no chain). Treat it as immutable; it is not frozen because one is built for every
+    call, and a frozen dataclass's ``__init__`` costs three times more.
     """
 
     method: str
@@ -58,6 +59,7 @@ class Call:
     batched: bool
     requests: tuple[Any, ...]
     kwargs: tuple[dict[str, Any], ...]
+    stream: bool = False
     origin: Origin | None = None
 
     def __len__(self) -> int:
@@ -67,8 +69,8 @@ class Call:
         # Rebuilt through __init__: several times faster to unpickle than the field-by-field
         # default of slotted dataclasses.
         if self.origin is None:
-            return Call, (self.method, self.web, self.batched, self.requests, self.kwargs)
-        return Call, (self.method, self.web, self.batched, self.requests, self.kwargs, self.origin)
+            return Call, (self.method, self.web, self.batched, self.requests, self.kwargs, self.stream)
+        return Call, (self.method, self.web, self.batched, self.requests, self.kwargs, self.stream, self.origin)
 
 
 @dataclasses.dataclass(slots=True)

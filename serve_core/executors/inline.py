@@ -27,6 +27,7 @@ from functools import partial
 
 from ..errors import NotDeliveredError
 from ..invoke import Invoker, cancelled_error, is_async_target
+from ._stream import PullStream, generated_of
 from .base import Call, Outcome, ReplicaSpec
 
 Loop = asyncio.AbstractEventLoop
@@ -57,11 +58,13 @@ class InlineReplica:
         if invoker is None:
             future.set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
         elif self._async and invoker.awaits(call.method) and (loop := self._task_loop()) is not None:
-            task = loop.create_task(invoker.run_async(call))
+            task = loop.create_task(_run_async(invoker, call))
             self._tasks[future] = (loop, task, len(call))
             task.add_done_callback(partial(self._finished, future, len(call)))
         else:
-            future.set_result(invoker.run(call))
+            outcomes = invoker.run(call)
+            gen = generated_of(outcomes)
+            future.set_result(outcomes if gen is None else [PullStream.opened(gen)])
         return future
 
     def cancel(self, future: Future[list[Outcome]]) -> bool:
@@ -118,6 +121,12 @@ class InlineReplica:
             future.set_result([Outcome(False, cancelled_error())] * size)
         else:
             future.set_result(task.result())  # run_async never raises
+
+
+async def _run_async(invoker: Invoker, call: Call) -> list[Outcome]:
+    outcomes = await invoker.run_async(call)
+    gen = generated_of(outcomes)
+    return outcomes if gen is None else [await PullStream.aopened(gen)]
 
 
 class InlineExecutor:

@@ -19,6 +19,7 @@ from functools import partial
 from ..errors import NotDeliveredError, ReplicaDiedError
 from ..invoke import Invoker, is_async_target
 from ._loop import CallLoop
+from ._stream import generated_of, open_stream, pump
 from .base import Call, Outcome, ReplicaSpec
 
 _STOP = None  # sentinel on a replica's work queue
@@ -74,7 +75,7 @@ class ThreadReplica:
                 call, future = item
                 if future.set_running_or_notify_cancel():
                     try:
-                        future.set_result(self._invoker.run(call))
+                        self._run(call, future)
                     except BaseException as exc:  # noqa: BLE001 - never leave a future running
                         future.set_exception(ReplicaDiedError(f"replica {self.replica_id} failed: {exc!r}"))
                         raise
@@ -83,6 +84,17 @@ class ThreadReplica:
                 self._stopping = True
             self._invoker.close()
             self._refuse_leftovers()
+
+    def _run(self, call: Call, future: Future[list[Outcome]]) -> None:
+        outcomes = self._invoker.run(call)
+        gen = generated_of(outcomes)
+        if gen is None:
+            future.set_result(outcomes)
+            return
+        outcome, channel = open_stream(gen)  # answered at its first item, then pumped on this thread
+        future.set_result([outcome])
+        if channel is not None:
+            pump(gen, channel)
 
     def _refuse_leftovers(self) -> None:
         # Calls queued behind a call that killed the worker never ran.

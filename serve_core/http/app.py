@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from werkzeug.wrappers import Response
 
 from ..errors import MethodNotAllowedError, NotFoundError, RequestTimeoutError, ValidationError
+from ..streams import ItemStream
 from .accesslog import (
     REQUEST_ID_HEADER,
     AccessLog,
@@ -38,12 +39,13 @@ from .accesslog import (
 from .request import ServeRequest, buffer_body, call_method, parse_slo, shard_key
 from .responses import PlainResponse, encode_result, error_response, json_response, text_response
 from .routing import RouteMap
+from .streaming import StreamResponse, wants_events
 
 if TYPE_CHECKING:
     from ..serve import Serve
 
 StartResponse = Callable[..., Any]
-AnyResponse = Response | PlainResponse
+AnyResponse = Response | PlainResponse | StreamResponse
 _BUILTIN_ALLOW = "GET, HEAD, OPTIONS"
 _OURS = frozenset({"x-request-id", "server-timing"})  # response headers the front sets
 
@@ -127,6 +129,11 @@ class ServeApp:
             ) from None
         finally:
             request.serve_timing = future.timing
+        if isinstance(result, ItemStream):  # a generator backend: its items as they come (docs/streaming.md)
+            return StreamResponse(
+                result, events=wants_events(request.headers.get("Accept")),
+                where=f"{request.method} {request.path}", item_timeout_s=self.request_timeout_s,
+            )  # fmt: skip
         return encode_result(result)
 
     def wsgi_app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -152,7 +159,7 @@ class ServeApp:
             extra.append(("Server-Timing", server_timing(timing)))
         if not extra:
             body = response(environ, start_response)
-        elif type(response) is PlainResponse:  # built for this request: ours to add to
+        elif type(response) is PlainResponse or type(response) is StreamResponse:  # built for this request
             response.headers.extend(extra)
             body = response(environ, start_response)
         else:  # the backend's own Response, maybe shared: headers added on the way out

@@ -21,11 +21,13 @@ workers. It shows routes, traffic, replica counts and error ids to whoever can r
 serve_core has no authentication: on a public address that is for the operator to decide.
 Mounted in another app, the instance cannot know what that app listens on, so ``None`` is off.
 
-Recent errors are taken from the HTTP front's log: every 500 logs ``"<method> <path> failed
-(error id <id>)"`` with its exception on logger ``serve_core.http`` (:mod:`.responses`), and a
-handler kept here records the last :data:`MAX_ERRORS` of those for paths of this instance, with
-the backend its endpoint's traffic goes to. Handle calls (no HTTP) are not among them; the
-exception's message and traceback are shown only in debug mode.
+Recent errors are the instance's (:meth:`Serve.recent_errors`): every query a backend runtime
+answered with an error, from handle and HTTP calls alike, with its endpoint, backend, kind and
+error id. The HTTP front's 500s add their method and path: each logs ``"<method> <path> failed
+(error id <id>)"`` on logger ``serve_core.http`` (:mod:`.responses`), with the id the runtime
+gave the exception, and a handler kept here attaches the request to that record; a 500 that no
+backend raised (the front itself failed) is kept here as its own entry. The exception's message
+and traceback are shown only in debug mode.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from urllib.parse import urlsplit
 
 from ..errors import MethodNotAllowedError, NotFoundError, StoreError
 from ..history import History
+from ..recent_errors import type_name
 from .granian import ENV_URL
 from .request import ServeRequest
 from .responses import PlainResponse, error_response, json_body
@@ -138,7 +141,9 @@ class DashboardApp:
     def __init__(self, serve: Serve, runtimes: Runtimes, history: History | None = None) -> None:
         self.serve = serve
         self._runtimes = runtimes
-        self.history = history or History(serve, serve.clock, window_s=min(1.0, serve.gc_window_seconds))
+        self.history = history or History(
+            serve, serve.clock, window_s=min(1.0, serve.gc_window_seconds), latency_counts=serve.metrics.latency_counts
+        )
         self.errors = ErrorLog()
         self._files: dict[str, bytes] = {}
         self._instances: tuple[float, list[dict[str, Any]]] | None = None
@@ -236,8 +241,14 @@ class DashboardApp:
             ],
             "instances": instances,
             "history": self.history.series(since),
-            "errors": self.errors.recent(),
+            "errors": self._recent_errors(),
         }
+
+    def _recent_errors(self) -> list[dict[str, Any]]:
+        """The instance's recent errors and the front's own 500s, oldest first, at most :data:`MAX_ERRORS`."""
+        errors = [_error_entry(error) for error in self.serve.recent_errors()] + self.errors.recent()
+        errors.sort(key=lambda error: error["time"])
+        return errors[-MAX_ERRORS:]
 
     def _backend(
         self,
@@ -287,8 +298,13 @@ class DashboardApp:
         return instances
 
     def record_error(self, where: str, error_id: str, when: float, exc_info: Any) -> None:
-        """Keep one HTTP 500 (called by the log handler) when its path is one of this instance's routes."""
+        """Keep one HTTP 500 (called by the log handler) when its path is one of this instance's routes.
+
+        A backend's error is already among the instance's recent errors: it gets its request added.
+        """
         method, _, path = where.partition(" ")
+        if self.serve.annotate_error(error_id, method=method, path=path):
+            return  # a backend's error: the instance keeps it, now with its request
         entry = self.serve.route_table().get(path)
         if entry is None:
             return  # another instance's path (several can log in one process), or not an endpoint's
@@ -305,7 +321,9 @@ class DashboardApp:
             "path": path,
             "endpoint": endpoint,
             "backend": " or ".join(sorted(tag for tag, weight in weights.items() if weight > 0)) or None,
-            "type": _type_name(exc),
+            "kind": "front",
+            "type": type_name(exc),
+            "count": 1,
         }
         if self.serve.debug and exc is not None:
             error["message"] = str(exc)
@@ -335,9 +353,9 @@ def _address(address: tuple[str, int] | None) -> str | None:
     return None if address is None else f"{address[0]}:{address[1]}"
 
 
-def _type_name(exc: BaseException | None) -> str:
-    if exc is None:
-        return "?"
-    kind = type(exc)
-    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+def _error_entry(error: dict[str, Any]) -> dict[str, Any]:
+    """A recent error of the instance in the page's shape (``id`` for ``error_id``)."""
+    entry = {key: value for key, value in error.items() if key != "error_id"}
+    entry["id"] = error["error_id"]
+    return entry
 

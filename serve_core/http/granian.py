@@ -44,6 +44,7 @@ ENV_REQUEST_TIMEOUT = "SERVE_CORE_REQUEST_TIMEOUT"  # seconds; 0 for no limit
 ENV_DRAIN_TIMEOUT = "SERVE_CORE_DRAIN_TIMEOUT"  # seconds
 ENV_URL = "SERVE_CORE_URL"  # for the banner printed by the worker
 ENV_LOG_FORMAT = "SERVE_CORE_LOG_FORMAT"  # "text" or "json": the worker writes the access log; unset: it does not
+ENV_DASHBOARD = "SERVE_CORE_DASHBOARD"  # "1" on, "0" off, unset or empty: on for a loopback --host only
 ENV_BODY_TIMEOUT = "SERVE_CORE_BODY_TIMEOUT"  # seconds before a body's rate allowance (rsgi.BODY_TIMEOUT_S)
 HEAD_TIMEOUT_S = 10.0
 """Granian's ``header_read_timeout``: a request head (or a kept connection's next one) within this, else closed."""
@@ -90,6 +91,7 @@ def _instance_from_env() -> Any:
         max_body_bytes=int(os.environ.get(ENV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES)),
         http_request_timeout_s=float(os.environ.get(ENV_REQUEST_TIMEOUT, DEFAULT_HTTP_REQUEST_TIMEOUT_S)) or None,
         drain_timeout_s=float(os.environ.get(ENV_DRAIN_TIMEOUT, DEFAULT_DRAIN_TIMEOUT_S)),
+        dashboard=dashboard_option(os.environ.get(ENV_DASHBOARD, "")),
     )
     atexit.register(serve.shutdown)  # replica threads are daemons; this drains them
     if app_file:
@@ -97,6 +99,22 @@ def _instance_from_env() -> Any:
             print(f"serve-core: {note}", flush=True)
         print(describe(instance, os.environ.get(ENV_URL, "")), flush=True)
     return instance
+
+
+DASHBOARD_CHOICES = {"auto": None, "": None, "on": True, "1": True, "off": False, "0": False}
+"""``serve-core run --dashboard`` and ``$SERVE_CORE_DASHBOARD`` values, as ``Serve(dashboard=...)``."""
+
+
+def dashboard_option(value: str) -> bool | None:
+    """``Serve(dashboard=...)`` for a ``--dashboard`` / ``$SERVE_CORE_DASHBOARD`` value.
+
+    Raises:
+        ValueError: not one of :data:`DASHBOARD_CHOICES`.
+    """
+    key = value.strip().lower()
+    if key not in DASHBOARD_CHOICES:
+        raise ValueError(f"{ENV_DASHBOARD} must be on, off or auto (or 1, 0, empty), got {value!r}")
+    return DASHBOARD_CHOICES[key]
 
 
 def connection_cap() -> int | None:
@@ -158,6 +176,7 @@ def run_granian(args: argparse.Namespace) -> int:
     os.environ[ENV_DRAIN_TIMEOUT] = str(args.drain_timeout)
     os.environ[ENV_URL] = f"http://{args.host}:{args.port}"
     os.environ[ENV_LOG_FORMAT] = args.log_format
+    os.environ[ENV_DASHBOARD] = args.dashboard
     if not is_loopback(args.host):
         log.warning(
             "serving HTTP on non-loopback address %s without authentication",

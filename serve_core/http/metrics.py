@@ -44,7 +44,11 @@ HELP = {
     "queue_length": "Queries queued for a backend.",
     "in_flight": "Queries held by a backend's replicas.",
     "replicas": "Replicas of a backend: desired and running.",
+    "streams": "Streams (generator backends) ended, by endpoint and backend.",
+    "stream_items": "Items the streams produced.",
+    "stream_seconds": "Seconds the streams ran, from the first item to the end.",
 }
+STREAM_FAMILIES = ("streams", "stream_items", "stream_seconds")
 REQUEST_LABELS = ("endpoint", "backend")
 ERROR_LABELS = ("endpoint", "backend", "kind")
 LATENCY_LABELS = ("endpoint", "backend", "phase")
@@ -60,10 +64,15 @@ class ServeCollector(Collector):
         config = self._metrics.config
         series: dict[tuple[str, str], Series] = {}
         batches: dict[str, tuple[list[int], float]] = {}
+        streams: dict[tuple[str, str], list[float]] = {}
         for meter in self._metrics.meters():
             snapshot = meter.snapshot()
             for endpoint, counts in snapshot.series.items():
                 _merge(series, (endpoint, snapshot.backend), counts)
+            for endpoint, totals in snapshot.streams.items():
+                kept = streams.setdefault((endpoint, snapshot.backend), [0, 0, 0.0])
+                for index, value in enumerate(totals):
+                    kept[index] += value
             if any(snapshot.batch_counts):
                 seen = batches.get(snapshot.backend)
                 if seen is not None:
@@ -77,6 +86,7 @@ class ServeCollector(Collector):
         for backend, (counts, total) in sorted(batches.items()):
             batch.add_metric([backend], _cumulative(counts, config.batch_size_buckets), total)
         yield batch
+        yield from _streams(streams)
         yield from _gauges(self._metrics.loads())
 
 
@@ -101,6 +111,16 @@ def _counters(series: dict[tuple[str, str], Series]) -> Iterator[Metric]:
             errors.add_metric([endpoint, backend, kind], number)
     yield requests
     yield errors
+
+
+def _streams(streams: dict[tuple[str, str], list[float]]) -> Iterator[Metric]:
+    families = [
+        CounterMetricFamily(f"serve_core_{name}", HELP[name], labels=REQUEST_LABELS) for name in STREAM_FAMILIES
+    ]
+    for labels, totals in sorted(streams.items()):
+        for family, value in zip(families, totals):
+            family.add_metric(list(labels), value)
+    yield from families
 
 
 def _latency(series: dict[tuple[str, str], Series], bounds: tuple[float, ...]) -> Metric:
@@ -164,6 +184,9 @@ class SharedFamilies:
         self.batch_size = Histogram(
             "serve_core_batch_size", HELP["batch_size"], ("backend",), buckets=config.batch_size_buckets, registry=None
         )
+        self.streams = [
+            Counter(f"serve_core_{name}", HELP[name], REQUEST_LABELS, registry=None) for name in STREAM_FAMILIES
+        ]
         # livesum: a scrape adds up the workers alive (each runs its own queues and replicas).
         self.queue_length = Gauge(
             "serve_core_queue_length", HELP["queue_length"], ("backend",), registry=None, multiprocess_mode="livesum"
@@ -255,6 +278,12 @@ class SharedMeter:
 
     def error(self, endpoint: str, kind: str) -> None:
         self._of(endpoint).error(kind).inc()
+
+    def streamed(self, query: Query, items: int, seconds: float) -> None:
+        streams, produced, duration = self._families.streams
+        streams.labels(query.endpoint, self.backend).inc()
+        produced.labels(query.endpoint, self.backend).inc(items)
+        duration.labels(query.endpoint, self.backend).inc(seconds)
 
 
 # ------------------------------------------------------------------------ export

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import traceback
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +34,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wrappers import Response
 
+from .. import recent_errors
 from ..errors import BackPressureError, MethodNotAllowedError, ServeError, ServeStateError
 
 log = logging.getLogger("serve_core.http")
@@ -131,7 +131,7 @@ def error_response(exc: BaseException, *, debug: bool, where: str) -> PlainRespo
 
 def internal_error(exc: BaseException, *, debug: bool, where: str) -> PlainResponse:
     """A 500 with an error id; the traceback goes to the log (and the body in debug mode)."""
-    error_id = uuid.uuid4().hex[:12]
+    error_id = recent_errors.error_id(exc)  # the id the dashboard's recent errors show for it too
     log.error("%s failed (error id %s)", where, error_id, exc_info=exc)
     body = f"Internal Server Error (error id {error_id}); the server log has the details\n"
     if debug:

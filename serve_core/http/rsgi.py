@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import sys
 import threading
 import time
@@ -39,7 +40,8 @@ from typing import Any
 from werkzeug.exceptions import RequestTimeout
 
 from ..errors import PayloadTooLargeError, RequestTimeoutError, ServeError, ValidationError
-from ..queues import ServeFuture
+from ..queues import ServeFuture, Timing
+from ..streams import ItemStream
 from .accesslog import (
     REQUEST_ID_ENVIRON,
     REQUEST_ID_HEADER,
@@ -53,12 +55,15 @@ from .app import ServeApp
 from .request import ServeRequest, buffer_body, call_method, check_body_length, parse_slo, shard_key
 from .responses import PlainResponse, encode_result, error_response, text_response
 from .routing import RouteEntry
+from .streaming import content_type, send_stream, wants_events
 
 BODY_TIMEOUT_S = 10.0
 """A request body gets this many seconds, plus one per :data:`BODY_MIN_RATE` bytes, else 408."""
 
 BODY_MIN_RATE = 8 * 1024
 """Bytes per second a body must keep up on average after :data:`BODY_TIMEOUT_S`."""
+
+log = logging.getLogger("serve_core.http")
 
 WSGI_THREADS = 4
 """Threads running the WSGI app for what the front answers itself (see the module docstring)."""
@@ -309,7 +314,11 @@ class RSGIApp:
                 await self._wait(future, entry.endpoint)
             finally:
                 request.serve_timing = future.timing
-            response = encode_result(future.result())
+            result = future.result()
+            if isinstance(result, ItemStream):  # a generator backend: streamed (docs/streaming.md)
+                await self._stream(proto, environ, result, request_id, request, started)
+                return
+            response = encode_result(result)
         except BaseException as exc:  # noqa: BLE001 - every failure is an answer, as in ServeApp.wsgi_app
             if isinstance(exc, asyncio.CancelledError) and not _answered(future):
                 raise  # this task was cancelled, not the backend's call: nothing to answer
@@ -321,6 +330,28 @@ class RSGIApp:
         else:  # the backend's own Response: it may stream, so on a thread
             status, headers, out = await self._in_pool(run_wsgi, response, environ)
         self._send(proto, environ, (status, headers, out), request_id, request, started)
+
+    async def _stream(
+        self, proto: Any, environ: dict[str, Any], stream: ItemStream, request_id: str | None,
+        request: ServeRequest, started: float,
+    ) -> None:
+        """Send a stream with Granian's streaming transport, each chunk as the items come."""
+        events = wants_events(environ.get("HTTP_ACCEPT"))
+        try:
+            first = stream.read(0)  # the first item is there already
+            headers = self._front_headers(
+                [("Content-Type", content_type(first[0] if first else "", events)), ("Cache-Control", "no-cache")],
+                request_id, request.serve_timing,
+            )
+            transport = proto.response_stream(200, headers)
+            if environ["REQUEST_METHOD"] != "HEAD":
+                await send_stream(transport, stream, first, events, f"{request.method} {request.path}")
+        except Exception:  # noqa: BLE001 - Granian's RSGIProtocolClosed: the client left; the stream is closed
+            log.debug("RSGI stream to %s ended early", request.path, exc_info=True)
+        finally:
+            stream.close()
+        if self._access.enabled:
+            self._access.write(environ, 200, started, request.serve_endpoint, request.serve_timing, request_id)
 
     def _enqueue(self, request: ServeRequest, entry: RouteEntry) -> ServeFuture:
         """What :meth:`ServeApp.dispatch_request` does for an endpoint, up to the wait."""
@@ -389,16 +420,21 @@ class RSGIApp:
         """Send the answer with the front's headers (request id, ``Server-Timing``); log it."""
         status, headers, out = answer
         timing = request.serve_timing if request is not None else None
+        headers = self._front_headers(headers, request_id, timing)
+        proto.response_bytes(status, headers, b"" if environ["REQUEST_METHOD"] == "HEAD" else out)
+        if self._access.enabled:
+            endpoint = request.serve_endpoint if request is not None else None
+            self._access.write(environ, status, started, endpoint, timing, request_id)
+
+    def _front_headers(self, headers: Headers, request_id: str | None, timing: Timing | None) -> Headers:
+        """``headers`` with the front's own (request id, ``Server-Timing``) in place of any the response had."""
         if request_id is not None or (timing is not None and self._server_timing):
             headers = [(name, value) for name, value in headers if name.lower() not in _OURS]
             if request_id is not None:
                 headers.append((REQUEST_ID_HEADER, request_id))
             if timing is not None and self._server_timing:
                 headers.append(("Server-Timing", server_timing(timing)))
-        proto.response_bytes(status, headers, b"" if environ["REQUEST_METHOD"] == "HEAD" else out)
-        if self._access.enabled:
-            endpoint = request.serve_endpoint if request is not None else None
-            self._access.write(environ, status, started, endpoint, timing, request_id)
+        return headers
 
     async def _in_pool(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)

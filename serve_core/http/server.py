@@ -59,6 +59,7 @@ from .connection import (
 from .parsing import ChunkedBody, Head, Malformed, answer, read_head
 from .request import check_body_length
 from .responses import error_response, internal_error
+from .streaming import StreamBroken
 
 __all__ = [
     "BODY_MIN_RATE",
@@ -158,6 +159,9 @@ class _Handler(WSGIRequestHandler):
         try:
             self._execute(self._refusal(body) or self.server.app, environ, response, body)
         except _DROPPED:
+            self.close_connection = True
+            return
+        except StreamBroken:  # logged with its error id: the body ends unterminated, the connection closes
             self.close_connection = True
             return
         except Exception as exc:  # noqa: BLE001 - the app (or its response) failed: a 500 if still possible

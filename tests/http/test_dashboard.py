@@ -15,10 +15,11 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.test import Client
 from werkzeug.wrappers import Response
 
-from serve_core import Serve, ValidationError
+from serve_core import BackendConfig, Serve, ValidationError, accept_batch
 from serve_core.http.dashboard import DATA, MAX_ERRORS, PAGE, dashboard_enabled
-from serve_core.http.granian import ENV_URL
+from serve_core.http.granian import ENV_URL, dashboard_option
 from serve_core.http.server import HTTPServer
+from serve_core.recent_errors import MAX_RECENT_ERRORS, error_id
 from serve_core.testing import FakeClock
 
 from ..conftest import WAIT, require
@@ -118,7 +119,8 @@ def test_debug_mode_shows_the_message_and_traceback(make_serve: Callable[..., Se
     assert client.get("/echo").status_code == 500
     (error,) = client.get(DATA).get_json()["errors"]
     assert error["message"] == "secret detail" and "ValueError: secret detail" in error["traceback"]
-    assert error["backend"] == "echo:v1 or echo:v2"  # a split: either may have failed
+    assert error["backend"] in ("echo:v1", "echo:v2")  # the backend that answered, even under a split
+    assert srv.stat()[f"{error['backend']}_error_counter"] == 1
 
 
 def test_recent_errors_are_bounded(make_serve: Callable[..., Serve]) -> None:
@@ -140,6 +142,61 @@ def test_errors_of_another_instance_in_the_process_are_not_shown(make_serve: Cal
     _deploy(failing, fail=True)
     assert Client(failing.wsgi_app()).get("/echo").status_code == 500
     assert Client(shown.wsgi_app()).get(DATA).get_json()["errors"] == []
+
+
+def test_handle_call_errors_are_listed_with_their_backend_kind_and_count(make_serve: Callable[..., Serve]) -> None:
+    clock = FakeClock()
+    srv = make_serve(executor="inline", clock=clock, dashboard=True)
+    _deploy(srv, fail=True)
+    srv.link("py", "echo:v2")
+
+    @accept_batch
+    def batch(requests: Any, *, value: list[int]) -> list[int]:
+        raise ArithmeticError("the whole batch fails")
+
+    srv.create_endpoint("sum", None)
+    srv.create_backend(batch, "sum:v1", backend_config=BackendConfig(max_batch_size=4, batch_wait_timeout_s=1.0))
+    srv.link("sum", "sum:v1")
+    with pytest.raises(ValueError, match="secret detail"):
+        srv.get_handle("py").remote().result(WAIT)
+    futures = [srv.get_handle("sum").remote(value=n) for n in range(3)]
+    clock.advance(1.0)  # the batch's wait is over: one call of the three
+    for future in futures:
+        with pytest.raises(ArithmeticError):
+            future.result(WAIT)
+    py_error, batch_error = Client(srv.wsgi_app()).get(DATA).get_json()["errors"]
+    assert (py_error["endpoint"], py_error["backend"], py_error["kind"], py_error["type"]) == (
+        "py", "echo:v2", "user_error", "ValueError"
+    )
+    assert "method" not in py_error and py_error["count"] == 1 and "message" not in py_error
+    assert (batch_error["endpoint"], batch_error["backend"]) == ("sum", "sum:v1")
+    assert batch_error["type"] == "ArithmeticError"
+    assert batch_error["count"] == 3  # one failure answering the batch's three queries: one entry
+    assert [error["error_id"] for error in srv.recent_errors()] == [py_error["id"], batch_error["id"]]
+
+
+def test_an_http_500_and_the_recent_error_share_one_id(make_serve: Callable[..., Serve]) -> None:
+    srv = make_serve(executor="inline", dashboard=True)
+    _deploy(srv, fail=True)
+    client = Client(srv.wsgi_app())
+    body = client.post("/echo").get_data(as_text=True)
+    (recorded,) = srv.recent_errors()
+    assert f"error id {recorded['error_id']}" in body
+    assert (recorded["method"], recorded["path"]) == ("POST", "/echo")  # the front added its request
+    (shown,) = client.get(DATA).get_json()["errors"]
+    assert shown["id"] == recorded["error_id"] and shown["method"] == "POST"
+
+
+def test_the_instance_keeps_a_bounded_number_of_recent_errors(make_serve: Callable[..., Serve]) -> None:
+    srv = make_serve(executor="inline")
+    _deploy(srv, fail=True)
+    srv.link("py", "echo:v1")
+    handle = srv.get_handle("py")
+    ids = []
+    for _ in range(MAX_RECENT_ERRORS + 5):
+        future = handle.remote()
+        ids.append(error_id(future.exception(WAIT)))  # type: ignore[arg-type]
+    assert [error["error_id"] for error in srv.recent_errors()] == ids[-MAX_RECENT_ERRORS:]
 
 
 # ------------------------------------------------------------------ the page
@@ -211,6 +268,18 @@ def test_dashboard_app_serves_the_same_paths_anywhere(make_serve: Callable[..., 
 )
 def test_who_gets_the_dashboard(option: bool | None, address: Any, env: dict[str, str], on: bool) -> None:
     assert dashboard_enabled(option, address, env) is on
+
+
+@pytest.mark.parametrize(
+    ("value", "option"), [("", None), ("auto", None), ("on", True), ("1", True), (" OFF ", False), ("0", False)]
+)
+def test_the_environment_variable_of_granian_workers(value: str, option: bool | None) -> None:
+    assert dashboard_option(value) is option
+
+
+def test_a_bad_environment_variable_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="SERVE_CORE_DASHBOARD must be on, off or auto"):
+        dashboard_option("yes please")
 
 
 def test_on_by_default_on_a_loopback_server(make_serve: Callable[..., Serve]) -> None:
@@ -289,6 +358,15 @@ def test_the_page_in_a_browser_shows_and_updates_the_numbers(
     _wait_text(page, "backends", "echo:v1", "errors", "1")
     page.wait_for_selector('#errors tbody tr td[data-field="type"]', timeout=WAIT * 1000)
     assert page.text_content('#errors tbody tr td[data-field="type"]') == "ValueError"
+    assert page.text_content('#errors tbody tr td[data-field="request"]') == "GET /echo"
+    srv.link("py", "echo:v2")
+    with pytest.raises(AttributeError):  # a handle call has no request.args: the backend fails
+        srv.get_handle("py").remote().result(WAIT)
+    handle_row = '#errors tbody tr:first-child td[data-field="request"]'
+    from playwright.sync_api import expect
+
+    expect(page.locator(handle_row)).to_have_text("handle call", timeout=WAIT * 1000)  # the newest first
+    assert page.text_content('#errors tbody tr:first-child td[data-field="backend"]') == "echo:v2"
     chart_line = '#charts .card[data-kind="backend"][data-name="echo:v1"] svg path.series'
     page.wait_for_selector(chart_line, state="attached", timeout=WAIT * 1000)  # a flat line has no area
     assert page.text_content("#status").startswith("live")

@@ -282,7 +282,8 @@
   }
 
   function errorRow(error) {
-    var exception = [error.type];
+    var exception = [error.type + (error.kind && error.kind !== "user_error" ? " (" + error.kind + ")" : "") +
+      (error.count > 1 ? " \u00d7" + error.count : "")];
     if (error.message) exception.push(el("div", {"class": "muted"}, error.message));
     if (error.traceback) {
       exception.push(el("details", {}, [el("summary", {}, "traceback"), el("pre", {}, error.traceback)]));
@@ -290,7 +291,7 @@
     return el("tr", {"data-id": error.id}, [
       cell("time", fmtTime(error.time), "mono"),
       cell("id", error.id, "mono"),
-      cell("request", error.method + " " + error.path, "mono"),
+      cell("request", error.method ? error.method + " " + error.path : "handle call", "mono"),
       cell("endpoint", error.endpoint),
       cell("backend", error.backend || "–"),
       el("td", {"data-field": "type", "class": "mono"}, exception),
@@ -321,7 +322,7 @@
     var cards = [];
     data.endpoints.forEach(function (ep) {
       if (state.endpoints[ep.name]) {
-        cards.push(chartCard("endpoint", ep.name, state.endpoints[ep.name], now, " (slowest backend of its split)"));
+        cards.push(chartCard("endpoint", ep.name, state.endpoints[ep.name], now, " (from the latency buckets)"));
       }
     });
     data.backends.forEach(function (be) {

@@ -1,0 +1,92 @@
+"""Backends and events of the streaming tests, usable on every executor.
+
+Module-level so that worker processes and Ray actors import them by name; the events a
+backend waits on or sets are the kind its executor can share (see :func:`make_event`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import serve_core as serve
+
+from .conftest import WAIT
+
+
+def make_event(executor: str, managers: list[Any]) -> Any:
+    """A ``threading.Event`` look-alike shared with replicas of ``executor``."""
+    if executor in ("inline", "thread"):
+        return threading.Event()
+    if executor == "ray":
+        from .ray_fixtures import RayEvent
+
+        return RayEvent()
+    if not managers:
+        import multiprocessing
+
+        managers.append(multiprocessing.get_context("spawn").Manager())
+    return managers[0].Event()
+
+
+def counting(n: int = 3, finished: Any = None) -> Iterator[int]:
+    """Yields 0..n-1; sets ``finished`` in its ``finally``."""
+    try:
+        yield from range(n)
+    finally:
+        if finished is not None:
+            finished.set()
+
+
+async def acounting(n: int = 3, finished: Any = None) -> AsyncIterator[int]:
+    """:func:`counting` as an async generator."""
+    try:
+        for i in range(n):
+            yield i
+    finally:
+        if finished is not None:
+            finished.set()
+
+
+def endless(finished: Any = None) -> Iterator[str]:
+    """Yields forever (only back-pressure and a close stop it); sets ``finished`` in its ``finally``."""
+    try:
+        while True:
+            yield "tick\n"
+    finally:
+        if finished is not None:
+            finished.set()
+
+
+def held(release: Any) -> Iterator[Any]:
+    """One item, then waits for ``release`` before the last ones: proves the first left early."""
+    yield "first\n"
+    if not release.wait(WAIT):
+        raise TimeoutError("release was never set")
+    yield {"n": 1}
+    yield b"raw\n"
+
+
+def failing(after: int = 1) -> Iterator[str]:
+    """``after`` items, then an error."""
+    for i in range(after):
+        yield f"item {i}\n"
+    raise ValueError("the model fell over")
+
+
+def with_context(request: Any = None) -> Iterator[Any]:
+    """The call's ``serve.context`` as seen from inside the generator's body, at two steps."""
+    yield serve.context.web
+    yield serve.context.request_id
+
+
+def plain(x: int = 1) -> int:
+    return x * 2
+
+
+def web_stream(request: Any) -> Iterator[Any]:
+    """What an HTTP endpoint streams: items of each encoding, driven by the query string."""
+    kind = request.args.get("kind", "text")
+    for i in range(3):
+        yield f"line {i}\n" if kind == "text" else {"i": i}
