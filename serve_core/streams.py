@@ -84,6 +84,7 @@ class Channel(ItemStream):
         self._failure: BaseException | None = None  # raised once to the reader
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._on_close: list[Callable[[], None]] = []
+        self.on_take: Callable[[int], None] | None = None  # told how many items each read took (credits)
 
     # --------------------------------------------------------------- producer
     def put(self, item: Any) -> bool:
@@ -96,10 +97,12 @@ class Channel(ItemStream):
             self._append(item)
         return True
 
-    def put_nowait(self, item: Any) -> None:
-        """Add an item whatever the buffer holds (the first one, which the replica answers with)."""
+    def put_nowait(self, *items: Any) -> None:
+        """Add items whatever the buffer holds (the first one, or what a credit window already bounds)."""
         with self._lock:
-            self._append(item)
+            if not self._closed:
+                for item in items:
+                    self._append(item)
 
     async def aput(self, item: Any) -> bool:
         """:meth:`put` for a producer on an event loop."""
@@ -150,14 +153,23 @@ class Channel(ItemStream):
                 if left is not None and left <= 0:
                     raise TimeoutError(f"no stream item within {timeout} s")
                 self._changed.wait(left)
-            return self._take()
+            taken = self._take()
+        if taken and self.on_take is not None:
+            self.on_take(len(taken))
+        return taken
 
     async def aread(self) -> list[Any]:
         while True:
             with self._lock:
-                if self._items or self._over or self._closed:
-                    return self._take()
-                waiter = self._waiter()
+                ready = bool(self._items) or self._over or self._closed
+                if ready:
+                    taken = self._take()
+                else:
+                    waiter = self._waiter()
+            if ready:
+                if taken and self.on_take is not None:
+                    self.on_take(len(taken))
+                return taken
             await waiter
 
     def close(self) -> None:

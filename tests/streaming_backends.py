@@ -90,3 +90,11 @@ def web_stream(request: Any) -> Iterator[Any]:
     kind = request.args.get("kind", "text")
     for i in range(3):
         yield f"line {i}\n" if kind == "text" else {"i": i}
+
+
+def dying() -> Iterator[int]:
+    """One item, then its worker process exits (the process executor's crash mid-stream)."""
+    import os
+
+    yield 0
+    os._exit(3)

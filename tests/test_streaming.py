@@ -10,18 +10,13 @@ from typing import Any
 import pytest
 
 from serve_core import BackendConfig, Serve
-from serve_core.errors import ServeTypeError
+from serve_core.errors import ReplicaDiedError, ServeTypeError
 from serve_core.handle import StreamingHandle
 from serve_core.streams import ServeStream
 
 from .conftest import WAIT
-from .streaming_backends import acounting, counting, endless, failing, make_event, plain, with_context
-
-
-@pytest.fixture(params=["inline", "thread"])
-def executor(request: pytest.FixtureRequest) -> str:
-    """The executors that stream so far."""
-    return str(request.param)
+from .procs import wait_until
+from .streaming_backends import acounting, counting, dying, endless, failing, make_event, plain, with_context
 
 
 @pytest.fixture
@@ -153,3 +148,14 @@ def test_options_keep_streaming_until_turned_off(make_serve: Callable[..., Serve
     assert isinstance(handle, StreamingHandle)
     assert not isinstance(handle.options(stream=False), StreamingHandle)
     assert "StreamingHandle" in repr(handle)
+
+
+def test_a_worker_that_dies_mid_stream_ends_it_and_is_replaced(make_serve: Callable[..., Serve]) -> None:
+    srv = make_serve(executor="process")
+    _endpoint(srv, dying)
+    stream = srv.get_handle("s").options(stream=True).remote()
+    assert next(stream) == 0
+    with pytest.raises(ReplicaDiedError, match="while it streamed"):
+        next(stream)
+    assert wait_until(lambda: srv.stat()["backend_s:v1_num_replicas"] == 1, WAIT)
+    assert next(srv.get_handle("s").options(stream=True).remote()) == 0  # a new worker serves

@@ -100,6 +100,21 @@ class Inbox:
                     self._read_one()
             return self._backlog.popleft()
 
+    def poll(self, timeout: float | None) -> bool:
+        """Whether :meth:`next_message` would return at once, waiting up to ``timeout`` (``None``: for ever)."""
+        with self._cond:
+            while not self._backlog and not self._ended:
+                if self._reading:
+                    if timeout is not None:
+                        self._cond.wait(timeout)
+                        return bool(self._backlog) or self._ended
+                    self._cond.wait()
+                elif timeout is not None and not self._conn.poll(timeout):
+                    return False
+                else:
+                    self._read_one()  # an answer to a composed call is delivered; then look again
+            return True
+
     def sent(self) -> None:
         """A composed call left: read until it is answered, whatever the worker's loop does meanwhile."""
         with self._cond:
@@ -268,8 +283,8 @@ class WorkerPipe:
             self.link = ParentLink(instance_id, self.send)
             self._inbox = self.link.inbox = Inbox(conn, self.link.deliver)
 
-    def recv(self) -> bytes:
-        """The next message for the worker's loop.
+    def recv_bytes(self) -> bytes:
+        """The next message for the worker's loop (not an answer to a composed call).
 
         Raises:
             EOFError: the pipe has ended.
@@ -283,13 +298,22 @@ class WorkerPipe:
             raise EOFError
         return data
 
-    def send(self, data: bytes) -> None:
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        """Whether :meth:`recv_bytes` has a message (or the end) for the worker's loop, waiting up to
+        ``timeout`` seconds (``None``: until it has)."""
+        if self._inbox is None:
+            return self._conn.poll(timeout)
+        return self._inbox.poll(timeout)
+
+    def send_bytes(self, data: bytes) -> None:
         """Send ``data``; a pipe that has ended is ignored (the parent is gone: the watchdog ends the worker)."""
         with self._send_lock:
             try:
                 self._conn.send_bytes(data)
             except OSError:
                 pass
+
+    send = send_bytes
 
 
 # ---------------------------------------------------------------- the parent's side

@@ -78,6 +78,54 @@ class Stop:
     """Finish the calls already sent, then exit."""
 
 
+# Streams (see _pipe_stream): call number n's generator, its items and its end.
+STREAM_WINDOW = 64
+"""Items a worker may send for one stream before the parent grants more (:class:`Credit`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamOpened:
+    """The outcome value of a call that streams: its first item(s); ``ended``: nothing more comes.
+
+    ``seq`` names the stream where the replica does not number its calls (a Ray actor).
+    """
+
+    first: list[Any]
+    ended: bool = False
+    seq: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamItems:
+    """Worker to parent: the next items of call ``seq``'s stream."""
+
+    seq: int
+    items: list[Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamEnd:
+    """Worker to parent: call ``seq``'s generator is done (closed, its ``finally`` run), with its error."""
+
+    seq: int
+    error: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Credit:
+    """Parent to worker: the reader took ``count`` items of call ``seq``'s stream; send as many more."""
+
+    seq: int
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CloseStream:
+    """Parent to worker: the reader closed call ``seq``'s stream; close its generator."""
+
+    seq: int
+
+
 def dumps(obj: Any) -> bytes:
     """Pickle with the standard pickler, falling back to cloudpickle.
 

@@ -30,6 +30,7 @@ exits at once, so no orphan outlives its server.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import multiprocessing
 import os
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -50,10 +52,13 @@ from typing import Any, NoReturn
 from ..composition import ReplicaScope, enter_worker
 from ..errors import ReplicaDiedError, ServeError, ServeStateError
 from ..invoke import Invoker, is_async_target
+from ..streams import Channel
 from ._loop import CallLoop
 from ._nested import WorkerPipe
 from ._outcomes import dump_outcomes, remote_error
-from ._wire import SEQ, Cancel, Failure, Ready, Stop, WorkerBoot, dumps
+from ._pipe_stream import Sender, opened, serve_sync
+from ._stream import generated_of
+from ._wire import SEQ, Cancel, CloseStream, Credit, Failure, Ready, Stop, WorkerBoot, dumps
 from .base import Call, Outcome
 
 PARENT_GONE_EXIT_CODE = 70
@@ -294,36 +299,56 @@ def _load(payload: bytes) -> Any:
 
 
 def _serve(pipe: WorkerPipe, invoker: Invoker) -> None:
+    kept: collections.deque[Any] = collections.deque()  # what arrived while a stream ran (_pipe_stream)
+    seq = 0  # the call's number, as the parent counts them
     while True:
-        try:
-            data = pipe.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            message = pickle.loads(data)
-        except Exception as exc:  # noqa: BLE001 - e.g. an argument's class is unknown here
-            pipe.send(dumps(Failure(remote_error(exc))))
-            continue
+        if kept:
+            message = kept.popleft()
+        else:
+            try:
+                data = pipe.recv_bytes()
+            except (EOFError, OSError):
+                return
+            try:
+                message = pickle.loads(data)
+            except Exception as exc:  # noqa: BLE001 - e.g. an argument's class is unknown here
+                pipe.send_bytes(dumps(Failure(remote_error(exc))))
+                seq += 1
+                continue
         if isinstance(message, Stop):
             return
-        pipe.send(dump_outcomes(invoker.run(message)))
+        if isinstance(message, (Credit, CloseStream)):
+            continue  # for a stream that has ended
+        outcomes = invoker.run(message)
+        gen = generated_of(outcomes)
+        if gen is None:
+            pipe.send_bytes(dump_outcomes(outcomes))
+        elif not serve_sync(pipe, seq, gen, kept):
+            return
+        seq += 1
 
 
 def _serve_concurrently(pipe: WorkerPipe, calls: CallLoop) -> None:
     """Hand the calls read from the pipe to the loop, numbered; they answer from the loop's thread."""
 
     def send(seq: int, data: bytes) -> None:
-        pipe.send(SEQ.pack(seq) + data)  # from the loop's thread, or this one for decoding failures
+        pipe.send_bytes(SEQ.pack(seq) + data)  # from the loop's thread, or this one for decoding failures
+
+    senders: dict[int, Sender] = {}  # streams being sent, by call number (_pipe_stream)
 
     def answer(seq: int, size: int, outcomes: list[Outcome] | None) -> None:
         if outcomes is None:
             outcomes = [Outcome(False, ServeError("the worker's event loop ended before the call did"))] * size
+        elif size == 1 and isinstance(outcomes[0].value, Channel):
+            outcomes = _stream_from_loop(seq, outcomes[0].value, partial(send, seq), senders)
+            if not outcomes:
+                return  # sent with its stream
         send(seq, dump_outcomes(outcomes))
 
     seq, drain = 0, True
     while True:
         try:
-            data = pipe.recv()
+            data = pipe.recv_bytes()
         except (EOFError, OSError):
             drain = False  # nobody reads our answers any more
             break
@@ -337,11 +362,31 @@ def _serve_concurrently(pipe: WorkerPipe, calls: CallLoop) -> None:
             break
         if isinstance(message, Cancel):
             calls.cancel(message.seq)
+        elif isinstance(message, (Credit, CloseStream)):
+            sender = senders.get(message.seq)
+            if sender is not None:
+                sender.grant(message.count) if isinstance(message, Credit) else sender.close()
         elif isinstance(message, Call):
             if not calls.submit(seq, message, partial(answer, seq, len(message))):
                 answer(seq, len(message), None)
             seq += 1
     calls.stop(None, drain=drain)
+
+
+def _stream_from_loop(
+    seq: int, channel: Channel, send: Callable[[bytes], None], senders: dict[int, Sender]
+) -> list[Outcome]:
+    """Answer call ``seq`` with its stream and start sending the rest; [] once sent, or the outcomes to send."""
+    try:
+        first = channel.read(0)  # the first item, or nothing: an empty generator (already closed)
+    except BaseException as exc:  # noqa: BLE001 - the empty generator's finally failed
+        return [Outcome(False, exc)]
+    if not first:
+        return opened([], True)
+    sender = senders[seq] = Sender(seq, channel, send, partial(senders.pop, seq, None))
+    send(dump_outcomes(opened(first, False)))
+    sender.start(len(first))
+    return []
 
 
 class _ForkServerLoop:

@@ -44,7 +44,8 @@ from ..errors import NotDeliveredError, ReplicaDiedError, ServeError, ServeTypeE
 from ..invoke import awaits_statically
 from . import _worker
 from ._nested import NESTED, NestedCalls
-from ._wire import SEQ, Cancel, Failure, Ready, Stop, WorkerBoot, dumps
+from ._pipe_stream import ParentStreams
+from ._wire import SEQ, Cancel, Failure, Ready, Stop, StreamEnd, StreamItems, StreamOpened, WorkerBoot, dumps
 from .base import Call, Outcome, ReplicaSpec
 
 log = logging.getLogger("serve_core")
@@ -116,6 +117,7 @@ class ProcessReplica:
         self._state = _State.RUNNING
         self._concurrent = False
         self._target = spec.target  # tells coroutine methods (cancellable) from the others
+        self._streams = ParentStreams(self._send_quiet)
         self._nested = NestedCalls(spec.scope, self._send_nested)  # calls its backend makes (composition)
         self.pid: int = self._await_ready(boot)
         if self._concurrent:
@@ -235,25 +237,39 @@ class ProcessReplica:
             self._nested.receive(memoryview(data)[len(NESTED):])
             return
         payload: bytes | memoryview = data
+        seq = -1
+        if self._concurrent:
+            seq = SEQ.unpack_from(data)[0]
+            payload = memoryview(data)[SEQ.size:]
+        try:
+            message = pickle.loads(payload)
+        except Exception as exc:  # noqa: BLE001 - e.g. a result class unknown in this process
+            error = ServeError(f"the answer of replica {self.replica_id} cannot be unpickled here: {exc!r}")
+            message = Failure(error)
+        if type(message) is StreamItems or type(message) is StreamEnd:  # a stream's, not a call's answer
+            self._streams.deliver(message)
+            return
         with self._lock:
-            if self._concurrent:
-                seq = SEQ.unpack_from(data)[0]
-                payload = memoryview(data)[SEQ.size:]
-            else:
+            if not self._concurrent:
                 seq = next(iter(self._inflight), -1)
             entry = self._inflight.pop(seq, None)
         if entry is None:  # cannot happen with our worker; never kill the reader over it
             log.error("replica %s sent an answer nobody asked for", self.replica_id)
             return
         future, size, _ = entry
-        try:
-            message = pickle.loads(payload)
-        except Exception as exc:  # noqa: BLE001 - e.g. a result class unknown in this process
-            error = ServeError(f"the answer of replica {self.replica_id} cannot be unpickled here: {exc!r}")
-            message = Failure(error)
         if isinstance(message, Failure):
             message = [Outcome(False, message.error)] * size
+        elif size == 1 and type(message[0].value) is StreamOpened:
+            message = [Outcome(True, self._streams.open(seq, message[0].value))]
         future.set_result(message)
+
+    def _send_quiet(self, message: Any) -> None:
+        """Send a stream's credit or close; a worker that is gone needs neither."""
+        with self._send_lock:
+            try:
+                self._conn.send_bytes(dumps(message))
+            except OSError:
+                pass
 
     def _on_worker_exit(self) -> None:
         self._reap()
@@ -264,9 +280,10 @@ class ProcessReplica:
             self._inflight.clear()
         self._conn.close()
         self._nested.cancel_all()
+        message = _describe_exit(self.replica_id, self._process.pid, self._process.returncode)
+        self._streams.fail_all(ReplicaDiedError(message + " while it streamed"))
         if not lost:
             return
-        message = _describe_exit(self.replica_id, self._process.pid, self._process.returncode)
         if expected:
             message += " (it was being stopped and did not drain in time)"
         else:

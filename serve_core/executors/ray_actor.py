@@ -28,9 +28,11 @@ import ray
 from ray import cloudpickle  # Ray's own copy: classes sent by value keep their identity
 
 from ..errors import ServeError
-from ..invoke import Invoker
-from ._outcomes import dump_outcomes
-from .base import Call
+from ..invoke import END, Generated, Invoker
+from ._outcomes import dump_outcomes, remote_error
+from ._stream import generated_of, open_stream
+from ._wire import StreamOpened
+from .base import Call, Outcome
 
 if TYPE_CHECKING:
     from .ray_gateway import LinkInfo
@@ -66,6 +68,7 @@ class ReplicaActor:
         self._started = 0
         self._finished = 0
         self._progress = ProgressFile(progress_dir())
+        self._streams: dict[int, Generated] = {}  # open streams by the number of the call that opened them
 
     def build(self, target: Any, init_args: tuple[Any, ...], link: LinkInfo | None = None) -> HostInfo:
         """Build the backend (its handles reach the instance through ``link``); the constructor's error is reported."""
@@ -110,7 +113,68 @@ class ReplicaActor:
                 call: Call = pickle.loads(data)
             except Exception as exc:  # noqa: BLE001 - e.g. a class this process cannot import
                 return f"{type(exc).__name__}: {exc}"
-            return dump_outcomes(self._invoker.run(call), cloudpickle.dumps)
+            outcomes = self._invoker.run(call)
+            gen = generated_of(outcomes)
+            if gen is not None:
+                outcomes = self._open_stream(self._started, gen)
+            return dump_outcomes(outcomes, cloudpickle.dumps)
         finally:
             self._finished += 1
             self._progress.finished(self._finished)
+
+    # ---------------------------------------------------------------- streams
+    def _open_stream(self, seq: int, gen: Generated) -> list[Outcome]:
+        """Run the generator to its first item: the call's answer; the rest is pulled (:meth:`stream_next`)."""
+        outcome, channel = open_stream(gen)
+        if not outcome.ok:
+            return [outcome]
+        first = outcome.value.read(0)
+        if channel is not None:
+            self._streams[seq] = gen
+        return [Outcome(True, StreamOpened(first, channel is None, seq))]
+
+    def stream_next(self, seq: int, most: int) -> bytes:
+        """Up to ``most`` more items of stream ``seq`` (at least one, for at most a time slice).
+
+        Returns the pickled ``(items, ended, error)``; an ended stream's generator is closed.
+        """
+        gen = self._streams.get(seq)
+        items: list[Any] = []
+        ended, error = gen is None, None
+        deadline = time.monotonic() + REPLY_SLICE_S
+        try:
+            while gen is not None and len(items) < most:
+                item = gen.next()
+                if item is END:
+                    ended = True
+                    break
+                items.append(item)
+                if time.monotonic() >= deadline:
+                    break
+        except BaseException as exc:  # noqa: BLE001 - a mid-stream failure ends the stream with it
+            ended, error = True, exc
+        if ended and gen is not None:
+            error = _closed(self._streams.pop(seq), error)
+        try:
+            return cloudpickle.dumps((items, ended, None if error is None else remote_error(error, cloudpickle.dumps)))
+        except Exception as exc:  # noqa: BLE001 - an item that cannot cross
+            self._streams.pop(seq, None)
+            unsent = ServeError(f"a stream item cannot be sent back from the actor: {exc!r}")
+            _closed(gen, None)
+            return cloudpickle.dumps(([], True, remote_error(unsent, cloudpickle.dumps)))
+
+    def stream_close(self, seq: int) -> None:
+        """The reader closed stream ``seq``: close its generator (its ``finally`` runs here)."""
+        gen = self._streams.pop(seq, None)
+        if gen is not None:
+            _closed(gen, None)
+
+
+def _closed(gen: Generated | None, error: BaseException | None) -> BaseException | None:
+    """Close a generator; the error it ended with, or the one its ``finally`` raised."""
+    try:
+        if gen is not None:
+            gen.close()
+    except BaseException as exc:  # noqa: BLE001 - its finally failed
+        return error or exc
+    return error

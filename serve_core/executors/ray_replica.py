@@ -36,9 +36,11 @@ from ray import cloudpickle
 from ray import exceptions as ray_errors
 
 from ..errors import NotDeliveredError, ReplicaDiedError, ServeError
+from ._wire import StreamOpened
 from .base import Call, Outcome
 from .ray_actor import HostInfo
 from .ray_progress import Progress, fate, first_line, forget, read_dead, summary
+from .ray_stream import pull_stream
 
 log = logging.getLogger("serve_core")
 
@@ -253,7 +255,10 @@ class RayReplica:
             return
         self._send_outbox()  # first, so the actor stays busy
         for (call, future), answer in zip(done, answers):
-            self._resolve(future, self._decode(call, answer))
+            outcomes = self._decode(call, answer)
+            if len(outcomes) == 1 and type(outcomes[0].value) is StreamOpened:  # pulled from here on
+                outcomes = [Outcome(True, pull_stream(self._actor, outcomes[0].value, self.replica_id))]
+            self._resolve(future, outcomes)
 
     def _decode(self, call: Call, answer: Any) -> list[Outcome]:
         if isinstance(answer, str):

@@ -24,10 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-import uuid
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
+from .. import recent_errors
 from ..streams import ItemStream
 from .responses import json_body
 
@@ -87,7 +87,7 @@ def content_type(first: Any, events: bool) -> str:
 
 def stream_failed(exc: BaseException, where: str) -> str:
     """Log a stream that failed mid-way; its error id."""
-    error_id = uuid.uuid4().hex[:12]
+    error_id = recent_errors.error_id(exc)  # the dashboard's recent errors show it under this id too
     log.error("%s: the stream failed mid-way (error id %s)", where, error_id, exc_info=exc)
     return error_id
 

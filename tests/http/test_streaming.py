@@ -21,12 +21,6 @@ from ..streaming_backends import endless, failing, held, make_event, web_stream
 from .helpers import Wire
 
 
-@pytest.fixture(params=["inline", "thread"])
-def executor(request: pytest.FixtureRequest) -> str:
-    """The executors that stream so far."""
-    return str(request.param)
-
-
 @pytest.fixture
 def event(executor: str) -> Iterator[Callable[[], Any]]:
     managers: list[Any] = []
