@@ -735,6 +735,8 @@ class Serve:
         slo: SLO = NO_SLO,
         shard_key: str | None = None,
         stream: bool = False,
+        caller_runs: bool = False,
+        caller_timeout_s: float | None = None,
         origin: Origin | None = None,
     ) -> ServeFuture:
         """Call an endpoint: the one entry that handles and the HTTP front use.
@@ -749,6 +751,12 @@ class Serve:
             stream: a backend that returns a generator may stream to this Python caller
                 (web calls always may): the future's result is then an
                 :class:`~serve_core.streams.ItemStream`, answered at the first item.
+            caller_runs: the caller blocks on the answer right after this returns: a
+                synchronous call that finds its replica free may run in this thread, in which
+                case the future is answered when this returns (``BackendConfig.caller_runs``).
+            caller_timeout_s: how long the caller then waits (None: as long as it takes); with
+                a timeout, only a backend whose recent calls were short runs in the caller
+                (:mod:`serve_core.callerruns`).
             origin: for a call made inside a replica, the caller's deadline (the earlier of
                 the two counts) and chain (:mod:`serve_core.composition`).
 
@@ -767,6 +775,8 @@ class Serve:
         query = Query(endpoint_name, method_name, kwargs or {}, request, deadline, shard_key, future, arrival)
         if stream:
             query.stream = True
+        if caller_runs:
+            query.caller_runs, query.caller_timeout_s = True, caller_timeout_s
         if origin is not None:
             query.deadline = min(deadline, origin.deadline)
             query.chain = origin.chain

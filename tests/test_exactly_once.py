@@ -6,6 +6,8 @@ completions, user errors, replica crashes, failing replacements, scale up and do
 link and split, time passing (deadlines, batch waits, the waiting room's timeout),
 cancellation by the caller (of queued calls, and of running ones, which the replicas here
 cancel the way an async replica cancels a task: at once, or when the call next ends),
+calls whose caller runs them in its own thread (caller-runs: answered, the replica crashing
+there, or found stopped),
 replacing a backend's code under its tag (the old runtime drains while the new one takes
 the calls), composed calls (made "inside a replica": with a deadline and a chain, which may be
 refused as a loop back; and the ones a process worker sends, through the parent's
@@ -38,9 +40,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import serve_core as serve
 from serve_core import BackendConfig, Serve
 from serve_core.composition import Origin, ReplicaScope
-from serve_core.errors import ServeError
+from serve_core.errors import NotDeliveredError, ReplicaDiedError, ServeError
 from serve_core.executors._nested import NESTED, Nested, NestedCalls, NestedCancel
-from serve_core.executors.base import Outcome, ReplicaSpec
+from serve_core.executors.base import Call, Outcome, ReplicaSpec
 from serve_core.slo import SLO
 from serve_core.streams import ItemStream, ServeStream
 from serve_core.testing import FakeClock
@@ -98,6 +100,17 @@ class CancellableReplica(ScriptedReplica):
         super().__init__(spec)
         self.at_once = False
         self.cancelled: list[Future[list[Outcome]]] = []
+        self.here = "answer"  # what run_here does: answer, crash (dies), stopped (never ran the call)
+
+    def run_here(self, call: Call) -> list[Outcome]:
+        """Caller-runs (``CallerRunsReplica``): the call runs in the caller's thread, or the replica fails."""
+        assert not self.held, "a caller ran a call on a replica holding another one"
+        if self.here == "answer":
+            return self._invoker.run(call)
+        self.alive = False
+        if self.here == "crash":
+            raise ReplicaDiedError(f"replica {self.replica_id} crashed in the caller's thread")
+        raise NotDeliveredError(f"replica {self.replica_id} was stopped")
 
     def cancel(self, future: Future[list[Outcome]]) -> bool:
         index = next((i for i, (_, held) in enumerate(self.held) if held is future), None)
@@ -197,6 +210,43 @@ class Scheduler(RuleBasedStateMachine):
             future = handle.remote(i=self.calls, fail=fail)
         except ServeError:
             return  # refused at once (back pressure, broken backend): the caller got its answer
+        index = len(self.futures)
+        self.resolutions[index] = 0
+        future.add_done_callback(functools.partial(self._resolved, index))
+        self.futures.append(future)
+
+    @precondition(lambda self: not self.stopped)
+    @rule(
+        endpoint=st.sampled_from(["split", "later"]),
+        fail=st.booleans(),
+        here=st.sampled_from(["answer", "answer", "crash", "stopped"]),
+        replacement_fails=st.booleans(),
+        timeout=st.sampled_from([None, 1.0]),
+    )
+    def call_here(self, endpoint: str, fail: bool, here: str, replacement_fails: bool, timeout: float | None) -> None:
+        """A caller that blocks on the answer (the WSGI front): it may run the call in its own thread."""
+        self.calls += 1
+        for replica in self.executor.started:
+            assert isinstance(replica, CancellableReplica)
+            replica.here = here
+        self.executor.failing_starts = int(replacement_fails)
+        # A replica that failed here is replaced on a helper thread: held at the gate until this
+        # thread is done with the call, so the two never race (and every run is the same).
+        self.executor.start_gate = threading.Event()
+        try:
+            future = self.srv.enqueue(
+                endpoint, kwargs={"i": self.calls, "fail": fail}, caller_runs=True, caller_timeout_s=timeout
+            )
+        except ServeError:
+            return
+        finally:
+            for replica in self.executor.started:
+                assert isinstance(replica, CancellableReplica)
+                replica.here = "answer"
+            self.executor.start_gate.set()
+            _wait_for_replacements()
+            self.executor.start_gate = None
+            self.executor.failing_starts = 0
         index = len(self.futures)
         self.resolutions[index] = 0
         future.add_done_callback(functools.partial(self._resolved, index))

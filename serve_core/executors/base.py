@@ -126,6 +126,13 @@ class Replica(Protocol):
         """Finish accepted calls (up to ``drain_timeout`` seconds), then release resources."""
 
 
+IN_PROCESS_ATTRIBUTE = "in_process"
+"""A replica's optional flag (read once with ``getattr``, default False): its calls run on a thread
+of this process. The runtime then gives the next call to the free replica that finished last (its
+thread has just run: waking it costs least, or nothing) instead of to the one free the longest, so
+100 thread replicas cost no more per call than one (issue 16); other replicas take calls in turn."""
+
+
 @runtime_checkable
 class CancellableReplica(Replica, Protocol):
     """A replica that can cancel a call it is running: an optional addition to :class:`Replica`.
@@ -140,6 +147,23 @@ class CancellableReplica(Replica, Protocol):
     """
 
     def cancel(self, future: Future[list[Outcome]]) -> bool: ...
+
+
+@runtime_checkable
+class CallerRunsReplica(Replica, Protocol):
+    """A replica whose synchronous calls may run in the thread that submits them: optional.
+
+    ``run_here(call)`` runs the call in the calling thread and returns its outcomes (never a
+    user's exception: those are outcomes), or raises
+    :class:`~serve_core.errors.NotDeliveredError` when the replica is stopped. The runtime
+    calls it only for a caller that would block on the answer anyway, when the replica holds
+    no other call (so the one-call-at-a-time rule of the replica holds) and nothing needs the
+    call on the replica's own thread (docs/executors.md, "Caller-runs"): the hand-off to the
+    replica's thread and back, two thread wake-ups, is saved. A replica that cannot run a call
+    here (an async backend, another process) sets ``run_here`` to ``None`` or leaves it out.
+    """
+
+    def run_here(self, call: Call) -> list[Outcome]: ...
 
 
 @runtime_checkable
