@@ -10,13 +10,16 @@ from ``wrk`` in another process (``apt-get install wrk``), or, without it, from 
 keep-alive client in this script's worker processes. Reports requests/s, p50/p99 latency
 and errors (summed over rounds), and the ratio ours/bare measured in the same run: both
 servers run side by side and are measured alternately, the median of ``--rounds`` kept.
+Also the CPU time the server's processes used per request (``/proc``, all threads), whose
+ratio bare/ours other processes' load skews far less than requests/s.
 Not a test: speed is not asserted anywhere.
 
 ``--compare observability`` measures the no-op endpoint with metrics, access log and request
 ids on against the same build with them off (``noop_factory.py``), the same way; the ratio
 printed is the time per request, on / off (issue 13's target: at most 1.15x under Granian at
-c=8). ``--interface rsgi`` serves them through Granian's RSGI interface, as ``serve-core run
---server granian`` does.
+c=8). ``--interface rsgi`` serves ours through Granian's RSGI interface, as ``serve-core run
+--server granian`` does (the bare baseline stays the WSGI hello world on Granian's WSGI
+interface, the issue 16 baseline).
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import http.client
+import math
 import multiprocessing
 import os
 import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,9 +80,10 @@ elif {app!r}.startswith("obs-"):
     target, factory = "noop_factory:" + ("rsgi_app" if {interface!r} == "rsgi" else "app"), True
 else:
     os.environ["SERVE_CORE_APP"] = {noop!r}
-    target, factory = "serve_core.http.granian:app_from_env", True
+    factory_name = "rsgi_app_from_env" if {interface!r} == "rsgi" else "app_from_env"
+    target, factory = "serve_core.http.granian:" + factory_name, True
 print("ready", flush=True)
-if {interface!r} == "rsgi" and {app!r}.startswith("obs-"):  # RSGI runs on Granian's event loop thread
+if {interface!r} == "rsgi" and {app!r} != "bare":  # RSGI runs on Granian's event loop thread
     interface, threads = Interfaces.RSGI, {{}}
 else:
     interface, threads = Interfaces.WSGI, {{"blocking_threads": {threads}}}
@@ -99,6 +105,8 @@ class Result:
     p99_ms: float
     errors: int
     rounds: list[float] = dataclasses.field(default_factory=list)  # requests/s of each round, in order
+    cpu_us: float = math.nan  # CPU time of the server's processes per request, microseconds
+    cpu_rounds: list[float] = dataclasses.field(default_factory=list)  # cpu_us of each round, in order
 
 
 def free_port() -> int:
@@ -205,6 +213,38 @@ def _load(port: int, path: str, concurrency: int, duration: float) -> Result:
     return run_python_client(port, path, concurrency, duration)
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its descendants (Linux /proc)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += times.get(current, 0.0)
+        todo += [child for child, parent in parents.items() if parent == current]
+    return total
+
+
+def _load_with_cpu(pid: int, port: int, path: str, concurrency: int, duration: float) -> Result:
+    """:func:`_load`, and the server's CPU time per request during it (steadier than req/s under load)."""
+    before = tree_cpu_s(pid) if os.path.isdir("/proc") else math.nan
+    result = _load(port, path, concurrency, duration)
+    used = tree_cpu_s(pid) - before if os.path.isdir("/proc") else math.nan
+    result.cpu_us = used / max(1.0, result.rps * max(1, round(duration))) * 1e6
+    return result
+
+
 def measure(
     server: str, concurrencies: list[int], duration: float, threads: int, rounds: int,
     paths: dict[str, str] = PATHS, access_log: str = os.devnull, interface: str = "wsgi",
@@ -220,12 +260,13 @@ def measure(
             samples: dict[str, list[Result]] = {app: [] for app in paths}
             for index in range(rounds):  # alternate, so background load hits both alike
                 for app in (paths if index % 2 == 0 else reversed(list(paths))):
-                    samples[app].append(_load(ports[app], paths[app], concurrency, duration))
+                    samples[app].append(_load_with_cpu(procs[app].pid, ports[app], paths[app], concurrency, duration))
             for app in paths:
                 ranked = sorted(samples[app], key=lambda r: r.rps)
                 median = ranked[len(ranked) // 2]
                 median.errors = sum(r.errors for r in ranked)
                 median.rounds = [r.rps for r in samples[app]]
+                median.cpu_rounds = [r.cpu_us for r in samples[app]]
                 out[app][concurrency] = median
         return out
     finally:
@@ -234,13 +275,21 @@ def measure(
 
 
 def report(server: str, bare: dict[int, Result], ours: dict[int, Result]) -> None:
-    print(f"\n{server}: concurrency | bare req/s p50 p99 err | serve no-op req/s p50 p99 err | ratio")
+    print(
+        f"\n{server}: concurrency | bare req/s p50 p99 err | serve no-op req/s p50 p99 err | ratio "
+        "(of medians; median of rounds' ratios) | CPU per request bare, ours: bare/ours"
+    )
     for c in bare:
         b, o = bare[c], ours[c]
+        ratios = sorted(x / y for x, y in zip(o.rounds, b.rounds))  # the two sides of a round ran back to back
+        cpu = sorted(y / x for x, y in zip(o.cpu_rounds, b.cpu_rounds))
         print(
             f"  c={c:<3} | {b.rps:9.0f} {b.p50_ms:6.2f}ms {b.p99_ms:6.2f}ms {b.errors:3d} "
-            f"| {o.rps:9.0f} {o.p50_ms:6.2f}ms {o.p99_ms:6.2f}ms {o.errors:3d} | {o.rps / b.rps:5.1%}"
+            f"| {o.rps:9.0f} {o.p50_ms:6.2f}ms {o.p99_ms:6.2f}ms {o.errors:3d} | {o.rps / b.rps:5.1%}; "
+            f"{ratios[len(ratios) // 2]:5.1%} | {statistics.median(b.cpu_rounds):5.1f} us, "
+            f"{statistics.median(o.cpu_rounds):5.1f} us: {cpu[len(cpu) // 2]:5.1%}"
         )
+        print(f"        rounds' ratios: {' '.join(f'{r:.3f}' for r in ratios)}")
 
 
 def report_observability(server: str, off: dict[int, Result], on: dict[int, Result]) -> None:

@@ -133,6 +133,7 @@ _VALIDATORS: dict[str, Callable[[str, Any], None]] = {
     "health_check_period_s": _positive_number,
     "health_check_timeout_s": _positive_number,
     "call_timeout_s": lambda n, v: None if v is None else _positive_number(n, v),
+    "caller_runs": _boolean,
 }
 
 DEFAULT_HEALTH_CHECK_PERIOD_S = 10.0
@@ -171,6 +172,13 @@ class BackendConfig:
             unhealthy (> 0).
         call_timeout_s: how long one replica call may run (``None``: no limit); past it the
             call fails with ``DeadlineExceededError`` and its replica is replaced.
+        caller_runs: a caller that blocks on the answer (an HTTP request's thread under a
+            WSGI server) and finds a synchronous thread replica free runs the call itself,
+            under that replica (still one call at a time), instead of handing it to the
+            replica's thread (docs/executors.md, "Caller-runs"). ``False`` keeps every call
+            on the replica's own thread (a backend with thread-bound state needs that). Off
+            while ``call_timeout_s`` is set; a caller with a timeout runs calls only of a backend
+            whose recent calls were short (:mod:`serve_core.callerruns`).
     """
 
     num_replicas: int = 1
@@ -189,6 +197,7 @@ class BackendConfig:
     health_check_period_s: float = DEFAULT_HEALTH_CHECK_PERIOD_S
     health_check_timeout_s: float = DEFAULT_HEALTH_CHECK_TIMEOUT_S
     call_timeout_s: float | None = None
+    caller_runs: bool = True
 
     def __post_init__(self) -> None:
         self.check()

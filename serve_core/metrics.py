@@ -156,6 +156,19 @@ class WindowedHistogram:
             if slot < BUCKET_CAPACITY:
                 samples[slot] = value
 
+    def record_many(self, values: list[float], now: float) -> None:
+        """:meth:`record` of each value at ``now`` (a batch's queries), in one step while they fit."""
+        second = int(now)
+        if second > self._open_second:
+            self._roll(second, now)
+        samples = self._open
+        if len(samples) + len(values) <= BUCKET_CAPACITY:
+            self._seen += len(values)
+            samples.extend(values)
+            return
+        for value in values:  # the bucket fills up: reservoir sampling, value by value
+            self.record(value, now)
+
     def snapshot(self, now: float) -> HistogramSnapshot:
         """The samples as of ``now``, in O(1): sealed buckets are shared, the open one copied.
 

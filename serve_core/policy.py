@@ -37,6 +37,9 @@ class RandomPolicy(Policy):
     """Independent weighted draw; a shard key always maps to the same backend."""
 
     def choose(self, shard_key: str | None, queue_len: QueueLength) -> str:
+        backends = self.traffic.backends
+        if len(backends) == 1:  # linked to one backend: no draw (nor a number taken from the rng)
+            return backends[0]
         return self.traffic.draw(self._uniform(shard_key))
 
 

@@ -17,88 +17,22 @@ arrival order.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import dataclasses
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Hashable
-from concurrent.futures import Future
+from collections.abc import Hashable
 from typing import Any
 
 from .errors import BackPressureError
+from .future import ServeFuture, Timing
 
 NO_DEADLINE = math.inf
 
 
-@dataclasses.dataclass(slots=True)
-class Timing:
-    """Where and how long a query spent, attached to its future by the runtime before it is answered.
-
-    ``queue_s`` is the time queued until a replica was free for it, ``batch_wait_s`` the time
-    a free replica then held its batch open to fill (``batch_wait_timeout_s``; 0 otherwise),
-    ``execution_s`` the time of the replica call it was part of. Set for web queries that
-    reached a replica (the HTTP front's ``Server-Timing`` header and access log read it).
-    Treat it as immutable: it is not frozen because one is built per web query, and a frozen
-    dataclass's ``__init__`` costs three times more.
-    """
-
-    backend: str
-    replica: str
-    queue_s: float
-    batch_wait_s: float
-    execution_s: float
-
-
-class ServeFuture(Future):
-    """A ``concurrent.futures.Future`` that can also be awaited from asyncio, from any loop.
-
-    ``timing`` is the query's :class:`Timing` once it is answered, when the runtime recorded one.
-
-    :meth:`cancel` also reaches a running call (an ``async def`` backend's task); cancelling
-    the asyncio task that awaits this future cancels it the same way.
-    """
-
-    timing: Timing | None = None
-    # Class-level defaults: a future that is never cancelled costs nothing per instance.
-    _canceller: Callable[[], bool] | None = None
-    _cancel_wanted = False
-
-    def __await__(self) -> Any:
-        import asyncio
-
-        return asyncio.wrap_future(self).__await__()
-
-    def cancel(self) -> bool:
-        """Withdraw the query if it is queued; ask its replica to cancel it if it is running.
-
-        Returns:
-            True if the query was withdrawn (it resolves cancelled, as a stdlib future), or if the
-            running call's replica took the request: an async call's task is cancelled and the
-            future resolves with :class:`concurrent.futures.CancelledError` (or with the call's
-            answer, if it finished first or swallowed the cancellation, as with
-            ``asyncio.Task.cancel``). False when the future is done, or its call cannot be
-            cancelled (synchronous code, a batch, an executor without cancellation), or it was
-            being handed to its replica at that instant: then the request is kept and reaches the
-            call as soon as it is there.
-        """
-        if super().cancel():
-            return True
-        if self.done():
-            return False
-        self._cancel_wanted = True
-        canceller = self._canceller
-        return canceller() if canceller is not None else False
-
-    def set_canceller(self, canceller: Callable[[], bool]) -> None:
-        """Register how to cancel the running call (the runtime, once its replica holds it).
-
-        A :meth:`cancel` that came while the call was on its way is delivered now. Either side
-        may see the other's write (both are plain attribute writes under the GIL), so the
-        canceller may run twice: replicas' cancels are idempotent.
-        """
-        self._canceller = canceller
-        if self._cancel_wanted and not self.done():
-            canceller()
+__all__ = ["NO_DEADLINE", "BackendQueue", "Query", "ServeFuture", "Timing"]
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -118,8 +52,11 @@ class Query:
     started: bool = False  # future set running: the caller can no longer cancel it
     requeues: int = 0  # times it came back from a replica it never reached
     dispatched: float = 0.0  # monotonic time it was handed to a replica
+    chain: tuple[str, ...] = ()  # made inside replicas of these backends, waiting for it (composition.Origin)
     batch_wait: float = 0.0  # of its time queued, seconds a free replica held its batch open to fill
     stream: bool = False  # the caller reads a stream (handle.options(stream=True)); web calls always may
+    caller_runs: bool = False  # its caller blocks on the answer at once: it may run the call itself
+    caller_timeout_s: float | None = None  # ... for that long (None: as long as it takes)
 
     @property
     def web(self) -> bool:
@@ -150,34 +87,53 @@ class Query:
 
 
 class BackendQueue:
-    """A bounded earliest-deadline-first queue of queries for one backend."""
+    """A bounded earliest-deadline-first queue of queries for one backend.
+
+    Queries with a deadline are in a heap keyed by ``(deadline, seq)``; those without one
+    (the common case, and all of them last in EDF order) in a FIFO deque, in arrival order:
+    O(1) to push and pop instead of a heap's O(log n) tuple comparisons.
+    """
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
         self._heap: list[tuple[float, int, Query]] = []
+        self._fifo: collections.deque[Query] = collections.deque()  # no deadline, by seq
         self._seq = itertools.count()
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._heap) + len(self._fifo)
 
     def push(self, query: Query) -> None:
         """Add a query; raises :class:`BackPressureError` when the queue is full."""
-        if len(self._heap) >= self.max_size:
+        if len(self._heap) + len(self._fifo) >= self.max_size:
             raise BackPressureError(
                 f"queue of backend {query.backend!r} is full ({self.max_size} queries); retry later"
             )
         query.seq = next(self._seq)
-        heapq.heappush(self._heap, (query.deadline, query.seq, query))
+        if query.deadline == NO_DEADLINE:
+            self._fifo.append(query)
+        else:
+            heapq.heappush(self._heap, (query.deadline, query.seq, query))
 
     def restore(self, query: Query) -> None:
         """Put back a query taken from this queue, at its original place."""
-        heapq.heappush(self._heap, (query.deadline, query.seq, query))
+        if query.deadline != NO_DEADLINE:
+            heapq.heappush(self._heap, (query.deadline, query.seq, query))
+            return
+        fifo = self._fifo
+        if not fifo or query.seq < fifo[0].seq:  # the usual case: it was taken from the front
+            fifo.appendleft(query)
+            return
+        index = bisect.bisect_left(fifo, query.seq, key=_seq)
+        fifo.insert(index, query)
 
     def pop(self) -> Query:
-        return heapq.heappop(self._heap)[2]
+        if self._heap:
+            return heapq.heappop(self._heap)[2]
+        return self._fifo.popleft()
 
     def earliest_deadline(self) -> float:
-        """The deadline of the head of the queue (``NO_DEADLINE`` when empty)."""
+        """The deadline of the head of the queue (``NO_DEADLINE`` when empty or none has one)."""
         return self._heap[0][0] if self._heap else NO_DEADLINE
 
     def pop_expired(self, now: float) -> list[Query]:
@@ -189,4 +145,11 @@ class BackendQueue:
 
     def drain(self) -> list[Query]:
         """Remove and return every query, in order."""
-        return [heapq.heappop(self._heap)[2] for _ in range(len(self._heap))]
+        ordered = [heapq.heappop(self._heap)[2] for _ in range(len(self._heap))]
+        ordered += self._fifo
+        self._fifo.clear()
+        return ordered
+
+
+def _seq(query: Query) -> int:
+    return query.seq

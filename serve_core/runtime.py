@@ -30,18 +30,21 @@ from functools import partial
 from typing import Any
 
 from .batching import ExecutionTimes, form_batch
+from .callerruns import RecentLongest, may_run_here
 from .clock import Clock, Timer, wait_for
+from .composition import Origin, ReplicaScope, check_chain
 from .config import BackendConfig
 from .errors import (
     BackPressureError,
     DeadlineExceededError,
+    LoopBackError,
     NotDeliveredError,
     ReplicaDiedError,
     ServeError,
     ServeTypeError,
     ShuttingDownError,
 )
-from .executors.base import Call, ExecutorPool, Outcome, Replica, ReplicaSpec
+from .executors.base import IN_PROCESS_ATTRIBUTE, Call, ExecutorPool, Outcome, Replica, ReplicaSpec
 from .metrics import Counter, WindowedHistogram
 from .prom import BackendLoad, Meter, Metrics, error_kind
 from .queues import NO_DEADLINE, BackendQueue, Query, Timing
@@ -81,16 +84,26 @@ def retry_after_hint(queued: int, in_flight: int, mean_call_s: float) -> float:
 class Slot:
     """A replica and the calls it holds (at most ``capacity`` at once), by token."""
 
-    __slots__ = ("replica", "capacity", "calls", "retired", "drained", "timers", "cancel")
+    __slots__ = (
+        "replica", "capacity", "calls", "retired", "drained", "timers", "cancel", "run_here", "idle", "in_service",
+        "in_process",
+    )
 
     def __init__(self, replica: Replica, capacity: int) -> None:
         self.replica = replica
         self.capacity = capacity
         # The replica's optional ``cancel(future)`` (executors.base.CancellableReplica), or None.
         self.cancel: Callable[[Future[list[Outcome]]], bool] | None = getattr(replica, "cancel", None)
+        # The replica's optional ``run_here(call)`` (executors.base.CallerRunsReplica), or None.
+        self.run_here: Callable[[Call], list[Outcome]] | None = getattr(replica, "run_here", None)
+        # The replica's optional ``in_process`` flag: its calls run on a thread of this process.
+        self.in_process: bool = bool(getattr(replica, IN_PROCESS_ATTRIBUTE, False))
         self.calls: dict[int, list[Query]] = {}
         self.timers: dict[int, Timer] = {}  # token -> its call_timeout_s timer, when one is set
         self.retired = False  # taken out of service: finishes its calls, gets no new ones
+        # Where the runtime keeps it (flags, so the hot path tests membership in O(1)):
+        self.idle = False  # in the runtime's idle deque
+        self.in_service = False  # in the runtime's slots (not retired, not dropped)
         self.drained: Future[None] = Future()  # resolves once retired (or dropped) with no call left
 
     @property
@@ -141,6 +154,7 @@ class BackendRuntime:
         count_error: called with the endpoint, this backend's tag and the error of each query
             answered with an error.
         metrics: where the Prometheus metrics are recorded (None: not recorded).
+        scope: what its replicas' code is part of (calls made there are composed calls).
     """
 
     def __init__(
@@ -154,8 +168,10 @@ class BackendRuntime:
         drain_timeout_s: float,
         count_error: Callable[[str, str, BaseException], None],
         metrics: Metrics | None = None,
+        scope: ReplicaScope | None = None,
     ) -> None:
         self.tag = definition.tag
+        self._scope = scope
         self.definition = definition
         self._config = config.copy()
         self._executors = executors
@@ -166,7 +182,7 @@ class BackendRuntime:
         self._lifecycle = threading.RLock()  # serialises start, scale, reconfigure, replace, close
         self._queue = BackendQueue(config.max_queue_size)
         self._slots: list[Slot] = []  # in service, oldest first
-        self._idle: collections.deque[Slot] = collections.deque()  # in service with room, in turn
+        self._idle: collections.deque[Slot] = collections.deque()  # in service with room; the next one first
         self._active: set[Slot] = set()  # holding calls (in service, retired or dropped)
         self._tokens = itertools.count()
         self._replica_ids = itertools.count(1)
@@ -178,6 +194,7 @@ class BackendRuntime:
         self._replacers: list[threading.Thread] = []
         self._local = threading.local()  # per thread: the dispatch loop it is running, if any
         self._times = ExecutionTimes()
+        self._longest = RecentLongest()  # for callers with a timeout: may they run a call (callerruns)?
         self._filling_since: float | None = None  # when a free replica began holding a batch open to fill
         self._target = config.initial_replicas  # replicas to keep: num_replicas, or the autoscaler's
         self._supervisor = Supervisor(self, clock, checks_health(definition.target))
@@ -264,6 +281,8 @@ class BackendRuntime:
             if self._broken is not None:
                 self._refused(query, "replica_died")
                 raise ReplicaDiedError(self._broken)
+            if query.chain and self.tag in query.chain:
+                self._check_loop(query)
             query.backend = self.tag
             try:
                 self._queue.push(query)
@@ -275,8 +294,21 @@ class BackendRuntime:
                 if self._config.drop_expired and query.deadline != NO_DEADLINE:
                     self._wake_at(self._queue.earliest_deadline())
                 return
+            here = query.caller_runs and may_run_here(query.caller_timeout_s, self._longest, self._clock.monotonic())
             work, expired = self._take()
-        self._run(work, expired)
+        self._run(work, expired, here=query if here else None)
+
+    def _check_loop(self, query: Query) -> None:
+        """Refuse a composed call that only the calls of its own chain could serve (under the lock)."""
+        config = self._config
+        most = config.autoscaling.max_replicas if config.autoscaling is not None else self._target
+        most = max(most, len(self._slots))
+        per_replica = config.max_concurrent_queries or min((slot.capacity for slot in self._slots), default=1)
+        try:
+            check_chain(self.tag, query.chain, most, per_replica)
+        except LoopBackError:
+            self._refused(query, "loop_back")
+            raise
 
     def _refused(self, query: Query, kind: str) -> None:
         """Count a query refused at admission (under the lock)."""
@@ -334,6 +366,8 @@ class BackendRuntime:
             self._active.add(slot)
             if len(calls) < slot.capacity:
                 idle.append(slot)
+            else:
+                slot.idle = False
             filling, self._filling_since = self._filling_since, None
             for query in queries:
                 query.dispatched = now
@@ -357,13 +391,17 @@ class BackendRuntime:
         if self._meter is not None:
             self._meter.answered(queries, None)
 
-    def _run(self, work: list[Work], expired: list[Query], done: Done | None = None) -> None:
+    def _run(
+        self, work: list[Work], expired: list[Query], done: Done | None = None, here: Query | None = None
+    ) -> None:
         """Finish ``done``, answer expired queries and submit work, outside the lock.
 
         Calls answered at once loop here. A thread already inside this loop for this backend
         (a user's done-callback calling the endpoint again, an inline backend calling itself)
         only adds to it: the work joins the outer loop instead of nesting, so no chain of
-        calls grows the stack.
+        calls grows the stack. ``here`` is the query this thread's caller blocks on
+        (``Query.caller_runs``): dispatched alone to a replica that can run it in this
+        thread (:meth:`_runs_here`), it runs here.
         """
         local = self._local
         pending = getattr(local, "pending", None)
@@ -381,7 +419,10 @@ class BackendRuntime:
                         f"deadline of the query to backend {self.tag!r} passed before it ran"
                     ))
                 for slot, token, queries in work:
-                    future = self._submit(slot, queries)
+                    if queries[0] is here and self._runs_here(slot, queries):
+                        pending.append(self._finish_outcomes(slot, token, *_run_here(slot, self._call(queries))))
+                        continue
+                    future = self._submit(slot, self._call(queries))
                     if future.done():
                         pending.append(self._finish(slot, token, future))
                     else:
@@ -391,7 +432,24 @@ class BackendRuntime:
         finally:
             local.pending = None
 
-    def _submit(self, slot: Slot, queries: list[Query]) -> Future[list[Outcome]]:
+    def _runs_here(self, slot: Slot, queries: list[Query]) -> bool:
+        """Caller-runs: a single call, on a replica that can run it here and holds no other call.
+
+        Not with ``call_timeout_s`` (a call in the caller's thread could not be abandoned) nor
+        ``caller_runs=False`` (the backend wants its calls on the replica's thread); a caller
+        with a timeout only if the backend's recent calls were short (:mod:`.callerruns`,
+        decided in :meth:`admit`).
+        """
+        config = self._config
+        return (
+            slot.run_here is not None
+            and len(queries) == 1
+            and slot.capacity == 1
+            and config.caller_runs
+            and config.call_timeout_s is None
+        )
+
+    def _call(self, queries: list[Query]) -> Call:
         head = queries[0]
         if len(queries) == 1:
             requests: tuple[Any, ...] = (head.request,)
@@ -402,6 +460,11 @@ class BackendRuntime:
         batched = self._config.max_batch_size is not None
         web = head.request is not None
         call = Call(head.method, web, batched, requests, kwargs, not batched and (web or head.stream))
+        if head.chain or head.deadline != NO_DEADLINE or len(queries) > 1:
+            call.origin = _origin(queries)
+        return call
+
+    def _submit(self, slot: Slot, call: Call) -> Future[list[Outcome]]:
         try:
             if slot.replica.alive:
                 return slot.replica.submit(call)
@@ -433,6 +496,12 @@ class BackendRuntime:
             outcomes = future.result()
         except BaseException as exc:  # noqa: BLE001 - any failure of the future is a dead replica
             outcomes, died = [], exc
+        return self._finish_outcomes(slot, token, outcomes, died)
+
+    def _finish_outcomes(
+        self, slot: Slot, token: int, outcomes: list[Outcome], died: BaseException | None
+    ) -> tuple[list[Work], list[Query]]:
+        """:meth:`_finish` for a call that answered ``outcomes``, or failed with ``died``."""
         if died is None and len(outcomes) == 1 and isinstance(outcomes[0].value, ItemStream):
             self._stream_started(slot, token, outcomes[0].value)
             return [], []
@@ -545,11 +614,19 @@ class BackendRuntime:
     def _record(self, slot: Slot, queries: list[Query], outcomes: list[Outcome], now: float) -> None:
         """Metrics of a finished call, and its slot freed (under the lock)."""
         self.requests.inc(len(queries))
-        for query, outcome in zip(queries, outcomes):
+        if len(queries) == 1:
+            query = queries[0]
             self._latency.record(now - query.arrival, now)
             self._queue_wait.record(query.dispatched - query.arrival, now)
-            if not outcome.ok:
+            if not outcomes[0].ok:
                 self.errors.inc()
+        else:  # a batch: its queries were dispatched together
+            dispatched = queries[0].dispatched
+            self._latency.record_many([now - query.arrival for query in queries], now)
+            self._queue_wait.record_many([dispatched - query.arrival for query in queries], now)
+            failed = sum(not outcome.ok for outcome in outcomes)
+            if failed:
+                self.errors.inc(failed)
         seconds = now - queries[0].dispatched
         self._execution.record(seconds, now)
         self._batch_size.record(len(queries), now)
@@ -557,15 +634,20 @@ class BackendRuntime:
             self._meter.finished(queries, outcomes, now)
         if queries[0].request is not None:  # web calls: the HTTP front reads it (one batch is all web or none)
             self._stamp(slot, queries, now)
+        self._longest.observe(seconds, now)
         if self._config.batch_wait_timeout_s:  # the model only serves batches that wait
             self._times.observe(len(queries), seconds)
         if slot.retired:
             if not slot.calls:
                 slot.mark_drained()
-        elif not slot.full and slot not in self._idle and slot in self._slots:
+        elif not slot.full and not slot.idle and slot.in_service:
             # Not "was full": after max_concurrent_queries was lowered a slot can stay full
             # through several finished calls, and must enter the idle list once.
-            self._idle.append(slot)
+            if slot.in_process:  # next in line: its thread has just run, waking it is cheap (or no wake-up)
+                self._idle.appendleft(slot)
+            else:  # in turn: calls spread over the replicas
+                self._idle.append(slot)
+            slot.idle = True
 
     def _stamp(self, slot: Slot, queries: list[Query], now: float) -> None:
         """Attach each query's :class:`Timing` to its future, before it is answered (under the lock)."""
@@ -651,9 +733,11 @@ class BackendRuntime:
         """Take a slot whose replica died out of service; True the first time (replace it then)."""
         if not slot.calls:
             slot.mark_drained()
-        if slot in self._idle:
+        if slot.idle:
             self._idle.remove(slot)
-        if slot in self._slots:
+            slot.idle = False
+        if slot.in_service:
+            slot.in_service = False
             self._slots.remove(slot)
             return True
         return False
@@ -760,6 +844,8 @@ class BackendRuntime:
             for slot in self._slots:
                 slot.capacity = capacity(config, slot.replica)
             self._idle = collections.deque(slot for slot in self._slots if not slot.full)
+            for slot in self._slots:
+                slot.idle = not slot.full
         self.dispatch()
 
     def _scale(self, target: int) -> None:
@@ -786,7 +872,7 @@ class BackendRuntime:
             for _ in range(count):
                 spec = ReplicaSpec(
                     self.tag, f"{self.tag}#{next(self._replica_ids)}",
-                    self.definition.target, self.definition.init_args, config,
+                    self.definition.target, self.definition.init_args, config, self._scope,
                 )
                 replica = executor.start_replica(spec)
                 started.append(replica)
@@ -823,6 +909,7 @@ class BackendRuntime:
                 slot = Slot(replica, capacity(self._config, replica))
                 self._slots.append(slot)
                 self._idle.append(slot)
+                slot.idle = slot.in_service = True
                 self._broken = None
         if stop:
             replica.stop(0)
@@ -843,8 +930,10 @@ class BackendRuntime:
             self._slots = [slot for slot in self._slots if slot not in retired]
             for slot in retired:
                 slot.retired = True
-                if slot in self._idle:
+                slot.in_service = False
+                if slot.idle:
                     self._idle.remove(slot)
+                    slot.idle = False
                 if not slot.calls:
                     slot.mark_drained()
         deadline = self._clock.monotonic() + self._drain_timeout  # one drain time for all of them
@@ -925,6 +1014,8 @@ class BackendRuntime:
             leftovers = self._queue.drain()
             slots, self._slots = self._slots, []
             self._idle.clear()
+            for slot in slots:
+                slot.idle = slot.in_service = False
             if self._alarm is not None:
                 self._alarm.cancel()
             replacers = self._replacers
@@ -969,6 +1060,15 @@ def _answer(query: Query, ok: bool, value: Any) -> None:
         log.exception("could not answer a query of endpoint %r", query.endpoint)
 
 
+def _run_here(slot: Slot, call: Call) -> tuple[list[Outcome], BaseException | None]:
+    """Run a call in this thread on the slot's replica: its outcomes, or why the replica failed."""
+    assert slot.run_here is not None  # checked by _runs_here; internal invariant
+    try:
+        return slot.run_here(call), None
+    except BaseException as exc:  # noqa: BLE001 - as from a future: NotDeliveredError requeues, else died
+        return [], exc
+
+
 def _checked(slot: Slot, queries: list[Query], outcomes: list[Outcome]) -> list[Outcome]:
     """Outcomes that match the queries one to one (an executor bug must not strand callers)."""
     if len(outcomes) == len(queries):
@@ -984,3 +1084,13 @@ def _as_replica_death(replica: Replica, error: BaseException) -> BaseException:
     died.__cause__ = error
     return died
 
+
+
+def _origin(queries: list[Query]) -> Origin | None:
+    """What calls made inside the call of ``queries`` inherit: the latest deadline (a batch serves
+    them all), and the longest chain (each entry of it is a slot held upstream)."""
+    deadline = max(query.deadline for query in queries)
+    chain = max((query.chain for query in queries), key=len)
+    if not chain and deadline == NO_DEADLINE:
+        return None
+    return Origin(deadline, chain)

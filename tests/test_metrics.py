@@ -153,3 +153,17 @@ def test_stat_argument_checks() -> None:
         check_stat_args([150], [10], 3600)
     with pytest.raises(ServeTypeError):
         check_stat_args(["p50"], [10], 3600)  # type: ignore[list-item]
+
+
+def test_record_many_is_record_of_each_value() -> None:
+    """A batch's samples in one step: the same window as recording them one by one, past capacity too."""
+    one, many = WindowedHistogram(60), WindowedHistogram(60)
+    batches = [[float(i * 10 + j) for j in range(size)] for i, size in enumerate([3, 1, 32, 200, 400])]
+    for now, batch in zip([0.1, 0.5, 1.2, 1.7, 1.9], batches):  # two seconds; the second overflows its bucket
+        for value in batch:
+            one.record(value, now)
+        many.record_many(batch, now)
+    a, b = one.window(60, 2.0), many.window(60, 2.0)
+    assert len(a) == len(b) == 4 + BUCKET_CAPACITY  # the first second's 4, then a full bucket
+    assert list(a[:4]) == list(b[:4]) == [0.0, 1.0, 2.0, 10.0]
+    assert set(b[4:]) <= {v for batch in batches[2:] for v in batch}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import FIRST_EXCEPTION, Future, InvalidStateError, ThreadPoolExecutor, as_completed, wait
 
 import pytest
 
@@ -24,6 +25,19 @@ def test_earliest_deadline_first_then_arrival() -> None:
     for item in items:
         queue.push(item)
     assert [queue.pop().kwargs["i"] for _ in range(5)] == [2, 0, 3, 1, 4]
+
+
+def test_restored_queries_take_back_their_place_with_and_without_deadlines() -> None:
+    queue = BackendQueue(100)
+    for item in [query(i=0), query(i=1), query(2.0, i=2), query(i=3), query(i=4)]:
+        queue.push(item)
+    taken = [queue.pop() for _ in range(4)]  # 2 (deadline first), then 0, 1, 3
+    assert [q.kwargs["i"] for q in taken] == [2, 0, 1, 3]
+    for item in (taken[2], taken[0], taken[3], taken[1]):  # back in any order (a requeue does that)
+        queue.restore(item)
+    assert len(queue) == 5
+    assert [q.kwargs["i"] for q in queue.drain()] == [2, 0, 1, 3, 4]
+    assert len(queue) == 0
 
 
 def test_queue_is_bounded() -> None:
@@ -191,3 +205,41 @@ def test_slo_to_deadline() -> None:
 def test_slo_validation(relative: object, absolute: object, match: str) -> None:
     with pytest.raises(ValidationError, match=match):
         SLO.parse(relative, absolute)
+
+
+def test_a_serve_future_has_every_field_of_a_future_and_builds_its_condition_on_first_use() -> None:
+    """ServeFuture skips Future.__init__ (its Condition is the bulk of a queued query's memory)."""
+    future = ServeFuture()
+    assert set(vars(Future())) - {"_condition"} <= set(vars(future))  # a new Python's Future fields show here
+    assert "_built_condition" not in vars(future) and not future.done()
+    waiter = ThreadPoolExecutor(1)
+    try:
+        waiting = waiter.submit(future.result, 30)  # waits on the condition another thread set up
+        future.set_running_or_notify_cancel()
+        future.set_result(7)
+        assert waiting.result(30) == 7
+        assert future._condition is future._condition  # one condition, built once
+        assert wait([future], 0).done == {future}
+    finally:
+        waiter.shutdown()
+
+
+def test_a_queued_serve_future_cancels_and_calls_back_like_a_future() -> None:
+    future, seen = ServeFuture(), list[Future[object]]()
+    future.add_done_callback(seen.append)
+    assert future.cancel() and future.cancelled() and seen == [future]
+
+
+def test_serve_futures_work_with_wait_first_exception_and_as_completed() -> None:
+    """``wait`` calls ``f.exception()`` holding every future's lock: the lock must be re-entrant."""
+    failed: Future[int] = ServeFuture()
+    pending: Future[int] = ServeFuture()
+    failed.set_running_or_notify_cancel()
+    failed.set_exception(ValueError("boom"))
+    done, not_done = wait([failed, pending], timeout=30, return_when=FIRST_EXCEPTION)
+    assert (done, not_done) == ({failed}, {pending})
+    pending.set_running_or_notify_cancel()
+    pending.set_result(1)
+    assert set(as_completed([failed, pending], timeout=30)) == {failed, pending}
+    with pytest.raises(InvalidStateError):
+        pending.set_result(2)  # answered once

@@ -21,12 +21,10 @@ slow reader holds the producer back. A reader that closes the stream sends
 from __future__ import annotations
 
 import collections
-import os
 import pickle
 import threading
 from collections.abc import Callable
-from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import ServeError
 from ..invoke import Generated
@@ -54,7 +52,17 @@ def _items(seq: int, items: list[Any]) -> bytes:
 
 
 # ------------------------------------------------------------- a synchronous worker
-def serve_sync(conn: Connection, seq: int, gen: Generated, kept: collections.deque[Any]) -> bool:
+class PipeEnd(Protocol):
+    """The worker's end of its pipe as a stream uses it (a ``Connection``, or the worker's ``WorkerPipe``)."""
+
+    def send_bytes(self, data: bytes) -> None: ...
+
+    def recv_bytes(self) -> bytes: ...
+
+    def poll(self, timeout: float | None = ...) -> bool: ...
+
+
+def serve_sync(conn: PipeEnd, seq: int, gen: Generated, kept: collections.deque[Any]) -> bool:
     """Stream call ``seq``'s generator; False when the pipe ended meanwhile.
 
     The generator runs on a thread of its own into a local channel and a :class:`Sender` moves
@@ -69,30 +77,28 @@ def serve_sync(conn: Connection, seq: int, gen: Generated, kept: collections.deq
     conn.send_bytes(dump_outcomes(opened(first, channel is None)))
     if channel is None:
         return True
-    done_r, done_w = os.pipe()
-    sender = Sender(seq, channel, conn.send_bytes, lambda: os.write(done_w, b"x"))
+    # Set by the sender before it sends the stream's end: a call the parent sends after that end
+    # wakes this thread, which then serves it (so this wait never outlasts the stream for long).
+    ended = threading.Event()
+    sender = Sender(seq, channel, conn.send_bytes, ended.set)
     producer = threading.Thread(target=pump, args=(gen, channel), name=f"serve-stream-{seq}-producer", daemon=True)
     producer.start()
     sender.start(len(first))
     alive = True
-    try:
-        while alive and done_r not in wait([conn, done_r]):
-            try:
-                message = pickle.loads(conn.recv_bytes())
-            except (EOFError, OSError):  # the parent is gone: stop the generator, then end
-                sender.close()
-                alive = False
-                continue
-            if isinstance(message, Credit) and message.seq == seq:
-                sender.grant(message.count)
-            elif isinstance(message, CloseStream) and message.seq == seq:
-                sender.close()
-            elif not isinstance(message, (Credit, CloseStream)):  # a late one for an ended stream is dropped
-                kept.append(message)
-        producer.join()
-    finally:
-        os.close(done_r)
-        os.close(done_w)
+    while alive and not ended.is_set():
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):  # the parent is gone: stop the generator, then end
+            sender.close()
+            alive = False
+            continue
+        if isinstance(message, Credit) and message.seq == seq:
+            sender.grant(message.count)
+        elif isinstance(message, CloseStream) and message.seq == seq:
+            sender.close()
+        elif not isinstance(message, (Credit, CloseStream)):  # a late one for an ended stream is dropped
+            kept.append(message)
+    producer.join()
     return alive
 
 
@@ -104,7 +110,7 @@ class Sender:
         seq: the call's number.
         channel: where the worker's loop pumps the generator.
         send: sends one message's bytes to the parent (thread-safe).
-        done: called once the end was sent.
+        done: called once the generator is closed, just before its end is sent.
     """
 
     def __init__(self, seq: int, channel: Channel, send: Callable[[bytes], None], done: Callable[[], object]) -> None:
@@ -146,10 +152,8 @@ class Sender:
             error = exc
         self._channel.close()
         self._channel.ended.result()  # the generator is closed: its finally ran
-        try:
-            self._send(dumps(StreamEnd(self._seq, remote_error(error) if error is not None else None)))
-        finally:
-            self._done()
+        self._done()
+        self._send(dumps(StreamEnd(self._seq, remote_error(error) if error is not None else None)))
 
     def _room(self) -> bool:
         """Wait for a credit; False once the reader closed the stream."""

@@ -16,10 +16,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from concurrent.futures import Future
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..config import BackendConfig
 from ..errors import NotFoundError, ServeStateError, ServeTypeError
+
+if TYPE_CHECKING:
+    from ..composition import Origin, ReplicaScope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +48,10 @@ class Call:
 
     ``requests[i]`` is query i's web request (``None`` for Python calls) and
     ``kwargs[i]`` its keyword arguments. ``stream``: a generator the call returns may stream
-    (web calls and ``options(stream=True)`` handles; never a batch). Treat it as immutable; it is not frozen because
-    one is built for every call, and a frozen dataclass's ``__init__`` costs three times more.
+    (web calls and ``options(stream=True)`` handles; never a batch). ``origin`` is the deadline and
+    chain that calls made inside it inherit (:class:`~serve_core.composition.Origin`; None: no
+    deadline, no chain). Treat it as immutable; it is not frozen because one is built for every
+    call, and a frozen dataclass's ``__init__`` costs three times more.
     """
 
     method: str
@@ -55,6 +60,7 @@ class Call:
     requests: tuple[Any, ...]
     kwargs: tuple[dict[str, Any], ...]
     stream: bool = False
+    origin: Origin | None = None
 
     def __len__(self) -> int:
         return len(self.kwargs)
@@ -62,7 +68,9 @@ class Call:
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt through __init__: several times faster to unpickle than the field-by-field
         # default of slotted dataclasses.
-        return Call, (self.method, self.web, self.batched, self.requests, self.kwargs, self.stream)
+        if self.origin is None:
+            return Call, (self.method, self.web, self.batched, self.requests, self.kwargs, self.stream)
+        return Call, (self.method, self.web, self.batched, self.requests, self.kwargs, self.stream, self.origin)
 
 
 @dataclasses.dataclass(slots=True)
@@ -78,13 +86,20 @@ class Outcome:
 
 @dataclasses.dataclass(frozen=True)
 class ReplicaSpec:
-    """Everything an executor needs to build one replica."""
+    """Everything an executor needs to build one replica.
+
+    ``scope`` is what the replica's code is part of (its instance's link and its backend):
+    the executor gives it to the replica's :class:`~serve_core.invoke.Invoker`, through a link
+    of its own when the replica runs in another process (docs/composition.md). None: calls
+    made inside the replica are not composed calls.
+    """
 
     backend_tag: str
     replica_id: str
     target: Any
     init_args: tuple[Any, ...]
     config: BackendConfig
+    scope: ReplicaScope | None = None
 
 
 @runtime_checkable
@@ -111,6 +126,13 @@ class Replica(Protocol):
         """Finish accepted calls (up to ``drain_timeout`` seconds), then release resources."""
 
 
+IN_PROCESS_ATTRIBUTE = "in_process"
+"""A replica's optional flag (read once with ``getattr``, default False): its calls run on a thread
+of this process. The runtime then gives the next call to the free replica that finished last (its
+thread has just run: waking it costs least, or nothing) instead of to the one free the longest, so
+100 thread replicas cost no more per call than one (issue 16); other replicas take calls in turn."""
+
+
 @runtime_checkable
 class CancellableReplica(Replica, Protocol):
     """A replica that can cancel a call it is running: an optional addition to :class:`Replica`.
@@ -125,6 +147,23 @@ class CancellableReplica(Replica, Protocol):
     """
 
     def cancel(self, future: Future[list[Outcome]]) -> bool: ...
+
+
+@runtime_checkable
+class CallerRunsReplica(Replica, Protocol):
+    """A replica whose synchronous calls may run in the thread that submits them: optional.
+
+    ``run_here(call)`` runs the call in the calling thread and returns its outcomes (never a
+    user's exception: those are outcomes), or raises
+    :class:`~serve_core.errors.NotDeliveredError` when the replica is stopped. The runtime
+    calls it only for a caller that would block on the answer anyway, when the replica holds
+    no other call (so the one-call-at-a-time rule of the replica holds) and nothing needs the
+    call on the replica's own thread (docs/executors.md, "Caller-runs"): the hand-off to the
+    replica's thread and back, two thread wake-ups, is saved. A replica that cannot run a call
+    here (an async backend, another process) sets ``run_here`` to ``None`` or leaves it out.
+    """
+
+    def run_here(self, call: Call) -> list[Outcome]: ...
 
 
 @runtime_checkable

@@ -19,7 +19,7 @@ from functools import partial
 from ..errors import NotDeliveredError, ReplicaDiedError
 from ..invoke import Invoker, is_async_target
 from ._loop import CallLoop
-from ._stream import generated_of, open_stream, pump
+from ._stream import PullStream, generated_of, open_stream, pump
 from .base import Call, Outcome, ReplicaSpec
 
 _STOP = None  # sentinel on a replica's work queue
@@ -36,10 +36,11 @@ class ThreadReplica:
     """
 
     default_max_concurrent_queries = 1
+    in_process = True  # base.Replica: the runtime gives the next call to the replica freed last
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
-        self._invoker = Invoker(spec.target, spec.init_args)
+        self._invoker = Invoker(spec.target, spec.init_args, scope=spec.scope)
         self._work: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._stopping = False
@@ -60,6 +61,20 @@ class ThreadReplica:
                 return future
         future.set_exception(NotDeliveredError(f"replica {self.replica_id} was stopped"))
         return future
+
+    def run_here(self, call: Call) -> list[Outcome]:
+        """Run ``call`` in the calling thread (caller-runs: the runtime holds no other call here).
+
+        Raises:
+            NotDeliveredError: the replica was stopped (its worker ended).
+        """
+        if self._stopping:
+            raise NotDeliveredError(f"replica {self.replica_id} was stopped")
+        outcomes = self._invoker.run(call)  # never raises: every failure is an outcome
+        gen = generated_of(outcomes)
+        # A stream's next steps run in its reader's thread (the caller's), as on the inline
+        # executor; the runtime keeps the replica taken until the stream ends.
+        return outcomes if gen is None else [PullStream.opened(gen)]
 
     def stop(self, drain_timeout: float | None = None) -> None:
         with self._lock:
@@ -115,11 +130,14 @@ class LoopReplica:
     """
 
     default_max_concurrent_queries = 1  # the original's rule; max_concurrent_queries raises it
+    in_process = True
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
         self._calls = CallLoop(f"serve-replica-{spec.replica_id}")
-        self._calls.build(spec.target, spec.init_args)
+        self._calls.build(spec.target, spec.init_args, spec.scope)
+
+    run_here = None  # calls run as tasks on the replica's loop (base.CallerRunsReplica)
 
     @property
     def alive(self) -> bool:

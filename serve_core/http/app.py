@@ -117,7 +117,8 @@ class ServeApp:
         method = call_method(request)
         buffer_body(request, self.max_body_bytes)
         future = self.serve.enqueue(
-            entry.endpoint, request=request, method_name=method, slo=slo, shard_key=shard_key(request)
+            entry.endpoint, request=request, method_name=method, slo=slo, shard_key=shard_key(request),
+            caller_runs=True, caller_timeout_s=self.request_timeout_s,  # this thread waits: it may run the call
         )
         request.serve_endpoint = entry.endpoint
         try:

@@ -255,7 +255,7 @@ def test_unanswered_request_is_504_and_withdrawn_from_the_queue(make_app: MakeAp
         gate.wait(WAIT)  # holds the only replica until the test opens the gate
         return "late"
 
-    _deploy(srv, backend)
+    _deploy(srv, backend)  # its first call: on the replica's thread (caller-runs needs short calls first)
     running = client.request("GET", "/f?n=1")  # runs, but its answer comes too late
     queued = client.request("GET", "/f?n=2")  # waits behind it, then gives up
     assert (running.status, queued.status) == (504, 504)
@@ -263,6 +263,21 @@ def test_unanswered_request_is_504_and_withdrawn_from_the_queue(make_app: MakeAp
     gate.set()
     assert srv.get_handle("f").remote().result(WAIT) == "late"  # queued after n=2: n=2 never ran
     assert calls == ["1", "python"]
+
+
+def test_a_request_runs_its_call_in_its_own_thread_once_the_backend_proved_fast(make_app: MakeApp) -> None:
+    """Caller-runs under a request timeout: a backend's first call goes to its replica's thread
+    (where the timeout can answer for it); once its calls proved short, a request runs its own."""
+    srv, client = make_app(http_request_timeout_s=60)
+    threads: list[str] = []
+
+    def backend(request: Any) -> str:
+        threads.append(threading.current_thread().name)
+        return request.args["n"]
+
+    _deploy(srv, backend)
+    assert [client.request("GET", f"/f?n={n}").body for n in (1, 2)] == [b"1", b"2"]
+    assert threads[0].startswith("serve-replica-") and not threads[1].startswith("serve-replica-")
 
 
 def test_a_backends_own_timeout_error_is_its_answer(make_app: MakeApp) -> None:
