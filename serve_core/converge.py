@@ -60,6 +60,7 @@ class Converger:
         self._drain_timeout = drain_timeout_s
         self._run_replicas = run_replicas
         self.registry = Registry()  # as applied here
+        self._applying: Registry | None = None  # while converge() starts what it holds
         self.revision = -1  # the store revision applied here (-1: none yet)
         self.routes_version = 0  # moves whenever the applied route table does
         self.runtimes: dict[str, BackendRuntime] = {}
@@ -86,15 +87,25 @@ class Converger:
             self._problem(key, why, report)
         changed = snapshot.changed_since(self.revision)
         if self._run_replicas:
-            tags, names = self._to_look_at(registry, changed)
-            self._converge_backends(snapshot, registry, tags, report)
-            self._converge_traffic(registry, names, report)
+            self._applying = registry
+            try:
+                tags, names = self._to_look_at(registry, changed)
+                self._converge_backends(snapshot, registry, tags, report)
+                self._converge_traffic(registry, names, report)
+            finally:
+                self._applying = None
         self._converge_routes(registry, None if changed is None else _names(changed, ENDPOINT))
         if report is not None:
             report.endpoints.extend(registry.endpoints)
         moved = snapshot.revision != self.revision
         self.registry, self.revision = registry, snapshot.revision
         return moved
+
+    def has_endpoint(self, name: str) -> bool:
+        """Whether ``name`` is an endpoint here, or of the registry being applied (a constructor
+        that asks for a handle while its backend is restored)."""
+        applying = self._applying
+        return name in self.registry.endpoints or (applying is not None and name in applying.endpoints)
 
     def _to_look_at(self, registry: Registry, changed: frozenset[str] | None) -> tuple[list[str], list[str]]:
         """The backends and endpoints (traffic) to converge: all of them, or those touched since."""

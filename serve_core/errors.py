@@ -20,8 +20,10 @@ Validation errors also subclass the built-in a caller would expect::
     ├── ReplicaDiedError (500)               replica crashed while holding the call
     │   └── NotDeliveredError                replica gone before the call reached it (requeued)
     ├── BackPressureError (503)              queue full, retry later
+    ├── LoopBackError (508)                  composed call only its own waiting chain could serve
     ├── DeadlineExceededError (504, TimeoutError)  SLO passed before the call ran
     │   └── RequestTimeoutError              HTTP request not answered in time
+    ├── ClientClosedRequest (499)            HTTP client went away; its call was cancelled
     └── StoreError (500)                     KV store failure
 """
 
@@ -134,6 +136,16 @@ class BackPressureError(ServeError):
         self.retry_after_s = retry_after_s
 
 
+class LoopBackError(ServeError):
+    """A call made inside a replica goes to a backend whose every slot is held by its own call chain.
+
+    Those calls wait for this one, so it could never run: it is refused at once instead of
+    waiting for ever (HTTP 508 Loop Detected; see docs/composition.md).
+    """
+
+    status_code = 508
+
+
 class DeadlineExceededError(ServeError, TimeoutError):
     """The query's deadline passed before it could run."""
 
@@ -146,3 +158,12 @@ class RequestTimeoutError(DeadlineExceededError):
 
 class StoreError(ServeError):
     """The KV store failed."""
+
+
+class ClientClosedRequest(ServeError):
+    """The HTTP client closed its connection while its call waited; the call was cancelled.
+
+    Nobody reads the answer: the 499 (nginx's code for it) is for the access log.
+    """
+
+    status_code = 499

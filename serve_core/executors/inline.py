@@ -14,6 +14,9 @@ each loop gets a watcher: an async generator that the loop's ``shutdown_asyncgen
 (``asyncio.run``, ``IsolatedAsyncioTestCase`` and pytest-asyncio all call it). Its ``finally``
 answers the calls still running there with ``CancelledError`` (and cancels their tasks), and
 from then on calls dispatched on that loop run to completion inside ``submit``, as without a loop.
+
+A generator backend's call is answered at its first item with a :class:`~._stream.PullStream`:
+each read of the stream runs the generator's next step in the reader's thread (or task).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class InlineReplica:
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
-        self._invoker: Invoker | None = Invoker(spec.target, spec.init_args)
+        self._invoker: Invoker | None = Invoker(spec.target, spec.init_args, scope=spec.scope)
         self._async = is_async_target(spec.target)
         self._tasks: dict[Future[list[Outcome]], Task] = {}  # calls running as tasks on a caller's loop
         self._watchers: weakref.WeakKeyDictionary[Loop, AsyncGenerator[None, None]] = weakref.WeakKeyDictionary()
