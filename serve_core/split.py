@@ -6,7 +6,7 @@ import bisect
 import dataclasses
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Mapping
 from typing import Any
 
 from .errors import NotFoundError, ServeTypeError, ValidationError
@@ -42,9 +42,11 @@ class Traffic:
 
 
 def validate_weights(
-    endpoint: str, weights: Any, registered: Iterable[str]
+    endpoint: str, weights: Any, registered: Container[str]
 ) -> dict[str, float]:
     """Check a traffic dict and return it normalised to sum exactly 1.
+
+    ``registered`` is looked up, not copied (a dict or set: O(1) per backend named).
 
     Raises:
         ServeTypeError: not a dict, or a weight is not a number.
@@ -56,9 +58,8 @@ def validate_weights(
         raise ServeTypeError(f"traffic for endpoint {endpoint!r} must be a dict of tag -> weight")
     if not weights:
         raise ValidationError(f"traffic for endpoint {endpoint!r} names no backend")
-    known = set(registered)
     for tag, weight in weights.items():
-        if tag not in known:
+        if tag not in registered:
             raise NotFoundError(f"backend {tag!r} is not registered")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ServeTypeError(f"weight of {tag!r} must be a number, got {weight!r}")
