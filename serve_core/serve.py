@@ -513,26 +513,42 @@ class Serve:
         """
         with self._admin:
             self._check_running()
-            for _ in range(COMMIT_ATTEMPTS):
-                snapshot = self._store.load()
-                registry = snapshot.registry(self._store.description)[0]
-                info, config = registry.check_backend(
-                    func_or_class, backend_tag, actor_init_args, backend_config, replace
-                )
-                stored = registry.backends.get(info.tag)
-                if stored is not None and stored.code_id is None:  # written before code ids: record it now
-                    items = self._store.encode_backend(info, registry.configs[info.tag])
-                    if not self._store.commit(snapshot.revision, items):
-                        continue
-                    snapshot = self._store.latest()
-                    stored = dataclasses.replace(stored, code_id=info.code_id)
-                if stored is not None and stored.code_id == info.code_id:
-                    self._adopt(info, registry.configs[info.tag], backend_config, snapshot)
-                    return
-                if stored is not None and backend_config is None:
-                    config = registry.configs[info.tag]  # a replacement or a legacy record keeps its config
-                if self._install_new(info, config, snapshot.revision):
-                    return
+            spare: list[BackendRuntime] = []  # started by an attempt another writer beat: the next one may use it
+            try:
+                self._create_backend(func_or_class, backend_tag, actor_init_args, backend_config, replace, spare)
+            finally:
+                for runtime in spare:
+                    runtime.close(0)
+
+    def _create_backend(
+        self,
+        func_or_class: Any,
+        backend_tag: str,
+        actor_init_args: tuple[Any, ...],
+        backend_config: BackendConfig | None,
+        replace: bool,
+        spare: list[BackendRuntime],
+    ) -> None:
+        for _ in range(COMMIT_ATTEMPTS):
+            snapshot = self._store.load()
+            registry = snapshot.registry(self._store.description)[0]
+            info, config = registry.check_backend(
+                func_or_class, backend_tag, actor_init_args, backend_config, replace
+            )
+            stored = registry.backends.get(info.tag)
+            if stored is not None and stored.code_id is None:  # written before code ids: record it now
+                items = self._store.encode_backend(info, registry.configs[info.tag])
+                if not self._store.commit(snapshot.revision, items):
+                    continue
+                snapshot = self._store.latest()
+                stored = dataclasses.replace(stored, code_id=info.code_id)
+            if stored is not None and stored.code_id == info.code_id:
+                self._adopt(info, registry.configs[info.tag], backend_config, snapshot)
+                return
+            if stored is not None and backend_config is None:
+                config = registry.configs[info.tag]  # a replacement or a legacy record keeps its config
+            if self._install_new(info, config, snapshot.revision, spare):
+                return
         raise StoreError(f"store {self._store.description}: the registry kept changing under this call; try again")
 
     def _adopt(
@@ -552,12 +568,23 @@ class Serve:
             self._conv.install(runtime)  # no longer deferred, nor failed
         self._converge(snapshot)
 
-    def _install_new(self, info: BackendInfo, config: BackendConfig, revision: int) -> bool:
-        """Start a new definition's replicas, then commit it; ``False`` when another writer was first."""
+    def _install_new(
+        self, info: BackendInfo, config: BackendConfig, revision: int, spare: list[BackendRuntime]
+    ) -> bool:
+        """Start a new definition's replicas, then commit it; ``False`` when another writer was first.
+
+        The replicas then wait in ``spare`` for the next attempt, which commits at once if it
+        validates the same definition and config: an attempt's window for other writers is one
+        commit, not a replica start (two processes registering at once would otherwise keep
+        beating each other).
+        """
         items = self._store.encode_backend(info, config)  # fails before any replica starts
-        runtime = self._new_runtime(info, config) if self._run_replicas else None
-        if runtime is not None:
-            runtime.start()
+        runtime: BackendRuntime | None = None
+        if self._run_replicas:
+            runtime = self._spare_runtime(info, config, spare)
+            if runtime is None:
+                runtime = self._new_runtime(info, config)
+                runtime.start()
         try:  # written once the replicas are up, before the backend is visible
             committed = self._store.commit(revision, items)
         except BaseException:
@@ -566,13 +593,23 @@ class Serve:
             raise
         if not committed:
             if runtime is not None:
-                runtime.close(0)
+                spare.append(runtime)
             return False
         if runtime is not None:
             self._conv.install(runtime)
         self._changed_here.add(info.tag)
         self._converge(self._store.latest())
         return True
+
+    @staticmethod
+    def _spare_runtime(info: BackendInfo, config: BackendConfig, spare: list[BackendRuntime]) -> BackendRuntime | None:
+        """The runtime an earlier attempt started for this very definition and config (others are closed)."""
+        while spare:
+            runtime = spare.pop()
+            if runtime.definition.code_id == info.code_id and runtime.config == config:
+                return runtime
+            runtime.close(0)
+        return None
 
     def _new_runtime(self, info: BackendInfo, config: BackendConfig) -> BackendRuntime:
         return BackendRuntime(

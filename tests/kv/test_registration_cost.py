@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 from serve_core import Serve
+from serve_core.executors.base import ReplicaSpec
+from serve_core.executors.inline import InlineExecutor, InlineReplica
 from serve_core.kv.memory import MemoryKVStore
 from serve_core.kv.sql import SQLKVStore
 from serve_core.policy import PolicySpec, RandomPolicy
@@ -175,3 +177,36 @@ def test_a_small_registry_records_every_change_in_the_instance_record_at_once(ma
     srv.link("e", "b")
     (record,) = srv.instances()
     assert record.revision == srv.revision and "b" in record.backends
+
+
+class _CountingInline(InlineExecutor):
+    started = 0
+
+    def start_replica(self, spec: ReplicaSpec) -> InlineReplica:
+        self.started += 1
+        return super().start_replica(spec)
+
+
+class _RacedStore(MemoryKVStore):
+    """Another writer commits once just before this instance's first backend commit."""
+
+    raced = False
+
+    def compare_and_update(
+        self, key: str, expected: Any, items: Mapping[str, Any], delete: Iterable[str] = ()
+    ) -> bool:
+        if not self.raced and any(name.startswith("backend/") for name in items):
+            self.raced = True
+            super().compare_and_update(key, expected, {key: (expected or 0) + 1, "other/key": 1})
+        return super().compare_and_update(key, expected, items, delete)
+
+
+def test_a_backend_commit_beaten_by_another_writer_keeps_its_started_replicas(make_serve: MakeServe) -> None:
+    store, executor = _RacedStore("registry"), _CountingInline()
+    srv = make_serve(kv_store_connector=lambda namespace: store, executor=executor, allow_unsigned_store=True)
+    srv.create_backend(echo, "echo:v1")
+    assert store.raced  # the first commit lost: the second attempt committed
+    assert executor.started == 1  # the replica started for the first attempt served the second
+    srv.create_endpoint("echo")
+    srv.link("echo", "echo:v1")
+    assert srv.get_handle("echo").remote(name="raced").result(WAIT) == "echo raced"
