@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .composition import ambient_scope
 from .errors import ServeStateError, ShuttingDownError
 from .policy import RoutePolicy
 from .serve import (
@@ -59,6 +60,12 @@ class _Default:
 
 
 _default = _Default()
+
+
+def default_instance() -> Serve | None:
+    """The default instance while it runs, else None (what an unpickled handle binds to last)."""
+    instance = _default.instance
+    return instance if instance is not None and instance.running else None
 
 
 # ------------------------------------------------------------------ lifecycle
@@ -208,6 +215,9 @@ def get_handle(
     With ``missing_ok=True`` the endpoint need not exist yet; calls wait (bounded
     by ``max_pending_per_endpoint`` and ``pending_timeout_s``) until it has traffic.
     """
+    scope = ambient_scope()  # inside a replica: its own instance's endpoint (docs/composition.md)
+    if scope is not None:
+        return scope.get_handle(endpoint_name, relative_slo_ms, absolute_slo_ms, missing_ok)
     return _default.get().get_handle(endpoint_name, relative_slo_ms, absolute_slo_ms, missing_ok)
 
 

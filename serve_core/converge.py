@@ -60,6 +60,7 @@ class Converger:
         self._drain_timeout = drain_timeout_s
         self._run_replicas = run_replicas
         self.registry = Registry()  # as applied here
+        self._applying: Registry | None = None  # while converge() starts what it holds
         self.revision = -1  # the store revision applied here (-1: none yet)
         self.routes_version = 0  # moves whenever the applied route table does
         self.runtimes: dict[str, BackendRuntime] = {}
@@ -76,8 +77,12 @@ class Converger:
         for key, why in problems.items():
             self._problem(key, why, report)
         if self._run_replicas:
-            self._converge_backends(snapshot, registry, report)
-            self._converge_traffic(registry, report)
+            self._applying = registry
+            try:
+                self._converge_backends(snapshot, registry, report)
+                self._converge_traffic(registry, report)
+            finally:
+                self._applying = None
         if registry.route_table() != self.registry.route_table():
             self.routes_version += 1
         if report is not None:
@@ -85,6 +90,12 @@ class Converger:
         moved = snapshot.revision != self.revision
         self.registry, self.revision = registry, snapshot.revision
         return moved
+
+    def has_endpoint(self, name: str) -> bool:
+        """Whether ``name`` is an endpoint here, or of the registry being applied (a constructor
+        that asks for a handle while its backend is restored)."""
+        applying = self._applying
+        return name in self.registry.endpoints or (applying is not None and name in applying.endpoints)
 
     def _converge_backends(self, snapshot: Snapshot, registry: Registry, report: RestoreReport | None) -> None:
         records = snapshot.group(BACKEND)

@@ -20,6 +20,7 @@ Validation errors also subclass the built-in a caller would expect::
     ├── ReplicaDiedError (500)               replica crashed while holding the call
     │   └── NotDeliveredError                replica gone before the call reached it (requeued)
     ├── BackPressureError (503)              queue full, retry later
+    ├── LoopBackError (508)                  composed call only its own waiting chain could serve
     ├── DeadlineExceededError (504, TimeoutError)  SLO passed before the call ran
     │   └── RequestTimeoutError              HTTP request not answered in time
     └── StoreError (500)                     KV store failure
@@ -132,6 +133,16 @@ class BackPressureError(ServeError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class LoopBackError(ServeError):
+    """A call made inside a replica goes to a backend whose every slot is held by its own call chain.
+
+    Those calls wait for this one, so it could never run: it is refused at once instead of
+    waiting for ever (HTTP 508 Loop Detected; see docs/composition.md).
+    """
+
+    status_code = 508
 
 
 class DeadlineExceededError(ServeError, TimeoutError):

@@ -28,6 +28,8 @@ import hashlib
 import types
 from typing import Any
 
+from .handle import ServeHandle
+
 _DATA = (type(None), bool, int, float, complex, str, bytes)
 _SKIPPED_CLASS_ATTRS = frozenset({"__dict__", "__weakref__", "__doc__", "__module__", "__qualname__"})
 DIGEST_CHARS = 32
@@ -115,6 +117,8 @@ class _Walker:
             self.feed(obj.keywords)
         elif isinstance(obj, enum.Enum):
             self.emit("enum", _name(type(obj)), obj.name)
+        elif isinstance(obj, ServeHandle):  # what it calls, not which instance made it (ids change on restart)
+            self.emit("handle", obj.endpoint_name, obj.method_name, obj.slo, obj.shard_key)
         elif hasattr(obj, "__module__") and hasattr(obj, "__qualname__"):  # builtins and the like
             self.emit("named", _name(obj))
         else:

@@ -34,6 +34,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+from .composition import ReplicaScope, enter_call, entered, leave_call
 from .context import call_context
 from .errors import BatchResultError, MethodNotFoundError, ServeTypeError, WebOnlyAccessError
 from .executors.base import Call, Outcome
@@ -152,35 +153,42 @@ class Invoker:
         init_args: the class's constructor arguments.
         warmup: run the class's ``warmup`` hook now (on a private event loop when it is a
             coroutine); False leaves it to :meth:`started`, which awaits it on the running loop.
+        scope: what the replica is part of: its constructor, hook and calls run inside it, so
+            handles and ``serve.get_handle`` there reach its instance (:mod:`serve_core.composition`).
     """
 
-    def __init__(self, target: Any, init_args: tuple[Any, ...] = (), *, warmup: bool = True) -> None:
+    def __init__(
+        self, target: Any, init_args: tuple[Any, ...] = (), *, warmup: bool = True, scope: ReplicaScope | None = None
+    ) -> None:
         self._methods: dict[str, tuple[Callable[..., Any], bool]] = {}
         self._coroutines: dict[str, bool] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.scope = scope
         if inspect.isclass(target):
-            self._obj: Any = target(*init_args)
+            with entered(scope):
+                self._obj: Any = target(*init_args)
+                hook = getattr(self._obj, WARMUP_METHOD, None)
+                if warmup and callable(hook):  # before the replica is ready, so it gets no call until it returned
+                    self._await(hook())
             self._is_class = True
-            hook = getattr(self._obj, WARMUP_METHOD, None)
-            if warmup and callable(hook):  # before the replica is ready, so it gets no call until it returned
-                self._await(hook())
         else:
             self._obj = target
             self._is_class = False
 
     @classmethod
-    async def started(cls, target: Any, init_args: tuple[Any, ...] = ()) -> Invoker:
+    async def started(cls, target: Any, init_args: tuple[Any, ...] = (), scope: ReplicaScope | None = None) -> Invoker:
         """Build the backend on the running loop (the replica's own), awaiting its ``warmup`` there.
 
         The constructor and the hook then see the loop the calls will run on, so what they bind
         to it (a client session, a lock, a queue) works in the calls.
         """
-        invoker = cls(target, init_args, warmup=False)
+        invoker = cls(target, init_args, warmup=False, scope=scope)
         hook = getattr(invoker._obj, WARMUP_METHOD, None) if invoker._is_class else None
         if callable(hook):
-            result = hook()
-            if inspect.isawaitable(result):
-                await result
+            with entered(scope):
+                result = hook()
+                if inspect.isawaitable(result):
+                    await result
         return invoker
 
     def awaits(self, method: str) -> bool:
@@ -196,6 +204,7 @@ class Invoker:
 
     def run(self, call: Call) -> list[Outcome]:
         """Run a call; one outcome per query, never raises."""
+        token = enter_call(self.scope, call) if self.scope is not None else None
         try:
             func, positional = self._resolve(call.method)
             if call.batched:
@@ -204,6 +213,9 @@ class Invoker:
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an answer, even
             # SystemExit or asyncio.CancelledError raised by user code: the replica must survive.
             return [Outcome(False, exc)] * len(call)
+        finally:
+            if token is not None:
+                leave_call(token)
 
     def close(self) -> None:
         """Release the event loop used for async backends."""
@@ -280,12 +292,13 @@ class Invoker:
         """
         try:
             func, positional = self._resolve(call.method)
-            if call.batched:
-                args, kwargs = _batch_arguments(call, positional)
-                with call_context(call.web, len(call)):
-                    result = await _awaited(func(*args, **kwargs))
-                return _batch_outcomes(result, len(call))
-            return [await self._run_single_async(call, func, positional)]
+            with entered(self.scope, call):  # this task's own context: its calls inherit from this call
+                if call.batched:
+                    args, kwargs = _batch_arguments(call, positional)
+                    with call_context(call.web, len(call)):
+                        result = await _awaited(func(*args, **kwargs))
+                    return _batch_outcomes(result, len(call))
+                return [await self._run_single_async(call, func, positional)]
         except BaseException as exc:  # noqa: BLE001 - see run()
             return [Outcome(False, _as_cancelled(exc))] * len(call)
 

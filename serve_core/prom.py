@@ -45,6 +45,7 @@ from .clock import Clock, Timer
 from .errors import (
     BackPressureError,
     DeadlineExceededError,
+    LoopBackError,
     NotFoundError,
     ReplicaDiedError,
     RequestTimeoutError,
@@ -74,7 +75,7 @@ PHASES = ("queue", "batch_wait", "execution", "total")
 """Values of the latency histogram's ``phase`` label: queued until a replica was free, held by a
 free replica for its batch to fill, the replica call, and arrival to answer (the sum of the three)."""
 
-ERROR_KINDS = ("user_error", "deadline", "backpressure", "replica_died", "timeout", "shutdown")
+ERROR_KINDS = ("user_error", "deadline", "backpressure", "replica_died", "timeout", "shutdown", "loop_back")
 """Values of ``serve_core_errors_total``'s ``kind`` label (see :func:`error_kind`)."""
 
 
@@ -90,6 +91,8 @@ def error_kind(error: BaseException) -> str:
         return "replica_died"
     if isinstance(error, ShuttingDownError):
         return "shutdown"
+    if isinstance(error, LoopBackError):
+        return "loop_back"
     return "user_error"
 
 

@@ -52,6 +52,7 @@ class Query:
     started: bool = False  # future set running: the caller can no longer cancel it
     requeues: int = 0  # times it came back from a replica it never reached
     dispatched: float = 0.0  # monotonic time it was handed to a replica
+    chain: tuple[str, ...] = ()  # made inside replicas of these backends, waiting for it (composition.Origin)
     batch_wait: float = 0.0  # of its time queued, seconds a free replica held its batch open to fill
     stream: bool = False  # the caller reads a stream (handle.options(stream=True)); web calls always may
     caller_runs: bool = False  # its caller blocks on the answer at once: it may run the call itself

@@ -32,10 +32,12 @@ from typing import Any
 from .batching import ExecutionTimes, form_batch
 from .callerruns import RecentLongest, may_run_here
 from .clock import Clock, Timer, wait_for
+from .composition import Origin, ReplicaScope, check_chain
 from .config import BackendConfig
 from .errors import (
     BackPressureError,
     DeadlineExceededError,
+    LoopBackError,
     NotDeliveredError,
     ReplicaDiedError,
     ServeError,
@@ -152,6 +154,7 @@ class BackendRuntime:
         count_error: called with the endpoint, this backend's tag and the error of each query
             answered with an error.
         metrics: where the Prometheus metrics are recorded (None: not recorded).
+        scope: what its replicas' code is part of (calls made there are composed calls).
     """
 
     def __init__(
@@ -165,8 +168,10 @@ class BackendRuntime:
         drain_timeout_s: float,
         count_error: Callable[[str, str, BaseException], None],
         metrics: Metrics | None = None,
+        scope: ReplicaScope | None = None,
     ) -> None:
         self.tag = definition.tag
+        self._scope = scope
         self.definition = definition
         self._config = config.copy()
         self._executors = executors
@@ -276,6 +281,8 @@ class BackendRuntime:
             if self._broken is not None:
                 self._refused(query, "replica_died")
                 raise ReplicaDiedError(self._broken)
+            if query.chain and self.tag in query.chain:
+                self._check_loop(query)
             query.backend = self.tag
             try:
                 self._queue.push(query)
@@ -290,6 +297,18 @@ class BackendRuntime:
             here = query.caller_runs and may_run_here(query.caller_timeout_s, self._longest, self._clock.monotonic())
             work, expired = self._take()
         self._run(work, expired, here=query if here else None)
+
+    def _check_loop(self, query: Query) -> None:
+        """Refuse a composed call that only the calls of its own chain could serve (under the lock)."""
+        config = self._config
+        most = config.autoscaling.max_replicas if config.autoscaling is not None else self._target
+        most = max(most, len(self._slots))
+        per_replica = config.max_concurrent_queries or min((slot.capacity for slot in self._slots), default=1)
+        try:
+            check_chain(self.tag, query.chain, most, per_replica)
+        except LoopBackError:
+            self._refused(query, "loop_back")
+            raise
 
     def _refused(self, query: Query, kind: str) -> None:
         """Count a query refused at admission (under the lock)."""
@@ -440,7 +459,10 @@ class BackendRuntime:
             kwargs = tuple([query.kwargs for query in queries])
         batched = self._config.max_batch_size is not None
         web = head.request is not None
-        return Call(head.method, web, batched, requests, kwargs, not batched and (web or head.stream))
+        call = Call(head.method, web, batched, requests, kwargs, not batched and (web or head.stream))
+        if head.chain or head.deadline != NO_DEADLINE or len(queries) > 1:
+            call.origin = _origin(queries)
+        return call
 
     def _submit(self, slot: Slot, call: Call) -> Future[list[Outcome]]:
         try:
@@ -850,7 +872,7 @@ class BackendRuntime:
             for _ in range(count):
                 spec = ReplicaSpec(
                     self.tag, f"{self.tag}#{next(self._replica_ids)}",
-                    self.definition.target, self.definition.init_args, config,
+                    self.definition.target, self.definition.init_args, config, self._scope,
                 )
                 replica = executor.start_replica(spec)
                 started.append(replica)
@@ -1062,3 +1084,13 @@ def _as_replica_death(replica: Replica, error: BaseException) -> BaseException:
     died.__cause__ = error
     return died
 
+
+
+def _origin(queries: list[Query]) -> Origin | None:
+    """What calls made inside the call of ``queries`` inherit: the latest deadline (a batch serves
+    them all), and the longest chain (each entry of it is a slot held upstream)."""
+    deadline = max(query.deadline for query in queries)
+    chain = max((query.chain for query in queries), key=len)
+    if not chain and deadline == NO_DEADLINE:
+        return None
+    return Origin(deadline, chain)

@@ -31,6 +31,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from .clock import Clock, SystemClock, wait_for
+from .composition import Origin, ReplicaScope, register, unregister
 from .config import BackendConfig
 from .converge import Converger
 from .errors import NotFoundError, ServeStateError, ShuttingDownError, StoreError, ValidationError
@@ -165,6 +166,7 @@ class Serve:
         self.http_request_timeout_s = http_request_timeout_s
         self.drain_timeout_s = drain_timeout_s
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        register(self)  # unpickled handles of this instance bind to it (serve_core.composition)
         self.heartbeat_s, self.instance_expiry_s = heartbeat_s, instance_expiry_s
         self._run_replicas = run_replicas
         self._keeping_store = False  # inside keep_store_state()
@@ -331,6 +333,7 @@ class Serve:
     def _stop(self, runtimes: Iterable[BackendRuntime], stop_timeout: float = 0.0) -> None:
         with self._admin:
             self._state = State.STOPPED
+        unregister(self)
         for runtime in runtimes:
             runtime.close(stop_timeout)
         converger = getattr(self, "_conv", None)  # absent when the store could not be opened
@@ -579,6 +582,7 @@ class Serve:
             drain_timeout_s=self.drain_timeout_s,
             count_error=self._router.count_error,
             metrics=self.metrics,
+            scope=ReplicaScope(self, info.tag),
         )
 
     def _runtime(self, backend_tag: str) -> BackendRuntime:
@@ -717,8 +721,8 @@ class Serve:
         self._check_running()
         if not self._run_replicas:
             raise ServeStateError("a registry-only client (run_replicas=False) cannot call endpoints")
-        if not missing_ok:
-            self._conv.registry.endpoint(endpoint_name)
+        if not missing_ok and not self._conv.has_endpoint(endpoint_name):
+            self._conv.registry.endpoint(endpoint_name)  # raises, naming the endpoints there are
         return ServeHandle(self, endpoint_name, slo=SLO.parse(relative_slo_ms, absolute_slo_ms))
 
     def enqueue(
@@ -733,6 +737,7 @@ class Serve:
         stream: bool = False,
         caller_runs: bool = False,
         caller_timeout_s: float | None = None,
+        origin: Origin | None = None,
     ) -> ServeFuture:
         """Call an endpoint: the one entry that handles and the HTTP front use.
 
@@ -752,6 +757,8 @@ class Serve:
             caller_timeout_s: how long the caller then waits (None: as long as it takes); with
                 a timeout, only a backend whose recent calls were short runs in the caller
                 (:mod:`serve_core.callerruns`).
+            origin: for a call made inside a replica, the caller's deadline (the earlier of
+                the two counts) and chain (:mod:`serve_core.composition`).
 
         Returns:
             A future (also awaitable) of the backend's result.
@@ -770,6 +777,9 @@ class Serve:
             query.stream = True
         if caller_runs:
             query.caller_runs, query.caller_timeout_s = True, caller_timeout_s
+        if origin is not None:
+            query.deadline = min(deadline, origin.deadline)
+            query.chain = origin.chain
         self._router.submit(query)
         return future
 

@@ -9,7 +9,10 @@ cancel the way an async replica cancels a task: at once, or when the call next e
 calls whose caller runs them in its own thread (caller-runs: answered, the replica crashing
 there, or found stopped),
 replacing a backend's code under its tag (the old runtime drains while the new one takes
-the calls), and shutdown. After every step no future has been resolved
+the calls), composed calls (made "inside a replica": with a deadline and a chain, which may be
+refused as a loop back; and the ones a process worker sends, through the parent's
+:class:`~serve_core.executors._nested.NestedCalls`, cancelled by the worker or abandoned when it
+dies: each gets exactly one answer sent back), and shutdown. After every step no future has been resolved
 twice, nothing was logged as a failure of the scheduler and no thread died of an
 exception; after ``shutdown()`` no future is pending.
 
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import pickle
 import random
 import threading
 from collections.abc import Iterator
@@ -34,8 +39,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import serve_core as serve
 from serve_core import BackendConfig, Serve
+from serve_core.composition import Origin, ReplicaScope
 from serve_core.errors import NotDeliveredError, ReplicaDiedError, ServeError
+from serve_core.executors._nested import NESTED, Nested, NestedCalls, NestedCancel
 from serve_core.executors.base import Call, Outcome, ReplicaSpec
+from serve_core.slo import SLO
 from serve_core.streams import ItemStream, ServeStream
 from serve_core.testing import FakeClock
 
@@ -183,6 +191,10 @@ class Scheduler(RuleBasedStateMachine):
         self.stopped = False
         self.replicas = {"s": 1, "bt": 1}
         self.calls = 0
+        # A process replica's side of the composed calls its worker makes; answers counted by number.
+        self.nested = NestedCalls(ReplicaScope(self.srv, "s"), self._nested_answer)
+        self.nested_sent: list[int] = []
+        self.nested_answers: dict[int, int] = {}
 
     # --------------------------------------------------------------- calls
     @precondition(lambda self: not self.stopped)
@@ -244,6 +256,25 @@ class Scheduler(RuleBasedStateMachine):
         self.resolutions[index] += 1
 
     @precondition(lambda self: not self.stopped)
+    @rule(
+        endpoint=st.sampled_from(["split", "later"]),
+        slo=st.sampled_from([None, 20, 1000]),
+        chain=st.sampled_from([(), ("s",), ("i", "s"), ("s", "s", "s")]),
+    )
+    def composed_call(self, endpoint: str, slo: int | None, chain: tuple[str, ...]) -> None:
+        """A call made inside a replica: the caller's deadline and chain come along (a loop back is refused)."""
+        self.calls += 1
+        deadline = math.inf if slo is None else self.clock.monotonic() + slo / 1000
+        try:
+            future = self.srv.enqueue(endpoint, kwargs={"i": self.calls}, origin=Origin(deadline, chain))
+        except ServeError:
+            return  # refused at once: loop back, back pressure
+        index = len(self.futures)
+        self.resolutions[index] = 0
+        future.add_done_callback(functools.partial(self._resolved, index))
+        self.futures.append(future)
+
+    @precondition(lambda self: not self.stopped)
     @rule(n=st.integers(0, 3), fail=st.booleans(), streaming=st.booleans())
     def stream_call(self, n: int, fail: bool, streaming: bool) -> None:
         """A call to a generator backend, read as a stream (or not: it must fail, once)."""
@@ -260,6 +291,31 @@ class Scheduler(RuleBasedStateMachine):
         future.add_done_callback(functools.partial(self._resolved, index))
         self.futures.append(future)
 
+    @precondition(lambda self: not self.stopped)
+    @rule(chain=st.sampled_from([(), ("s",), ("s", "s", "s")]), slo=st.sampled_from([None, 20]))
+    def worker_call(self, chain: tuple[str, ...], slo: int | None) -> None:
+        """A worker's composed call reaches the parent (answered once, whatever happens to it)."""
+        number = len(self.nested_sent)
+        self.nested_sent.append(number)
+        self.nested_answers[number] = 0
+        message = Nested(number, "split", "__call__", {"i": number}, SLO.parse(slo), None, Origin(chain=chain))
+        self.nested.receive(memoryview(pickle.dumps(message)))
+
+    @precondition(lambda self: self.nested_sent)
+    @rule(data=st.data())
+    def worker_cancels(self, data: st.DataObject) -> None:
+        self.nested.receive(memoryview(pickle.dumps(NestedCancel(data.draw(st.sampled_from(self.nested_sent))))))
+
+    @precondition(lambda self: self.nested_sent)
+    @rule()
+    def worker_dies(self) -> None:
+        self.nested.cancel_all()
+
+    def _nested_answer(self, data: bytes) -> bool:
+        assert data.startswith(NESTED)
+        number = int.from_bytes(data[len(NESTED):len(NESTED) + 8], "little")
+        self.nested_answers[number] += 1
+        return True
     @precondition(lambda self: any(replica.producers for replica in self.executor.started))
     @rule(data=st.data())
     def produce(self, data: st.DataObject) -> None:
@@ -354,6 +410,7 @@ class Scheduler(RuleBasedStateMachine):
     def resolved_at_most_once(self) -> None:
         _wait_for_replacements()  # a dead replica found by any step is replaced before the next one
         assert all(count <= 1 for count in self.resolutions.values()), self.resolutions
+        assert all(count <= 1 for count in self.nested_answers.values()), self.nested_answers
         # A second resolution raises InvalidStateError where it happens: on this thread (the step
         # fails), in a future's callback (logged by concurrent.futures), or on a helper thread.
         assert not self.failures.records, [r.getMessage() for r in self.failures.records]
@@ -363,6 +420,7 @@ class Scheduler(RuleBasedStateMachine):
         pending = [i for i, future in enumerate(self.futures) if not future.done()]
         assert not pending, f"futures still pending after shutdown: {pending}"
         assert all(count == 1 for count in self.resolutions.values()), self.resolutions
+        assert all(count == 1 for count in self.nested_answers.values()), self.nested_answers
         for future in self.futures:  # every stream ends for its reader: none waits for items that never come
             if not future.cancelled() and future.exception() is None and isinstance(future.result(), ItemStream):
                 _read_to_the_end(future.result())

@@ -14,7 +14,8 @@ from .conftest import WAIT
 
 EXPORTED = {
     "AutoscalingConfig", "BackPressureError", "BackendConfig", "BatchAnnotationError", "BatchResultError",
-    "ConflictError", "DeadlineExceededError", "MethodNotFoundError", "NotFoundError", "Policy", "RayServeException",
+    "ConflictError", "DeadlineExceededError", "LoopBackError", "MethodNotFoundError", "NotFoundError", "Policy",
+    "RayServeException",
     "ReplicaDiedError", "RoutePolicy", "Serve", "ServeError", "ServeHandle", "ServeStateError",
     "ServeTypeError", "ShuttingDownError", "StoreError", "ValidationError", "WebOnlyAccessError", "__version__",
     "accept_batch", "context", "create_backend", "create_endpoint", "get_backend_config", "get_handle",

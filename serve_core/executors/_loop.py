@@ -25,6 +25,7 @@ from concurrent.futures import Future
 from functools import partial
 from typing import Any, cast
 
+from ..composition import ReplicaScope
 from ..invoke import Invoker, cancelled_error
 from ._stream import aopen_stream, apump, generated_of
 from .base import Call, Outcome
@@ -58,9 +59,11 @@ class CallLoop:
     def running(self) -> bool:
         return self._accepting and self._thread.is_alive()
 
-    def build(self, target: Any, init_args: tuple[Any, ...]) -> Invoker:
-        """Build the backend on the loop (constructor and ``warmup``); raises what they raised."""
-        built: Future[Invoker] = asyncio.run_coroutine_threadsafe(Invoker.started(target, init_args), self._loop)
+    def build(self, target: Any, init_args: tuple[Any, ...], scope: ReplicaScope | None = None) -> Invoker:
+        """Build the backend on the loop (constructor and ``warmup``, inside ``scope``); raises what they raised."""
+        built: Future[Invoker] = asyncio.run_coroutine_threadsafe(
+            Invoker.started(target, init_args, scope), self._loop
+        )
         try:
             self.invoker = built.result()
         except BaseException:

@@ -23,8 +23,7 @@ import collections
 import pickle
 import threading
 from collections.abc import Callable
-from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import ServeError
 from ..invoke import END, Generated
@@ -52,7 +51,17 @@ def _items(seq: int, items: list[Any]) -> bytes:
 
 
 # ------------------------------------------------------------- a synchronous worker
-def serve_sync(conn: Connection, seq: int, gen: Generated, kept: collections.deque[Any]) -> bool:
+class PipeEnd(Protocol):
+    """The worker's end of its pipe as a stream uses it (a ``Connection``, or the worker's ``WorkerPipe``)."""
+
+    def send_bytes(self, data: bytes) -> None: ...
+
+    def recv_bytes(self) -> bytes: ...
+
+    def poll(self, timeout: float | None = ...) -> bool: ...
+
+
+def serve_sync(conn: PipeEnd, seq: int, gen: Generated, kept: collections.deque[Any]) -> bool:
     """Stream call ``seq``'s generator on this thread; False when the pipe ended meanwhile.
 
     Messages that are not this stream's credits or close are appended to ``kept``.
@@ -89,7 +98,7 @@ def serve_sync(conn: Connection, seq: int, gen: Generated, kept: collections.deq
     return alive
 
 
-def _take_messages(conn: Connection, seq: int, credits: int, kept: collections.deque[Any]) -> tuple[int, bool]:
+def _take_messages(conn: PipeEnd, seq: int, credits: int, kept: collections.deque[Any]) -> tuple[int, bool]:
     """Read what the parent sent (waiting while no credit is left): the credits, and whether it closed."""
     while conn.poll(None if credits <= 0 else 0):
         message = pickle.loads(conn.recv_bytes())

@@ -39,6 +39,8 @@ class WorkerBoot:
     cwd: str
     argv: tuple[str, ...]
     authkey: bytes  # multiprocessing's: proxies of the parent's managers connect from the worker
+    instance_id: str = ""  # the parent's instance: handles in the replica call it ("": they cannot)
+    backend_tag: str = ""
 
 
 SEQ = struct.Struct("<Q")

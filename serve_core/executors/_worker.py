@@ -49,10 +49,12 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ..composition import ReplicaScope, enter_worker
 from ..errors import ReplicaDiedError, ServeError, ServeStateError
 from ..invoke import Invoker, is_async_target
 from ..streams import Channel
 from ._loop import CallLoop
+from ._nested import WorkerPipe
 from ._outcomes import dump_outcomes, remote_error
 from ._pipe_stream import Sender, opened, serve_sync
 from ._stream import generated_of
@@ -227,14 +229,19 @@ def run_worker(conn: Connection, parent_alive: Connection) -> None:
     except (EOFError, OSError):
         return  # the parent gave up on this worker before sending its backend
     _adopt(boot)
-    served = _build(conn, boot)
+    pipe = WorkerPipe(conn, boot.instance_id)
+    scope = None
+    if pipe.link is not None:
+        scope = ReplicaScope(pipe.link, boot.backend_tag)
+        enter_worker(scope)  # handles unpickled here (and threads the backend starts) reach the parent
+    served = _build(conn, boot, scope)
     if served is None:
         return
     try:
         if isinstance(served, CallLoop):
-            _serve_concurrently(conn, served)
+            _serve_concurrently(pipe, served)
         else:
-            _serve(conn, served)
+            _serve(pipe, served)
     finally:
         if isinstance(served, Invoker):
             served.close()  # a CallLoop closes its own as it ends
@@ -262,15 +269,15 @@ def _adopt(boot: WorkerBoot) -> None:
     process.authkey = boot.authkey
 
 
-def _build(conn: Connection, boot: WorkerBoot) -> Invoker | CallLoop | None:
+def _build(conn: Connection, boot: WorkerBoot, scope: ReplicaScope | None) -> Invoker | CallLoop | None:
     try:
         target, init_args = _load(boot.payload)
         served: Invoker | CallLoop
         if is_async_target(target):
             served = CallLoop(f"{boot.name}-loop")
-            served.build(target, init_args)
+            served.build(target, init_args, scope)
         else:
-            served = Invoker(target, init_args)
+            served = Invoker(target, init_args, scope=scope)
     except StartedWhileLoading as exc:  # the message says it all; the worker's stack would bury it
         failure = Failure(ServeStateError(str(exc)))
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
@@ -291,7 +298,7 @@ def _load(payload: bytes) -> Any:
         del os.environ[LOADING_ENV]
 
 
-def _serve(conn: Connection, invoker: Invoker) -> None:
+def _serve(pipe: WorkerPipe, invoker: Invoker) -> None:
     kept: collections.deque[Any] = collections.deque()  # what arrived while a stream ran (_pipe_stream)
     seq = 0  # the call's number, as the parent counts them
     while True:
@@ -299,13 +306,13 @@ def _serve(conn: Connection, invoker: Invoker) -> None:
             message = kept.popleft()
         else:
             try:
-                data = conn.recv_bytes()
+                data = pipe.recv_bytes()
             except (EOFError, OSError):
                 return
             try:
                 message = pickle.loads(data)
             except Exception as exc:  # noqa: BLE001 - e.g. an argument's class is unknown here
-                conn.send_bytes(dumps(Failure(remote_error(exc))))
+                pipe.send_bytes(dumps(Failure(remote_error(exc))))
                 seq += 1
                 continue
         if isinstance(message, Stop):
@@ -315,19 +322,17 @@ def _serve(conn: Connection, invoker: Invoker) -> None:
         outcomes = invoker.run(message)
         gen = generated_of(outcomes)
         if gen is None:
-            conn.send_bytes(dump_outcomes(outcomes))
-        elif not serve_sync(conn, seq, gen, kept):
+            pipe.send_bytes(dump_outcomes(outcomes))
+        elif not serve_sync(pipe, seq, gen, kept):
             return
         seq += 1
 
 
-def _serve_concurrently(conn: Connection, calls: CallLoop) -> None:
-    """Hand the calls read from ``conn`` to the loop, numbered; they answer from the loop's thread."""
-    send_lock = threading.Lock()  # answers leave from the loop's thread, decoding failures from this one
+def _serve_concurrently(pipe: WorkerPipe, calls: CallLoop) -> None:
+    """Hand the calls read from the pipe to the loop, numbered; they answer from the loop's thread."""
 
     def send(seq: int, data: bytes) -> None:
-        with send_lock, contextlib.suppress(OSError):  # the parent is gone: the watchdog ends us
-            conn.send_bytes(SEQ.pack(seq) + data)
+        pipe.send_bytes(SEQ.pack(seq) + data)  # from the loop's thread, or this one for decoding failures
 
     senders: dict[int, Sender] = {}  # streams being sent, by call number (_pipe_stream)
 
@@ -343,7 +348,7 @@ def _serve_concurrently(conn: Connection, calls: CallLoop) -> None:
     seq, drain = 0, True
     while True:
         try:
-            data = conn.recv_bytes()
+            data = pipe.recv_bytes()
         except (EOFError, OSError):
             drain = False  # nobody reads our answers any more
             break

@@ -16,10 +16,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from concurrent.futures import Future
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..config import BackendConfig
 from ..errors import NotFoundError, ServeStateError, ServeTypeError
+
+if TYPE_CHECKING:
+    from ..composition import Origin, ReplicaScope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +48,10 @@ class Call:
 
     ``requests[i]`` is query i's web request (``None`` for Python calls) and
     ``kwargs[i]`` its keyword arguments. ``stream``: a generator the call returns may stream
-    (web calls and ``options(stream=True)`` handles; never a batch). Treat it as immutable; it is not frozen because
-    one is built for every call, and a frozen dataclass's ``__init__`` costs three times more.
+    (web calls and ``options(stream=True)`` handles; never a batch). ``origin`` is the deadline and
+    chain that calls made inside it inherit (:class:`~serve_core.composition.Origin`; None: no
+    deadline, no chain). Treat it as immutable; it is not frozen because one is built for every
+    call, and a frozen dataclass's ``__init__`` costs three times more.
     """
 
     method: str
@@ -55,6 +60,7 @@ class Call:
     requests: tuple[Any, ...]
     kwargs: tuple[dict[str, Any], ...]
     stream: bool = False
+    origin: Origin | None = None
 
     def __len__(self) -> int:
         return len(self.kwargs)
@@ -62,7 +68,9 @@ class Call:
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt through __init__: several times faster to unpickle than the field-by-field
         # default of slotted dataclasses.
-        return Call, (self.method, self.web, self.batched, self.requests, self.kwargs, self.stream)
+        if self.origin is None:
+            return Call, (self.method, self.web, self.batched, self.requests, self.kwargs, self.stream)
+        return Call, (self.method, self.web, self.batched, self.requests, self.kwargs, self.stream, self.origin)
 
 
 @dataclasses.dataclass(slots=True)
@@ -78,13 +86,20 @@ class Outcome:
 
 @dataclasses.dataclass(frozen=True)
 class ReplicaSpec:
-    """Everything an executor needs to build one replica."""
+    """Everything an executor needs to build one replica.
+
+    ``scope`` is what the replica's code is part of (its instance's link and its backend):
+    the executor gives it to the replica's :class:`~serve_core.invoke.Invoker`, through a link
+    of its own when the replica runs in another process (docs/composition.md). None: calls
+    made inside the replica are not composed calls.
+    """
 
     backend_tag: str
     replica_id: str
     target: Any
     init_args: tuple[Any, ...]
     config: BackendConfig
+    scope: ReplicaScope | None = None
 
 
 @runtime_checkable

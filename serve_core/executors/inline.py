@@ -41,7 +41,7 @@ class InlineReplica:
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
-        self._invoker: Invoker | None = Invoker(spec.target, spec.init_args)
+        self._invoker: Invoker | None = Invoker(spec.target, spec.init_args, scope=spec.scope)
         self._async = is_async_target(spec.target)
         self._tasks: dict[Future[list[Outcome]], Task] = {}  # calls running as tasks on a caller's loop
         self._watchers: weakref.WeakKeyDictionary[Loop, AsyncGenerator[None, None]] = weakref.WeakKeyDictionary()

@@ -43,6 +43,7 @@ import cloudpickle
 from ..errors import NotDeliveredError, ReplicaDiedError, ServeError, ServeTypeError, ValidationError
 from ..invoke import awaits_statically
 from . import _worker
+from ._nested import NESTED, NestedCalls
 from ._pipe_stream import ParentStreams
 from ._wire import SEQ, Cancel, Failure, Ready, Stop, StreamEnd, StreamItems, StreamOpened, WorkerBoot, dumps
 from .base import Call, Outcome, ReplicaSpec
@@ -117,6 +118,7 @@ class ProcessReplica:
         self._concurrent = False
         self._target = spec.target  # tells coroutine methods (cancellable) from the others
         self._streams = ParentStreams(self._send_quiet)
+        self._nested = NestedCalls(spec.scope, self._send_nested)  # calls its backend makes (composition)
         self.pid: int = self._await_ready(boot)
         if self._concurrent:
             self.cancel = self._cancel
@@ -231,6 +233,9 @@ class ProcessReplica:
         self._on_worker_exit()
 
     def _deliver(self, data: bytes) -> None:
+        if data.startswith(NESTED):  # a call the backend makes, not an answer
+            self._nested.receive(memoryview(data)[len(NESTED):])
+            return
         payload: bytes | memoryview = data
         seq = -1
         if self._concurrent:
@@ -274,6 +279,7 @@ class ProcessReplica:
             lost = list(self._inflight.values())
             self._inflight.clear()
         self._conn.close()
+        self._nested.cancel_all()
         message = _describe_exit(self.replica_id, self._process.pid, self._process.returncode)
         self._streams.fail_all(ReplicaDiedError(message + " while it streamed"))
         if not lost:
@@ -284,6 +290,17 @@ class ProcessReplica:
             log.warning("%s", message)
         for future, _, _ in lost:
             future.set_exception(ReplicaDiedError(message))
+
+    def _send_nested(self, data: bytes) -> bool:
+        """Send the answer to a composed call; False when the worker is gone (nobody waits for it)."""
+        if self._state is _State.DEAD:  # checked first: a callback may run under the lock on a dying replica
+            return False
+        with self._send_lock:
+            try:
+                self._conn.send_bytes(data)
+            except OSError:
+                return False
+        return True
 
     def _cancel(self, future: Future[list[Outcome]]) -> bool:
         """Ask the worker to cancel the task of the call ``submit`` returned ``future`` for."""
@@ -407,6 +424,8 @@ def _boot(spec: ReplicaSpec) -> bytes:
         cwd=os.getcwd(),
         argv=tuple(sys.argv),
         authkey=bytes(process.authkey),
+        instance_id=spec.scope.link.instance_id if spec.scope is not None else "",
+        backend_tag=spec.backend_tag,
     )
     return pickle.dumps(boot, pickle.HIGHEST_PROTOCOL)
 

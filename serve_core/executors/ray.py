@@ -21,6 +21,7 @@ with ``pip install serve-core[ray]``.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import os
@@ -33,9 +34,12 @@ from ray import exceptions as ray_errors
 
 from ..config import BackendConfig
 from ..errors import ServeError, ServeStateError, ServeTypeError, ValidationError
+from ..invoke import is_async_target, is_public_method
 from . import ray_watchdog
 from .base import ReplicaSpec
 from .ray_actor import HostInfo, ReplicaActor
+from .ray_async import ACTOR_MAX_CONCURRENCY, RayAsyncReplica, RemoteAsyncReplicaActor
+from .ray_gateway import GatewayPump, LinkInfo
 from .ray_replica import DEFAULT_MAX_CONCURRENT_QUERIES, MESSAGES_IN_FLIGHT, RayReplica
 
 __all__ = [
@@ -186,6 +190,22 @@ def _local_node_id() -> str | None:
         return None
 
 
+def _streams(target: Any) -> bool:
+    """Whether a backend has generator code (a function, ``__call__`` or public method): its streams run
+    on the synchronous actor's stream pump (:mod:`.ray_stream`), not on the async actor."""
+    members = [target] if not inspect.isclass(target) else [
+        inspect.getattr_static(target, name, None) for name in dir(target) if is_public_method(name)
+    ]
+    if not inspect.isclass(target) and not inspect.isroutine(target):
+        members.append(inspect.getattr_static(type(target), "__call__", None))
+    for member in members:
+        if isinstance(member, (staticmethod, classmethod)):
+            member = member.__func__
+        if inspect.isgeneratorfunction(member) or inspect.isasyncgenfunction(member):
+            return True
+    return False
+
+
 class _SpareLost(Exception):
     """The warm spare died before a backend could be built in it."""
 
@@ -227,7 +247,8 @@ class RayExecutor:
         self._local_node = _local_node_id()
         self._prefix = f"serve_core-{uuid.uuid4().hex[:12]}"
         self._lock = threading.Lock()
-        self._replicas: dict[str, RayReplica] = {}
+        self._replicas: dict[str, RayReplica | RayAsyncReplica] = {}
+        self._gateways: dict[str, GatewayPump] = {}  # instance id -> its gateway (composed calls)
         self._spares: dict[str, tuple[Any, str]] = {}  # repr of spare options -> an empty actor, its name
         self._spare_ids = itertools.count(1)
         self._closed = False
@@ -248,7 +269,7 @@ class RayExecutor:
         """The pid of the watchdog of the local Ray this executor started (None if none)."""
         return self._watchdog.pid if self._watchdog is not None else None
 
-    def start_replica(self, spec: ReplicaSpec) -> RayReplica:
+    def start_replica(self, spec: ReplicaSpec) -> RayReplica | RayAsyncReplica:
         """Build the backend in the warm spare, or in a new actor; wait until it is constructed.
 
         Raises:
@@ -261,8 +282,14 @@ class RayExecutor:
         if not ray.is_initialized():  # shut down by someone else: do not start a new Ray
             raise ServeStateError(f"Ray is not running: cannot start a replica of backend {spec.backend_tag!r}")
         options = actor_options(spec.config)
-        actor, name, host = self._place(spec, options)
-        replica = RayReplica(spec.replica_id, actor, host, self._local_node, self._forget, name)
+        link = self._link(spec)
+        replica: RayReplica | RayAsyncReplica
+        if is_async_target(spec.target) and not _streams(spec.target):
+            actor, name, host = self._place_async(spec, options, link)
+            replica = RayAsyncReplica(spec.replica_id, actor, host, self._forget, name)
+        else:
+            actor, name, host = self._place(spec, options, link)
+            replica = RayReplica(spec.replica_id, actor, host, self._local_node, self._forget, name)
         with self._lock:
             self._replicas[spec.replica_id] = replica
             closed = self._closed
@@ -272,12 +299,38 @@ class RayExecutor:
             self._keep_spare(options)
         return replica
 
-    def _place(self, spec: ReplicaSpec, options: dict[str, Any]) -> tuple[Any, str, HostInfo]:
+    def _link(self, spec: ReplicaSpec) -> LinkInfo | None:
+        """How the replica's handles reach its instance: the instance's gateway, started on first use."""
+        if spec.scope is None:
+            return None
+        instance_id = spec.scope.link.instance_id
+        with self._lock:
+            pump = self._gateways.get(instance_id)
+            if pump is None:
+                pump = self._gateways[instance_id] = GatewayPump(spec.scope)
+        return pump.link_info(spec.backend_tag, spec.replica_id)
+
+    def _place_async(
+        self, spec: ReplicaSpec, options: dict[str, Any], link: LinkInfo | None
+    ) -> tuple[Any, str, HostInfo]:
+        """A new async actor for an async backend (see :mod:`.ray_async`; no warm spare for those)."""
+        name = f"{self._prefix}:{spec.replica_id}"
+        try:
+            actor = RemoteAsyncReplicaActor.options(
+                name=name, max_restarts=0, max_concurrency=ACTOR_MAX_CONCURRENCY, **options
+            ).remote()
+        except Exception as exc:  # noqa: BLE001 - Ray refused the options
+            raise ServeTypeError(f"backend {spec.backend_tag!r} cannot be placed on Ray: {exc}") from exc
+        return actor, name, self._build(spec, actor, options, spare=None, link=link)
+
+    def _place(
+        self, spec: ReplicaSpec, options: dict[str, Any], link: LinkInfo | None = None
+    ) -> tuple[Any, str, HostInfo]:
         """The actor a replica runs in (the warm spare if there is one), its name, and what it reported."""
         spare, spare_name = self._take_spare(options)
         if spare is not None:
             try:
-                return spare, spare_name, self._build(spec, spare, options, spare=spare_name)
+                return spare, spare_name, self._build(spec, spare, options, spare=spare_name, link=link)
             except _SpareLost:
                 log.info("the warm spare actor was lost; starting a new one for %s", spec.replica_id)
         try:
@@ -285,13 +338,15 @@ class RayExecutor:
             actor = _RemoteReplicaActor.options(name=name, max_restarts=0, **options).remote()
         except Exception as exc:  # noqa: BLE001 - Ray refused the options
             raise ServeTypeError(f"backend {spec.backend_tag!r} cannot be placed on Ray: {exc}") from exc
-        return actor, name, self._build(spec, actor, options, spare=None)
+        return actor, name, self._build(spec, actor, options, spare=None, link=link)
 
-    def _build(self, spec: ReplicaSpec, actor: Any, options: dict[str, Any], spare: str | None) -> HostInfo:
+    def _build(
+        self, spec: ReplicaSpec, actor: Any, options: dict[str, Any], spare: str | None, link: LinkInfo | None = None
+    ) -> HostInfo:
         """Build the backend in ``actor`` (killed if that fails; the warm spare named ``spare`` is put
         back if the backend could not even be sent)."""
         try:
-            ref = actor.build.remote(spec.target, spec.init_args)
+            ref = actor.build.remote(spec.target, spec.init_args, link)
         except Exception as exc:  # noqa: BLE001 - cloudpickle errors
             if spare is not None:
                 self._return_spare(options, actor, spare)
@@ -360,9 +415,12 @@ class RayExecutor:
             ray.kill(actor, no_restart=True)
 
     # --------------------------------------------------------------- lifecycle
-    def _forget(self, replica: RayReplica) -> None:
+    def _forget(self, replica: RayReplica | RayAsyncReplica) -> None:
         with self._lock:
             self._replicas.pop(replica.replica_id, None)
+            pumps = list(self._gateways.values())
+        for pump in pumps:
+            pump.forget(replica.replica_id)
 
     def shutdown(self) -> None:
         """Kill the actors this executor created; stop Ray (and its watchdog) only if it started it."""
@@ -372,6 +430,10 @@ class RayExecutor:
             spares, self._spares = [actor for actor, _ in self._spares.values()], {}
         for replica in replicas:
             replica.stop(0)
+        with self._lock:
+            pumps, self._gateways = list(self._gateways.values()), {}
+        for pump in pumps:
+            pump.stop()
         if ray.is_initialized():
             for spare in spares:
                 ray.kill(spare, no_restart=True)

@@ -22,7 +22,7 @@ import os
 import pickle
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import cloudpickle  # Ray's own copy: classes sent by value keep their identity
@@ -33,6 +33,9 @@ from ._outcomes import dump_outcomes, remote_error
 from ._stream import generated_of, open_stream
 from ._wire import StreamOpened
 from .base import Call, Outcome
+
+if TYPE_CHECKING:
+    from .ray_gateway import LinkInfo
 from .ray_progress import ProgressFile, process_started_at, progress_dir
 
 REPLY_SLICE_S = 0.005
@@ -67,11 +70,11 @@ class ReplicaActor:
         self._progress = ProgressFile(progress_dir())
         self._streams: dict[int, Generated] = {}  # open streams by the number of the call that opened them
 
-    def build(self, target: Any, init_args: tuple[Any, ...]) -> HostInfo:
-        """Build the backend; the constructor's error is reported, not raised."""
+    def build(self, target: Any, init_args: tuple[Any, ...], link: LinkInfo | None = None) -> HostInfo:
+        """Build the backend (its handles reach the instance through ``link``); the constructor's error is reported."""
         error: Exception | None = None
         try:
-            self._invoker = Invoker(target, init_args)
+            self._invoker = Invoker(target, init_args, scope=link.open() if link is not None else None)
         except Exception as exc:  # noqa: BLE001 - reported to the parent
             error = exc
         pid = os.getpid()

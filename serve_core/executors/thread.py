@@ -40,7 +40,7 @@ class ThreadReplica:
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
-        self._invoker = Invoker(spec.target, spec.init_args)
+        self._invoker = Invoker(spec.target, spec.init_args, scope=spec.scope)
         self._work: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._stopping = False
@@ -135,7 +135,7 @@ class LoopReplica:
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
         self._calls = CallLoop(f"serve-replica-{spec.replica_id}")
-        self._calls.build(spec.target, spec.init_args)
+        self._calls.build(spec.target, spec.init_args, spec.scope)
 
     run_here = None  # calls run as tasks on the replica's loop (base.CallerRunsReplica)
 
