@@ -420,7 +420,14 @@ class BackendRuntime:
                     ))
                 for slot, token, queries in work:
                     if queries[0] is here and self._runs_here(slot, queries):
-                        pending.append(self._finish_outcomes(slot, token, *_run_here(slot, self._call(queries))))
+                        # The user's code runs outside this loop: a call it makes to this backend
+                        # must be submitted by a loop of its own, not wait for this one to resume.
+                        local.pending = None
+                        try:
+                            outcomes, died = _run_here(slot, self._call(queries))
+                        finally:
+                            local.pending = pending
+                        pending.append(self._finish_outcomes(slot, token, outcomes, died))
                         continue
                     future = self._submit(slot, self._call(queries))
                     if future.done():

@@ -298,3 +298,16 @@ def test_replicas_in_other_places_take_calls_in_turn(make_serve: Callable[..., S
         holder.complete()
         future.result(WAIT)
     assert holders == [0, 1, 2, 0, 1, 2]
+
+
+def test_a_call_run_by_its_caller_can_call_its_own_endpoint(make_serve: Callable[..., Serve]) -> None:
+    """The user's code runs outside the dispatch loop that started it: its own calls are not held up."""
+    srv = make_serve(executor="thread")
+
+    def backend(request: Any = None, depth: int = 0) -> str:
+        if depth == 0:
+            return str(srv.get_handle("f").remote(depth=1).result(WAIT))
+        return _thread_name()
+
+    _deploy(srv, backend, num_replicas=2)
+    assert srv.enqueue("f", caller_runs=True).result(0).startswith(REPLICA_THREAD)  # the inner one, on a replica
