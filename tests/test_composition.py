@@ -338,3 +338,12 @@ def slow_backend() -> Any:
 def test_a_composed_call_can_be_cancelled(csrv: Serve) -> None:
     deploy(csrv, "slow", slow_backend())  # one call at a time: the second one waits in the queue
     assert deploy(csrv, "canceller", canceller_backend()).remote().result(WAIT) == "cancelled"
+
+
+def test_a_serial_replica_runs_one_call_whatever_it_holds(srv: Serve) -> None:
+    """A synchronous backend's replica runs what it holds one by one: waiting on itself is refused
+    whatever its max_concurrent_queries (on Ray too, whose replicas hold 32 by default; an inline call
+    to its own backend would only run once the outer one returned)."""
+    loop = deploy(srv, "loop", looping_backend(), max_concurrent_queries=2)
+    assert loop.remote(depth=1).result(WAIT).startswith("refused:")
+
