@@ -23,6 +23,7 @@ Validation errors also subclass the built-in a caller would expect::
     ├── LoopBackError (508)                  composed call only its own waiting chain could serve
     ├── DeadlineExceededError (504, TimeoutError)  SLO passed before the call ran
     │   └── RequestTimeoutError              HTTP request not answered in time
+    ├── ClientClosedRequest (499)            HTTP client went away; its call was cancelled
     └── StoreError (500)                     KV store failure
 """
 
@@ -157,3 +158,12 @@ class RequestTimeoutError(DeadlineExceededError):
 
 class StoreError(ServeError):
     """The KV store failed."""
+
+
+class ClientClosedRequest(ServeError):
+    """The HTTP client closed its connection while its call waited; the call was cancelled.
+
+    Nobody reads the answer: the 499 (nginx's code for it) is for the access log.
+    """
+
+    status_code = 499

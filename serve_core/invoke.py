@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import inspect
 import threading
 import types
@@ -328,7 +329,7 @@ class Generated:
     pulled, by whoever pumps the stream (the replica's thread or loop, or an inline caller).
     """
 
-    __slots__ = ("gen", "is_async", "_web", "_request_id", "_loop")
+    __slots__ = ("gen", "is_async", "_web", "_request_id", "_loop", "_steps")
 
     def __init__(self, gen: Any, web: bool, request_id: str | None) -> None:
         self.gen = gen
@@ -336,15 +337,20 @@ class Generated:
         self._web = web
         self._request_id = request_id
         self._loop: asyncio.AbstractEventLoop | None = None  # steps an async generator from sync code
+        self._steps: contextvars.Context | None = None  # a synchronous generator's steps run in it
 
     def context(self) -> call_context:
         return call_context(self._web, None, self._request_id)
 
     def next(self) -> Any:
         """The next item, or :data:`END`; raises what the generator raised (sync callers)."""
+        if not self.is_async:
+            steps = self._steps
+            if steps is None:  # entered once: a step then costs one Context.run, not three variable sets
+                steps = self._steps = contextvars.copy_context()
+                steps.run(self.context().__enter__)
+            return steps.run(next, self.gen, END)
         with self.context():
-            if not self.is_async:
-                return next(self.gen, END)
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
             return self._loop.run_until_complete(_anext(self.gen))

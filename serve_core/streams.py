@@ -315,14 +315,10 @@ class ServeStream:
             self._done = True
 
     def _take(self, items: list[Any]) -> None:
-        try:
-            if items:
-                self._buffer.extend(items)
-            else:
-                self._done = True
-        finally:
-            if self._done and self._stream is not None:
-                self._stream.close()
+        if items:
+            self._buffer.extend(items)
+        else:  # over: nothing more to read
+            self._done = True
 
     def __repr__(self) -> str:
         state = "done" if self._done else "open" if self._stream is not None else "waiting"

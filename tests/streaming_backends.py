@@ -98,3 +98,50 @@ def dying() -> Iterator[int]:
 
     yield 0
     os._exit(3)
+
+
+class Waiting:
+    """An async backend that awaits forever, telling ``started`` and, once cancelled, ``cancelled``."""
+
+    def __init__(self, started: Any, cancelled: Any) -> None:
+        self.started = started
+        self.cancelled = cancelled
+
+    async def __call__(self, request: Any) -> str:
+        import asyncio
+
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return "never"
+
+
+class Gated:
+    """A sync backend that holds its replica until ``gate`` opens, listing its calls in ``calls``."""
+
+    def __init__(self, started: Any, gate: Any, calls: list[str]) -> None:
+        self.started = started
+        self.gate = gate
+        self.calls = calls
+
+    def __call__(self, request: Any) -> str:
+        self.calls.append(request.args.get("n", ""))
+        self.started.set()
+        if not self.gate.wait(WAIT):
+            raise TimeoutError("the gate never opened")
+        return request.args.get("n", "")
+
+
+def held_call(*, release: Any) -> Iterator[Any]:
+    """:func:`held` for a handle call (keyword-only: no request argument)."""
+    yield from held(release)
+
+
+def late(*, gate: Any) -> Iterator[int]:
+    """Its first item waits for ``gate``."""
+    if not gate.wait(WAIT):
+        raise TimeoutError("the gate never opened")
+    yield 1

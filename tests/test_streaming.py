@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from serve_core import BackendConfig, Serve
-from serve_core.errors import ReplicaDiedError, ServeTypeError
+from serve_core.errors import DeadlineExceededError, ReplicaDiedError, ServeTypeError
 from serve_core.handle import StreamingHandle
 from serve_core.streams import ServeStream
+from serve_core.testing import FakeClock
 
 from .conftest import WAIT
 from .procs import wait_until
-from .streaming_backends import acounting, counting, dying, endless, failing, make_event, plain, with_context
+from .streaming_backends import (
+    acounting,
+    counting,
+    dying,
+    endless,
+    failing,
+    held_call,
+    late,
+    make_event,
+    plain,
+    with_context,
+)
 
 
 @pytest.fixture
@@ -159,3 +172,24 @@ def test_a_worker_that_dies_mid_stream_ends_it_and_is_replaced(make_serve: Calla
         next(stream)
     assert wait_until(lambda: srv.stat()["backend_s:v1_num_replicas"] == 1, WAIT)
     assert next(srv.get_handle("s").options(stream=True).remote()) == 0  # a new worker serves
+
+
+def test_the_call_timeout_bounds_the_first_item_only(make_serve: Callable[..., Serve]) -> None:
+    clock = FakeClock()
+    srv = make_serve(executor="thread", clock=clock)
+    _endpoint(srv, held_call, call_timeout_s=1.0)
+    release = threading.Event()
+    stream = srv.get_handle("s").options(stream=True).remote(release=release)
+    assert next(stream) == "first\n"
+    clock.advance(5.0)  # past call_timeout_s, after the first item: the stream goes on
+    release.set()
+    assert list(stream) == [{"n": 1}, b"raw\n"]
+
+    _endpoint(srv, late, name="l", call_timeout_s=1.0)
+    gate = threading.Event()
+    blocked = srv.get_handle("l").options(stream=True).remote(gate=gate)
+    assert wait_until(blocked.future.running, WAIT)
+    clock.advance(5.0)  # no first item yet: the call times out
+    with pytest.raises(DeadlineExceededError, match="call_timeout_s"):
+        next(blocked)
+    gate.set()

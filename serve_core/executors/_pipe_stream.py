@@ -8,11 +8,12 @@ items in flight: the parent grants :class:`~._wire.Credit` as its reader takes t
 slow reader holds the producer back. A reader that closes the stream sends
 :class:`~._wire.CloseStream`, which closes the generator in the worker.
 
-* A synchronous worker runs the generator on its only thread (:func:`serve_sync`), reading
-  credits and closes from the pipe while it waits; what else arrives meanwhile (the next
-  calls, ``Stop``) is kept and served after the stream, in order, as without streams.
-* An async worker pumps the generator on its loop into a local channel
-  (:func:`~._stream.apump`) and a :class:`Sender` thread per stream moves the items to the pipe.
+* A synchronous worker pumps the generator on a thread into a local channel
+  (:func:`~._stream.pump`, :func:`serve_sync`), an async worker on its loop
+  (:func:`~._stream.apump`); a :class:`Sender` thread per stream moves the items to the pipe,
+  as many per message as are ready. The worker's main thread reads credits and closes; a
+  synchronous worker keeps what else arrives meanwhile (the next calls, ``Stop``) for after the
+  stream, in order, as without streams.
 * :class:`ParentStreams` is the parent's side: one :class:`~serve_core.streams.Channel` per
   stream, fed by the replica's reader thread, failed with the replica's death.
 """
@@ -26,10 +27,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..errors import ServeError
-from ..invoke import END, Generated
+from ..invoke import Generated
 from ..streams import Channel
 from ._outcomes import dump_outcomes, remote_error
-from ._stream import open_stream
+from ._stream import open_stream, pump
 from ._wire import STREAM_WINDOW, CloseStream, Credit, StreamEnd, StreamItems, StreamOpened, dumps
 from .base import Outcome
 
@@ -62,9 +63,11 @@ class PipeEnd(Protocol):
 
 
 def serve_sync(conn: PipeEnd, seq: int, gen: Generated, kept: collections.deque[Any]) -> bool:
-    """Stream call ``seq``'s generator on this thread; False when the pipe ended meanwhile.
+    """Stream call ``seq``'s generator; False when the pipe ended meanwhile.
 
-    Messages that are not this stream's credits or close are appended to ``kept``.
+    The generator runs on a thread of its own into a local channel and a :class:`Sender` moves
+    its items to the pipe (as many per message as are ready), while this thread reads the
+    parent's credits and close; other messages are appended to ``kept``, for after the stream.
     """
     outcome, channel = open_stream(gen)
     if not outcome.ok:
@@ -74,41 +77,29 @@ def serve_sync(conn: PipeEnd, seq: int, gen: Generated, kept: collections.deque[
     conn.send_bytes(dump_outcomes(opened(first, channel is None)))
     if channel is None:
         return True
-    credits, error, alive = STREAM_WINDOW - len(first), None, True
-    try:
-        while True:
-            credits, closed = _take_messages(conn, seq, credits, kept)
-            if closed:
-                break
-            item = gen.next()
-            if item is END:
-                break
-            conn.send_bytes(_items(seq, [item]))
-            credits -= 1
-    except (EOFError, OSError):
-        alive = False  # the parent is gone
-    except BaseException as exc:  # noqa: BLE001 - a mid-stream failure ends the stream with it
-        error = exc
-    try:
-        gen.close()
-    except BaseException as exc:  # noqa: BLE001 - its finally failed
-        error = error or exc
-    if alive:
-        conn.send_bytes(dumps(StreamEnd(seq, remote_error(error) if error is not None else None)))
-    return alive
-
-
-def _take_messages(conn: PipeEnd, seq: int, credits: int, kept: collections.deque[Any]) -> tuple[int, bool]:
-    """Read what the parent sent (waiting while no credit is left): the credits, and whether it closed."""
-    while conn.poll(None if credits <= 0 else 0):
-        message = pickle.loads(conn.recv_bytes())
+    # Set by the sender before it sends the stream's end: a call the parent sends after that end
+    # wakes this thread, which then serves it (so this wait never outlasts the stream for long).
+    ended = threading.Event()
+    sender = Sender(seq, channel, conn.send_bytes, ended.set)
+    producer = threading.Thread(target=pump, args=(gen, channel), name=f"serve-stream-{seq}-producer", daemon=True)
+    producer.start()
+    sender.start(len(first))
+    alive = True
+    while alive and not ended.is_set():
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):  # the parent is gone: stop the generator, then end
+            sender.close()
+            alive = False
+            continue
         if isinstance(message, Credit) and message.seq == seq:
-            credits += message.count
+            sender.grant(message.count)
         elif isinstance(message, CloseStream) and message.seq == seq:
-            return credits, True
+            sender.close()
         elif not isinstance(message, (Credit, CloseStream)):  # a late one for an ended stream is dropped
             kept.append(message)
-    return credits, False
+    producer.join()
+    return alive
 
 
 # ----------------------------------------------------------------- an async worker
@@ -119,7 +110,7 @@ class Sender:
         seq: the call's number.
         channel: where the worker's loop pumps the generator.
         send: sends one message's bytes to the parent (thread-safe).
-        done: called once the end was sent.
+        done: called once the generator is closed, just before its end is sent.
     """
 
     def __init__(self, seq: int, channel: Channel, send: Callable[[bytes], None], done: Callable[[], object]) -> None:
@@ -161,10 +152,8 @@ class Sender:
             error = exc
         self._channel.close()
         self._channel.ended.result()  # the generator is closed: its finally ran
-        try:
-            self._send(dumps(StreamEnd(self._seq, remote_error(error) if error is not None else None)))
-        finally:
-            self._done()
+        self._done()
+        self._send(dumps(StreamEnd(self._seq, remote_error(error) if error is not None else None)))
 
     def _room(self) -> bool:
         """Wait for a credit; False once the reader closed the stream."""

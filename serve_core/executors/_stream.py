@@ -17,7 +17,7 @@ import asyncio
 from concurrent.futures import Future
 from typing import Any
 
-from ..invoke import END, Generated
+from ..invoke import END, Generated, cancelled_error
 from ..streams import Channel, ItemStream
 from .base import Outcome
 
@@ -100,7 +100,7 @@ async def apump(gen: Generated, channel: Channel) -> None:
                 break
     except asyncio.CancelledError:
         if not channel.closed:
-            error = _cancelled()
+            error = cancelled_error()
     except BaseException as exc:  # noqa: BLE001 - see pump
         error = exc
     await _aclosed(gen, channel, error)
@@ -112,12 +112,6 @@ async def _aclosed(gen: Generated, channel: Channel, error: BaseException | None
     except BaseException as exc:  # noqa: BLE001 - its finally failed
         error = error or exc
     channel.finish(error)
-
-
-def _cancelled() -> BaseException:
-    from ..invoke import cancelled_error
-
-    return cancelled_error()
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any) -> None:

@@ -14,6 +14,9 @@ each loop gets a watcher: an async generator that the loop's ``shutdown_asyncgen
 (``asyncio.run``, ``IsolatedAsyncioTestCase`` and pytest-asyncio all call it). Its ``finally``
 answers the calls still running there with ``CancelledError`` (and cancels their tasks), and
 from then on calls dispatched on that loop run to completion inside ``submit``, as without a loop.
+
+A generator backend's call is answered at its first item with a :class:`~._stream.PullStream`:
+each read of the stream runs the generator's next step in the reader's thread (or task).
 """
 
 from __future__ import annotations

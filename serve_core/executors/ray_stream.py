@@ -3,7 +3,7 @@
 The actor answers a call that streams with its first item (:meth:`.ray_actor.ReplicaActor._open_stream`)
 and keeps the generator. :func:`pull_stream` gives the reader a :class:`~serve_core.streams.Channel`
 and starts a thread that asks the actor for the next items (``stream_next``, at most
-:data:`~._wire.STREAM_WINDOW` at a time) only once the previous ones are in the channel: a
+:data:`PULL_ITEMS` at a time) only once the previous ones are in the channel: a
 reader that does not read holds the generator back. A reader that closes the stream makes the
 thread ask the actor to close the generator (``stream_close``: its ``finally`` runs in the
 actor) before the stream ends; an actor that dies ends the stream with
@@ -21,14 +21,18 @@ from ray import exceptions as ray_errors
 
 from ..errors import ReplicaDiedError
 from ..streams import Channel
-from ._wire import STREAM_WINDOW, StreamOpened
+from ._wire import StreamOpened
 
 log = logging.getLogger("serve_core")
+
+PULL_ITEMS = 256
+"""Items one ``stream_next`` may bring (a round trip to the actor costs about a millisecond); the
+reader's channel holds as many, so at most two such batches are out at once."""
 
 
 def pull_stream(actor: Any, opened: StreamOpened, replica_id: str) -> Channel:
     """The reader's channel of a stream the actor opened; its items are pulled on a thread of their own."""
-    channel = Channel(STREAM_WINDOW)
+    channel = Channel(PULL_ITEMS)
     channel.put_nowait(*opened.first)
     if opened.ended:
         channel.finish()
@@ -45,7 +49,7 @@ def _pull(actor: Any, seq: int, channel: Channel, replica_id: str) -> None:
 
     try:
         while True:
-            items, ended, error = pickle.loads(_wait_for(actor.stream_next.remote(seq, STREAM_WINDOW)))
+            items, ended, error = pickle.loads(_wait_for(actor.stream_next.remote(seq, PULL_ITEMS)))
             if not all(channel.put(item) for item in items):
                 break  # the reader closed the stream
             if ended:

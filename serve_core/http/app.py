@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
 from werkzeug.wrappers import Response
 
-from ..errors import MethodNotAllowedError, NotFoundError, RequestTimeoutError, ValidationError
+from ..errors import ClientClosedRequest, MethodNotAllowedError, NotFoundError, RequestTimeoutError, ValidationError
 from ..streams import ItemStream
 from .accesslog import (
     REQUEST_ID_HEADER,
@@ -36,12 +37,14 @@ from .accesslog import (
     assign_request_id,
     server_timing,
 )
+from .disconnect import ON_DISCONNECT, WATCH_AFTER_S
 from .request import ServeRequest, buffer_body, call_method, parse_slo, shard_key
 from .responses import PlainResponse, encode_result, error_response, json_response, text_response
 from .routing import RouteMap
 from .streaming import StreamResponse, wants_events
 
 if TYPE_CHECKING:
+    from ..queues import ServeFuture
     from ..serve import Serve
 
 StartResponse = Callable[..., Any]
@@ -119,7 +122,7 @@ class ServeApp:
         )
         request.serve_endpoint = entry.endpoint
         try:
-            result = future.result(self.request_timeout_s)
+            result = self._wait(future, request.environ)
         except FutureTimeout:
             if future.done():
                 raise  # the backend's own TimeoutError: its answer
@@ -136,6 +139,42 @@ class ServeApp:
                 where=f"{request.method} {request.path}", item_timeout_s=self.request_timeout_s,
             )  # fmt: skip
         return encode_result(result)
+
+    def _wait(self, future: ServeFuture, environ: dict[str, Any]) -> Any:
+        """The call's result within ``request_timeout_s``; a client that goes away meanwhile cancels it.
+
+        The server's disconnect watch (:mod:`.disconnect`) is asked for once the call has taken
+        :data:`~.disconnect.WATCH_AFTER_S`; a call it cancels answers 499 (nobody reads it).
+
+        Raises:
+            concurrent.futures.TimeoutError: no answer in time.
+            ClientClosedRequest: the client went away and the call was cancelled.
+        """
+        watch = environ.get(ON_DISCONNECT)
+        timeout = self.request_timeout_s
+        if watch is None or (timeout is not None and timeout <= WATCH_AFTER_S):
+            return future.result(timeout)
+        try:
+            return future.result(WATCH_AFTER_S)
+        except FutureTimeout:
+            if future.done():
+                raise  # the backend's own TimeoutError
+        gone: list[bool] = []
+
+        def left() -> None:  # on the watcher's thread
+            gone.append(True)
+            future.cancel()
+
+        unwatch = watch(left)
+        try:
+            return future.result(None if timeout is None else timeout - WATCH_AFTER_S)
+        except CancelledError:
+            if gone:
+                raise ClientClosedRequest("the client closed the connection; its call was cancelled") from None
+            raise
+        finally:
+            if unwatch is not None:
+                unwatch()
 
     def wsgi_app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """The WSGI entry point (wrap this one with middleware)."""

@@ -39,7 +39,7 @@ from typing import Any
 
 from werkzeug.exceptions import RequestTimeout
 
-from ..errors import PayloadTooLargeError, RequestTimeoutError, ServeError, ValidationError
+from ..errors import ClientClosedRequest, PayloadTooLargeError, RequestTimeoutError, ServeError, ValidationError
 from ..queues import ServeFuture, Timing
 from ..streams import ItemStream
 from .accesslog import (
@@ -52,6 +52,7 @@ from .accesslog import (
     valid_request_id,
 )
 from .app import ServeApp
+from .disconnect import WATCH_AFTER_S
 from .request import ServeRequest, buffer_body, call_method, check_body_length, parse_slo, shard_key
 from .responses import PlainResponse, encode_result, error_response, text_response
 from .routing import RouteEntry
@@ -215,6 +216,22 @@ class Wakeups:
                 waiter.set_result(True)
 
 
+async def _answered_or_gone(waiter: asyncio.Future[bool], proto: Any) -> bool:
+    """``await waiter``; past :data:`WATCH_AFTER_S`, raises ``ClientClosedRequest`` if the client leaves first."""
+    done, _ = await asyncio.wait((waiter,), timeout=WATCH_AFTER_S)
+    if done:
+        return waiter.result()
+    gone = asyncio.ensure_future(proto.client_disconnect())
+    try:
+        await asyncio.wait((waiter, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if waiter.done():
+        return waiter.result()
+    waiter.cancel()
+    raise ClientClosedRequest("the client closed the connection; its call was cancelled")
+
+
 def _expire(waiter: asyncio.Future[bool]) -> None:
     if not waiter.done():
         waiter.set_result(False)
@@ -311,7 +328,7 @@ class RSGIApp:
             request_id = self._request_id(environ)
             future = self._enqueue(request, entry)
             try:
-                await self._wait(future, entry.endpoint)
+                await self._wait(future, entry.endpoint, proto)
             finally:
                 request.serve_timing = future.timing
             result = future.result()
@@ -345,7 +362,8 @@ class RSGIApp:
             )
             transport = proto.response_stream(200, headers)
             if environ["REQUEST_METHOD"] != "HEAD":
-                await send_stream(transport, stream, first, events, f"{request.method} {request.path}")
+                where = f"{request.method} {request.path}"
+                await send_stream(transport, stream, first, events, where, self.app.request_timeout_s)
         except Exception:  # noqa: BLE001 - Granian's RSGIProtocolClosed: the client left; the stream is closed
             log.debug("RSGI stream to %s ended early", request.path, exc_info=True)
         finally:
@@ -364,11 +382,15 @@ class RSGIApp:
         request.serve_endpoint = entry.endpoint
         return future
 
-    async def _wait(self, future: ServeFuture, endpoint: str) -> None:
+    async def _wait(self, future: ServeFuture, endpoint: str, proto: Any) -> None:
         """Until the future is done; past ``request_timeout_s`` it is withdrawn (if still queued) and 504.
+
+        A call not answered within :data:`~.disconnect.WATCH_AFTER_S` also watches for the client
+        going away (Granian's ``client_disconnect``), which cancels it (answered 499).
 
         Raises:
             RequestTimeoutError: no answer within ``request_timeout_s``.
+            ClientClosedRequest: the client went away.
         """
         if future.done():
             return
@@ -378,7 +400,10 @@ class RSGIApp:
         timeout = self.app.request_timeout_s
         timer = None if timeout is None else self._wakeups.loop.call_later(timeout, _expire, waiter)
         try:
-            answered = await waiter
+            answered = await _answered_or_gone(waiter, proto)
+        except ClientClosedRequest:
+            future.cancel()  # withdrawn if queued; a running async call's task is cancelled
+            raise
         except asyncio.CancelledError:  # this task was cancelled: withdraw the query
             future.cancel()
             raise

@@ -35,6 +35,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
@@ -56,6 +57,8 @@ from .connection import (
     TimedReader,
     linger,
 )
+from .disconnect import ON_DISCONNECT, DisconnectWatcher
+from .disconnect import available as disconnect_watching
 from .parsing import ChunkedBody, Head, Malformed, answer, read_head
 from .request import check_body_length
 from .responses import error_response, internal_error
@@ -152,6 +155,8 @@ class _Handler(WSGIRequestHandler):
             self._refuse(400, "malformed request target")
             return
         body = self._body(environ)
+        if self.server.disconnects is not None:
+            environ[ON_DISCONNECT] = partial(self._watch, body)
         response = Response(
             self.wfile.write, self.request_version, self.command, body,
             close=self.close_connection, server=self.version_string(),
@@ -184,6 +189,13 @@ class _Handler(WSGIRequestHandler):
         body = Body(stream, head.length, self.reader, send)
         environ["wsgi.input"] = body
         return body
+
+    def _watch(self, body: Body, callback: Callable[[], None]) -> Callable[[], None] | None:
+        """``environ[ON_DISCONNECT]``: watch this connection while the app waits (once its body is read)."""
+        watcher = self.server.disconnects
+        if watcher is None or not body.complete:
+            return None
+        return watcher.watch(self.connection, callback)
 
     def _refusal(self, body: Body) -> WSGIApp | None:
         """A 413 for a declared body past the server's limit, answered without reading it."""
@@ -346,6 +358,7 @@ class _Server(ThreadedWSGIServer):
         self._connections: dict[socket.socket, TimedReader] = {}
         self._evicted: dict[socket.socket, TimedReader] = {}  # out of the count; their workers still ending
         self._workers = _Workers(self.process_request_thread, "serve-http")
+        self.disconnects = DisconnectWatcher() if disconnect_watching() else None
 
     @property
     def open_connections(self) -> int:
@@ -581,3 +594,6 @@ class HTTPServer:
         """Stop accepting, then end open connections (waiting up to ``timeout`` for their threads)."""
         self.stop_accepting()
         self._server.close_connections(timeout)
+        if self._server.disconnects is not None:
+            self._server.disconnects.close()
+            self._server.disconnects = None

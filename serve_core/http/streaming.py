@@ -21,6 +21,7 @@ transport fails), which stops the generator in its replica.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -163,25 +164,37 @@ class _Body:
         self._response.close()
 
 
-async def send_stream(transport: Any, stream: ItemStream, first: list[Any], events: bool, where: str) -> None:
+async def send_stream(
+    transport: Any, stream: ItemStream, first: list[Any], events: bool, where: str, item_timeout_s: float | None
+) -> None:
     """Send a stream on an RSGI stream transport (``proto.response_stream``); closes the stream at the end.
 
-    A transport that fails (the client went away) ends the sending and closes the stream.
+    A transport that fails (the client went away) ends the sending and closes the stream; no next
+    item within ``item_timeout_s`` fails the stream.
     """
     encode = encode_event if events else encode_item
-    items = first
+    items: list[Any] | str = first
     try:
-        while True:
-            if items:
-                await transport.send_bytes(b"".join([encode(item) for item in items]))
-            try:
-                items = await stream.aread()
-            except Exception as exc:  # noqa: BLE001 - the generator's failure
-                error_id = stream_failed(exc, where)
+        while items:
+            if isinstance(items, str):  # the stream failed: its error id
                 if events:
-                    await transport.send_bytes(error_event(error_id))
-                return
-            if not items:
-                return
+                    await transport.send_bytes(error_event(items))
+                return  # a plain body ends normally: Granian's transport cannot cut it
+            await transport.send_bytes(b"".join([encode(item) for item in items]))
+            items = await _next(stream, where, item_timeout_s)
     finally:
         stream.close()
+
+
+async def _next(stream: ItemStream, where: str, timeout: float | None) -> list[Any] | str:
+    """The next items, or the error id of the stream's failure (logged).
+
+    Caught here, not in :func:`send_stream`: the error (kept by the recent errors) must not
+    hold a frame that holds Granian's transport, which ends the response only once it is freed.
+    """
+    try:
+        return await asyncio.wait_for(stream.aread(), timeout)
+    except asyncio.TimeoutError:
+        return stream_failed(TimeoutError(f"no stream item within {timeout} s"), where)
+    except Exception as exc:  # noqa: BLE001 - the generator's failure
+        return stream_failed(exc, where)

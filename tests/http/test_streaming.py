@@ -17,7 +17,7 @@ from werkzeug.wrappers import Response
 from serve_core import Serve
 
 from ..conftest import WAIT
-from ..streaming_backends import endless, failing, held, make_event, web_stream
+from ..streaming_backends import endless, failing, held, make_event, web_stream, with_context
 from .helpers import Wire
 
 
@@ -215,3 +215,13 @@ def test_mounted_in_a_wsgi_app(make_serve: Callable[..., Serve]) -> None:
     release.set()
     assert b"".join(chunks) == b'{"n": 1}\nraw\n'
     response.close()
+
+
+def test_the_generator_body_sees_the_web_call_context(served: Serve) -> None:
+    _route(served, "c", with_context)
+    client = Chunks(served, "/c")
+    try:
+        body = client.rest()
+    finally:
+        client.close()
+    assert body == b"true\n" + client.headers["x-request-id"].encode()
