@@ -44,7 +44,7 @@ from .errors import (
     ServeTypeError,
     ShuttingDownError,
 )
-from .executors.base import IN_PROCESS_ATTRIBUTE, Call, ExecutorPool, Outcome, Replica, ReplicaSpec
+from .executors.base import IN_PROCESS_ATTRIBUTE, SERIAL_ATTRIBUTE, Call, ExecutorPool, Outcome, Replica, ReplicaSpec
 from .metrics import Counter, WindowedHistogram
 from .prom import BackendLoad, Meter, Metrics, error_kind
 from .queues import NO_DEADLINE, BackendQueue, Query, Timing
@@ -303,7 +303,10 @@ class BackendRuntime:
         config = self._config
         most = config.autoscaling.max_replicas if config.autoscaling is not None else self._target
         most = max(most, len(self._slots))
-        per_replica = config.max_concurrent_queries or min((slot.capacity for slot in self._slots), default=1)
+        per_replica = min(  # calls one replica runs at once: a serial one runs one, whatever it holds
+            (1 if getattr(slot.replica, SERIAL_ATTRIBUTE, False) else slot.capacity for slot in self._slots),
+            default=config.max_concurrent_queries or 1,
+        )
         try:
             check_chain(self.tag, query.chain, most, per_replica)
         except LoopBackError:
