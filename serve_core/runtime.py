@@ -653,7 +653,7 @@ class BackendRuntime:
         elif not slot.full and not slot.idle and slot.in_service:
             # Not "was full": after max_concurrent_queries was lowered a slot can stay full
             # through several finished calls, and must enter the idle list once.
-            if slot.in_process:  # next in line: its thread has just run, waking it is cheap (or no wake-up)
+            if slot.in_process and not slot.calls:  # next in line: its thread has just run and holds nothing
                 self._idle.appendleft(slot)
             else:  # in turn: calls spread over the replicas
                 self._idle.append(slot)
