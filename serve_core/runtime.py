@@ -582,7 +582,10 @@ class BackendRuntime:
         if queries is None:  # abandoned by shutdown or its call timeout, which answered the query
             stream.close()
             return
+        future = queries[0].future
         _answer(queries[0], True, stream)
+        if not future.done() or future.cancelled() or future.exception() is not None or future.result() is not stream:
+            stream.close()  # the answer did not take (a future resolved by someone else): nobody reads it
         stream.ended.add_done_callback(partial(self._stream_ended, slot, token, stream))
 
     def _stream_ended(self, slot: Slot, token: int, stream: ItemStream, ended: Future[None]) -> None:
