@@ -117,7 +117,8 @@ def check_chain(backend_tag: str, chain: tuple[str, ...], replicas: int, per_rep
         backend_tag: the backend the call was routed to.
         chain: the call's chain (:attr:`Origin.chain`).
         replicas: the most replicas the backend keeps (``num_replicas``, or autoscaling's ``max_replicas``).
-        per_replica: calls one replica holds at once (``max_concurrent_queries``).
+        per_replica: calls one replica runs at once (``max_concurrent_queries``; 1 for a replica that runs
+            what it holds one after the other, ``executors.base.SERIAL_ATTRIBUTE``).
 
     Raises:
         LoopBackError: those calls wait for this one, so it could never start.

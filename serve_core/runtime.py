@@ -44,7 +44,7 @@ from .errors import (
     ServeTypeError,
     ShuttingDownError,
 )
-from .executors.base import IN_PROCESS_ATTRIBUTE, Call, ExecutorPool, Outcome, Replica, ReplicaSpec
+from .executors.base import IN_PROCESS_ATTRIBUTE, SERIAL_ATTRIBUTE, Call, ExecutorPool, Outcome, Replica, ReplicaSpec
 from .metrics import Counter, WindowedHistogram
 from .prom import BackendLoad, Meter, Metrics, error_kind
 from .queues import NO_DEADLINE, BackendQueue, Query, Timing
@@ -303,7 +303,10 @@ class BackendRuntime:
         config = self._config
         most = config.autoscaling.max_replicas if config.autoscaling is not None else self._target
         most = max(most, len(self._slots))
-        per_replica = config.max_concurrent_queries or min((slot.capacity for slot in self._slots), default=1)
+        per_replica = min(  # calls one replica runs at once: a serial one runs one, whatever it holds
+            (1 if getattr(slot.replica, SERIAL_ATTRIBUTE, False) else slot.capacity for slot in self._slots),
+            default=config.max_concurrent_queries or 1,
+        )
         try:
             check_chain(self.tag, query.chain, most, per_replica)
         except LoopBackError:
@@ -420,7 +423,14 @@ class BackendRuntime:
                     ))
                 for slot, token, queries in work:
                     if queries[0] is here and self._runs_here(slot, queries):
-                        pending.append(self._finish_outcomes(slot, token, *_run_here(slot, self._call(queries))))
+                        # The user's code runs outside this loop: a call it makes to this backend
+                        # must be submitted by a loop of its own, not wait for this one to resume.
+                        local.pending = None
+                        try:
+                            outcomes, died = _run_here(slot, self._call(queries))
+                        finally:
+                            local.pending = pending
+                        pending.append(self._finish_outcomes(slot, token, outcomes, died))
                         continue
                     future = self._submit(slot, self._call(queries))
                     if future.done():
@@ -572,7 +582,10 @@ class BackendRuntime:
         if queries is None:  # abandoned by shutdown or its call timeout, which answered the query
             stream.close()
             return
+        future = queries[0].future
         _answer(queries[0], True, stream)
+        if not future.done() or future.cancelled() or future.exception() is not None or future.result() is not stream:
+            stream.close()  # the answer did not take (a future resolved by someone else): nobody reads it
         stream.ended.add_done_callback(partial(self._stream_ended, slot, token, stream))
 
     def _stream_ended(self, slot: Slot, token: int, stream: ItemStream, ended: Future[None]) -> None:
@@ -643,7 +656,7 @@ class BackendRuntime:
         elif not slot.full and not slot.idle and slot.in_service:
             # Not "was full": after max_concurrent_queries was lowered a slot can stay full
             # through several finished calls, and must enter the idle list once.
-            if slot.in_process:  # next in line: its thread has just run, waking it is cheap (or no wake-up)
+            if slot.in_process and not slot.calls:  # next in line: its thread has just run and holds nothing
                 self._idle.appendleft(slot)
             else:  # in turn: calls spread over the replicas
                 self._idle.append(slot)

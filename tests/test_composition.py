@@ -278,3 +278,72 @@ def test_origin_and_scope(make_serve: Callable[..., Serve]) -> None:
     with pytest.raises(LoopBackError):
         srv.enqueue("model", origin=Origin(chain=("model:v1",)))
     assert srv.enqueue("model", kwargs={"x": 1}, origin=Origin(chain=("other",))).result(WAIT) == 2
+
+
+# ------------------------------------------------------ threads of the backend, cancellation
+def threaded_backend() -> Any:
+    import threading
+
+    def threaded(*, x: int = 0) -> Any:
+        """Calls from a thread of its own (no call context there: the worker's or actor's scope)."""
+        box: list[Any] = []
+        worker = threading.Thread(target=lambda: box.append(serve.get_handle("model").remote(x=x).result(WAIT)))
+        worker.start()
+        worker.join(WAIT)
+        return box[0]
+
+    return threaded
+
+
+@pytest.mark.parametrize("executor_name", ["process", "ray"])
+def test_a_thread_the_backend_starts_reaches_the_instance(
+    make_serve: Callable[..., Serve], request: pytest.FixtureRequest, executor_name: str
+) -> None:
+    """In a worker process or actor, the replica's scope is the process's (in this process a new
+    thread does not inherit contextvars: run it in ``contextvars.copy_context()``, docs/composition.md)."""
+    srv = make_serve(executor=on(request, executor_name))
+    deploy_model(srv)
+    assert deploy(srv, "threaded", threaded_backend()).remote(x=4).result(WAIT) == 5
+
+
+def canceller_backend() -> Any:
+    import concurrent.futures
+
+    def canceller() -> str:
+        """Cancels a composed call still queued behind a long one; reports what its future answered."""
+        slow = serve.get_handle("slow")
+        running = slow.remote()
+        queued = slow.remote()
+        queued.cancel()
+        try:
+            queued.result(WAIT)
+        except concurrent.futures.CancelledError:
+            outcome = "cancelled"
+        else:
+            outcome = "ran"
+        running.cancel()
+        return outcome
+
+    return canceller
+
+
+def slow_backend() -> Any:
+    async def slow() -> str:
+        await asyncio.sleep(WAIT)
+        return "slept"
+
+    return slow
+
+
+def test_a_composed_call_can_be_cancelled(csrv: Serve) -> None:
+    deploy(csrv, "slow", slow_backend())  # one call at a time: the second one waits in the queue
+    assert deploy(csrv, "canceller", canceller_backend()).remote().result(WAIT) == "cancelled"
+
+
+def test_a_serial_replica_runs_one_call_whatever_it_holds(srv: Serve) -> None:
+    """A synchronous backend's replica runs what it holds one by one: waiting on itself is refused
+    whatever its max_concurrent_queries (on Ray too, whose replicas hold 32 by default; an inline call
+    to its own backend would only run once the outer one returned)."""
+    loop = deploy(srv, "loop", looping_backend(), max_concurrent_queries=2)
+    assert loop.remote(depth=1).result(WAIT).startswith("refused:")
+

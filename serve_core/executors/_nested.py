@@ -81,7 +81,7 @@ class Inbox:
     def __init__(self, conn: Connection, deliver: Callable[[memoryview], None]) -> None:
         self._conn = conn
         self._deliver = deliver
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # a plain lock: taken twice per message
         self._reading = False
         self._ended = False
         self._backlog: collections.deque[bytes] = collections.deque()
@@ -159,7 +159,8 @@ class Inbox:
                 self._ended = True
             else:
                 self._backlog.append(data)
-        self._cond.notify_all()
+        if self._pump is not None:  # without a pump only the worker's loop reads: nobody waits
+            self._cond.notify_all()
 
 
 class ParentLink:

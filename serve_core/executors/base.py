@@ -128,9 +128,19 @@ class Replica(Protocol):
 
 IN_PROCESS_ATTRIBUTE = "in_process"
 """A replica's optional flag (read once with ``getattr``, default False): its calls run on a thread
-of this process. The runtime then gives the next call to the free replica that finished last (its
-thread has just run: waking it costs least, or nothing) instead of to the one free the longest, so
+of this process. The runtime then gives the next call to the free replica that finished last and
+holds no other call (its thread has just run: waking it costs least, or nothing) instead of to the
+one free the longest, so
 100 thread replicas cost no more per call than one (issue 16); other replicas take calls in turn."""
+
+
+SERIAL_ATTRIBUTE = "serial"
+"""An optional attribute of a replica: True when it runs the calls it holds one after the other
+(a synchronous backend on a thread, a worker process or a Ray actor), whatever its
+``max_concurrent_queries``; or an inline replica, whose calls to their own backend wait for the
+outer call to return. A call it runs that waits for another call to its own backend then
+holds the whole replica: the loop-back rule counts one call per such replica
+(:func:`serve_core.composition.check_chain`). Missing: False (an async replica runs its calls as tasks)."""
 
 
 @runtime_checkable

@@ -41,6 +41,9 @@ class InlineReplica:
     """A backend object called directly by whoever submits."""
 
     default_max_concurrent_queries = 1
+    # A call to its own backend made inside a call joins the dispatch loop running it: it starts only
+    # once the outer call returned (executors.base.SERIAL_ATTRIBUTE).
+    serial = True
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id

@@ -131,6 +131,11 @@ class ProcessReplica:
     def alive(self) -> bool:
         return self._state is _State.RUNNING
 
+    @property
+    def serial(self) -> bool:
+        """A synchronous backend's worker runs its calls one after the other (executors.base.SERIAL_ATTRIBUTE)."""
+        return not self._concurrent
+
     # ------------------------------------------------------------- start-up
     def _await_ready(self, boot: bytes) -> int:
         try:

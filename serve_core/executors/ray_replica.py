@@ -77,6 +77,7 @@ class RayReplica:
     """One backend replica in a Ray actor (see the module docstring)."""
 
     default_max_concurrent_queries = DEFAULT_MAX_CONCURRENT_QUERIES
+    serial = True  # the actor runs what it holds one by one (executors.base.SERIAL_ATTRIBUTE)
 
     def __init__(
         self, replica_id: str, actor: Any, host: HostInfo, local_node: str | None, on_stop: Any, actor_name: str = ""

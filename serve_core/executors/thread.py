@@ -37,6 +37,7 @@ class ThreadReplica:
 
     default_max_concurrent_queries = 1
     in_process = True  # base.Replica: the runtime gives the next call to the replica freed last
+    serial = True  # one call at a time on its thread (executors.base.SERIAL_ATTRIBUTE)
 
     def __init__(self, spec: ReplicaSpec) -> None:
         self.replica_id = spec.replica_id
