@@ -423,7 +423,14 @@ class BackendRuntime:
                     ))
                 for slot, token, queries in work:
                     if queries[0] is here and self._runs_here(slot, queries):
-                        pending.append(self._finish_outcomes(slot, token, *_run_here(slot, self._call(queries))))
+                        # The user's code runs outside this loop: a call it makes to this backend
+                        # must be submitted by a loop of its own, not wait for this one to resume.
+                        local.pending = None
+                        try:
+                            outcomes, died = _run_here(slot, self._call(queries))
+                        finally:
+                            local.pending = pending
+                        pending.append(self._finish_outcomes(slot, token, outcomes, died))
                         continue
                     future = self._submit(slot, self._call(queries))
                     if future.done():
@@ -575,7 +582,10 @@ class BackendRuntime:
         if queries is None:  # abandoned by shutdown or its call timeout, which answered the query
             stream.close()
             return
+        future = queries[0].future
         _answer(queries[0], True, stream)
+        if not future.done() or future.cancelled() or future.exception() is not None or future.result() is not stream:
+            stream.close()  # the answer did not take (a future resolved by someone else): nobody reads it
         stream.ended.add_done_callback(partial(self._stream_ended, slot, token, stream))
 
     def _stream_ended(self, slot: Slot, token: int, stream: ItemStream, ended: Future[None]) -> None:
@@ -646,7 +656,7 @@ class BackendRuntime:
         elif not slot.full and not slot.idle and slot.in_service:
             # Not "was full": after max_concurrent_queries was lowered a slot can stay full
             # through several finished calls, and must enter the idle list once.
-            if slot.in_process:  # next in line: its thread has just run, waking it is cheap (or no wake-up)
+            if slot.in_process and not slot.calls:  # next in line: its thread has just run and holds nothing
                 self._idle.appendleft(slot)
             else:  # in turn: calls spread over the replicas
                 self._idle.append(slot)

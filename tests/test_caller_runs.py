@@ -298,3 +298,43 @@ def test_replicas_in_other_places_take_calls_in_turn(make_serve: Callable[..., S
         holder.complete()
         future.result(WAIT)
     assert holders == [0, 1, 2, 0, 1, 2]
+
+
+def test_a_call_run_by_its_caller_can_call_its_own_endpoint(make_serve: Callable[..., Serve]) -> None:
+    """The user's code runs outside the dispatch loop that started it: its own calls are not held up."""
+    srv = make_serve(executor="thread")
+
+    def backend(request: Any = None, depth: int = 0) -> str:
+        if depth == 0:
+            return str(srv.get_handle("f").remote(depth=1).result(WAIT))
+        return _thread_name()
+
+    _deploy(srv, backend, num_replicas=2)
+    assert srv.enqueue("f", caller_runs=True).result(0).startswith(REPLICA_THREAD)  # the inner one, on a replica
+
+
+class _InProcessScripted(ScriptedExecutor):
+    """Scripted replicas that say their calls run in this process (``Replica.in_process``)."""
+
+    def start_replica(self, spec: ReplicaSpec) -> Any:
+        replica = super().start_replica(spec)
+        replica.in_process = True  # type: ignore[attr-defined]
+        return replica
+
+
+def test_a_replica_still_holding_calls_is_not_preferred_to_an_idle_one(make_serve: Callable[..., Serve]) -> None:
+    """max_concurrent_queries > 1: the next call goes to a replica holding nothing, not behind a held call."""
+    executor = _InProcessScripted()
+    srv = make_serve(executor=executor)
+    _deploy(srv, _thread_name, num_replicas=2, max_concurrent_queries=2)
+    a, b = executor.started
+    remote = srv.get_handle("f").remote
+    calls = [remote() for _ in range(3)]  # a, b, a in turn: a holds two, b one
+    assert (len(a.held), len(b.held)) == (2, 1)
+    b.complete()  # b holds nothing now
+    a.complete()  # a freed one of two and still holds one: not next in line
+    calls.append(remote())
+    assert (len(a.held), len(b.held)) == (1, 1)
+    while executor.held():
+        executor.held()[0].complete()
+    assert all(future.result(WAIT) for future in calls)

@@ -445,3 +445,20 @@ def test_recording_is_safe_under_concurrent_calls(make_serve: Callable[..., Serv
         worker.join(6 * WAIT)
     assert all(value(s, "serve_core_requests_total", endpoint="e", backend="s") <= calls * threads for s in scrapes)
     assert value(scrape(srv), "serve_core_requests_total", endpoint="e", backend="s") == calls * threads
+
+
+def test_streams_count_their_items_and_duration(make_serve: Callable[..., Serve]) -> None:
+    def numbers(n: int = 1) -> Any:
+        yield from range(n)
+
+    srv = make_serve(executor="thread")
+    srv.create_endpoint("s")
+    srv.create_backend(numbers, "s:v1")
+    srv.link("s", "s:v1")
+    for n in (3, 4):
+        assert list(srv.get_handle("s").options(stream=True).remote(n=n)) == list(range(n))
+    assert wait_until(lambda: value(scrape(srv), "serve_core_streams_total", endpoint="s", backend="s:v1") == 2, WAIT)
+    samples = scrape(srv)
+    assert value(samples, "serve_core_stream_items_total", endpoint="s", backend="s:v1") == 7
+    assert value(samples, "serve_core_stream_seconds_total", endpoint="s", backend="s:v1") > 0
+    assert value(samples, "serve_core_requests_total", endpoint="s", backend="s:v1") == 2

@@ -128,8 +128,9 @@ class Replica(Protocol):
 
 IN_PROCESS_ATTRIBUTE = "in_process"
 """A replica's optional flag (read once with ``getattr``, default False): its calls run on a thread
-of this process. The runtime then gives the next call to the free replica that finished last (its
-thread has just run: waking it costs least, or nothing) instead of to the one free the longest, so
+of this process. The runtime then gives the next call to the free replica that finished last and
+holds no other call (its thread has just run: waking it costs least, or nothing) instead of to the
+one free the longest, so
 100 thread replicas cost no more per call than one (issue 16); other replicas take calls in turn."""
 
 

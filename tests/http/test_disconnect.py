@@ -44,10 +44,13 @@ def _get(srv: Serve, path: str) -> Wire:
     return wire
 
 
-@pytest.mark.parametrize("executor", ["thread", "process"])
+@pytest.mark.parametrize("executor", ["thread", "process", "ray"])
 def test_a_running_async_call_is_cancelled_when_its_client_leaves(
-    make_serve: Callable[..., Serve], executor: str, event: Callable[[], Any], caplog: pytest.LogCaptureFixture
+    make_serve: Callable[..., Serve], executor: str, event: Callable[[], Any], caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
 ) -> None:
+    if executor == "ray":
+        request.getfixturevalue("ray_local")
     started, cancelled = event(), event()
     srv = _served(make_serve, executor, "w", Waiting, started, cancelled)
     wire = _get(srv, "/w")
