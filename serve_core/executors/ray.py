@@ -21,7 +21,6 @@ with ``pip install serve-core[ray]``.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import os
@@ -34,11 +33,10 @@ from ray import exceptions as ray_errors
 
 from ..config import BackendConfig
 from ..errors import ServeError, ServeStateError, ServeTypeError, ValidationError
-from ..invoke import is_async_target, is_public_method
 from . import ray_watchdog
 from .base import ReplicaSpec
 from .ray_actor import HostInfo, ReplicaActor
-from .ray_async import ACTOR_MAX_CONCURRENCY, RayAsyncReplica, RemoteAsyncReplicaActor
+from .ray_async import ACTOR_MAX_CONCURRENCY, RayAsyncReplica, RemoteAsyncReplicaActor, runs_on_async_actor
 from .ray_gateway import GatewayPump, LinkInfo
 from .ray_replica import DEFAULT_MAX_CONCURRENT_QUERIES, MESSAGES_IN_FLIGHT, RayReplica
 
@@ -190,22 +188,6 @@ def _local_node_id() -> str | None:
         return None
 
 
-def _streams(target: Any) -> bool:
-    """Whether a backend has generator code (a function, ``__call__`` or public method): its streams run
-    on the synchronous actor's stream pump (:mod:`.ray_stream`), not on the async actor."""
-    members = [target] if not inspect.isclass(target) else [
-        inspect.getattr_static(target, name, None) for name in dir(target) if is_public_method(name)
-    ]
-    if not inspect.isclass(target) and not inspect.isroutine(target):
-        members.append(inspect.getattr_static(type(target), "__call__", None))
-    for member in members:
-        if isinstance(member, (staticmethod, classmethod)):
-            member = member.__func__
-        if inspect.isgeneratorfunction(member) or inspect.isasyncgenfunction(member):
-            return True
-    return False
-
-
 class _SpareLost(Exception):
     """The warm spare died before a backend could be built in it."""
 
@@ -284,7 +266,7 @@ class RayExecutor:
         options = actor_options(spec.config)
         link = self._link(spec)
         replica: RayReplica | RayAsyncReplica
-        if is_async_target(spec.target) and not _streams(spec.target):
+        if runs_on_async_actor(spec.target):
             actor, name, host = self._place_async(spec, options, link)
             replica = RayAsyncReplica(spec.replica_id, actor, host, self._forget, name)
         else:

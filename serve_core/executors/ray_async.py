@@ -1,5 +1,8 @@
 """Async backends on Ray: an async actor per replica, up to ``max_concurrent_queries`` calls at once.
 
+(An async backend with generator code, which streams, stays on the synchronous actor and its stream
+pump: :func:`runs_on_async_actor`.)
+
 An :func:`~serve_core.invoke.is_async_target` backend is built in an :class:`AsyncReplicaActor`,
 a Ray *async actor*: Ray runs its methods as tasks on the actor's one event loop, as many at once
 as the actor's ``max_concurrency`` (set high: the backend's runtime already bounds the calls a
@@ -21,6 +24,7 @@ once), and the runtime starts a replacement. No warm spare is kept for async bac
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import os
 import pickle
@@ -35,7 +39,7 @@ from ray import cloudpickle
 from ray import exceptions as ray_errors
 
 from ..errors import NotDeliveredError, ReplicaDiedError, ServeError
-from ..invoke import Invoker, cancelled_error
+from ..invoke import Invoker, cancelled_error, is_async_target, is_public_method
 from ._outcomes import dump_outcomes
 from .base import Call, Outcome
 from .ray_actor import HostInfo
@@ -92,6 +96,24 @@ class AsyncReplicaActor:
 
 
 RemoteAsyncReplicaActor: Any = ray.remote(AsyncReplicaActor)
+
+
+def runs_on_async_actor(target: Any) -> bool:
+    """Whether a backend gets an :class:`AsyncReplicaActor`: async code and no generator (a function,
+    ``__call__`` or public method that yields): streams run on the synchronous actor's stream pump."""
+    if not is_async_target(target):
+        return False
+    members = [target] if not inspect.isclass(target) else [
+        inspect.getattr_static(target, name, None) for name in dir(target) if is_public_method(name)
+    ]
+    if not inspect.isclass(target) and not inspect.isroutine(target):
+        members.append(inspect.getattr_static(type(target), "__call__", None))
+    for member in members:
+        if isinstance(member, (staticmethod, classmethod)):
+            member = member.__func__
+        if inspect.isgeneratorfunction(member) or inspect.isasyncgenfunction(member):
+            return False
+    return True
 
 
 class RayAsyncReplica:

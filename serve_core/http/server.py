@@ -364,6 +364,11 @@ class _Server(ThreadedWSGIServer):
     def open_connections(self) -> int:
         return len(self._connections)
 
+    def connection_phases(self) -> dict[str, int]:
+        with self._lock:
+            phases = [reader.phase.name.lower() for reader in self._connections.values()]
+        return {phase: phases.count(phase) for phase in sorted(set(phases))}
+
     def reader_of(self, sock: socket.socket) -> TimedReader:
         with self._lock:
             return self._connections.get(sock) or self._evicted[sock]
@@ -548,6 +553,11 @@ class HTTPServer:
     def evictions(self) -> int:
         """Connections evicted so far to make room for new ones."""
         return self._server.evictions
+
+    def connection_phases(self) -> dict[str, int]:
+        """How many open connections are in each phase: ``head``, ``idle``, ``body``, ``busy``, ``closing``
+        (those with none left out); what eviction goes by (closing, then idle, then heads)."""
+        return self._server.connection_phases()
 
     @property
     def address(self) -> tuple[str, int]:

@@ -7,6 +7,7 @@ before any ends), not by wall time: Ray's round trips on a loaded machine vary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError
@@ -39,18 +40,33 @@ def deploy(srv: Serve, target: Any, *init_args: Any, **config: Any) -> serve.Ser
 
 
 def stamped_backend() -> Any:
-    async def stamped(*, i: int = 0) -> tuple[int, float, float]:
-        started = time.time()  # one machine: the actors' clocks are this process's
-        await asyncio.sleep(0.2)
-        return i, started, time.time()
+    class Stamped:
+        """Each call sleeps 0.2 s, then waits (bounded) until ``expect`` calls of its round have started:
+        on a loaded machine the driver may hand the fifth call over after the first one slept, and the
+        stamps then still tell whether they ran at once (one at a time, the first would wait in vain)."""
 
-    return stamped
+        def __init__(self) -> None:
+            self.rounds: dict[str, tuple[list[int], asyncio.Event]] = {}
+
+        async def __call__(self, *, i: int = 0, round: str = "", expect: int = 1) -> tuple[int, float, float]:
+            started = time.time()  # one machine: the actors' clocks are this process's
+            count, all_in = self.rounds.setdefault(round, ([0], asyncio.Event()))
+            count[0] += 1
+            if count[0] >= expect:
+                all_in.set()
+            await asyncio.sleep(0.2)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(all_in.wait(), WAIT)
+            return i, started, time.time()
+
+    return Stamped
 
 
 def test_async_calls_overlap_on_one_actor(rsrv: Serve) -> None:
     handle = deploy(rsrv, stamped_backend(), max_concurrent_queries=CALLS)
     handle.remote().result(WAIT)
-    answers = [future.result(WAIT) for future in [handle.remote(i=i) for i in range(CALLS)]]
+    calls = [handle.remote(i=i, round="five", expect=CALLS) for i in range(CALLS)]
+    answers = [future.result(WAIT * 2) for future in calls]
     assert [i for i, _, _ in answers] == list(range(CALLS))
     assert max(start for _, start, _ in answers) < min(end for _, _, end in answers)  # all ran at once
     (replica,) = rsrv.replicas("b")

@@ -245,6 +245,8 @@ def test_idle_connections_are_evicted_first_then_the_oldest_unfinished_head(
     idle, old_head, new_head = _connect(server, crowd, 3)
     idle.sendall(b"GET /-/healthz HTTP/1.1\r\nHost: test\r\n\r\n")
     assert idle.recv(4096).startswith(b"HTTP/1.1 200 ")
+    # Its handler enters the idle phase just after writing the answer: wait for it, or it is not evictable yet.
+    assert wait_until(lambda: server.connection_phases() == {"head": 2, "idle": 1}, WAIT)
     old_head.sendall(PARTIAL_HEAD)
     new_head.sendall(PARTIAL_HEAD)
     newcomers = _connect(server, [], 1)  # at the cap: the idle one (and oldest connection) makes room
