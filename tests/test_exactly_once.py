@@ -306,6 +306,19 @@ class Scheduler(RuleBasedStateMachine):
     def worker_cancels(self, data: st.DataObject) -> None:
         self.nested.receive(memoryview(pickle.dumps(NestedCancel(data.draw(st.sampled_from(self.nested_sent))))))
 
+    @precondition(lambda self: not self.stopped)
+    @rule()
+    def worker_cancel_overtakes_its_call(self) -> None:
+        """Through Ray's gateway a cancel may come before its call: the call is answered cancelled, at once."""
+        number = len(self.nested_sent)
+        self.nested_sent.append(number)
+        self.nested_answers[number] = 0
+        self.nested.receive(memoryview(pickle.dumps(NestedCancel(number))))
+        assert self.nested_answers[number] == 0
+        message = Nested(number, "split", "__call__", {"i": number}, SLO.parse(None), None, Origin(chain=()))
+        self.nested.receive(memoryview(pickle.dumps(message)))
+        assert self.nested_answers[number] == 1  # not queued: withdrawn before it came
+
     @precondition(lambda self: self.nested_sent)
     @rule()
     def worker_dies(self) -> None:

@@ -22,6 +22,7 @@ Exactly once: every :class:`Nested` gets one answer (its future's outcome, or th
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -47,6 +48,9 @@ log = logging.getLogger("serve_core")
 
 NESTED = b"\xff" * SEQ.size
 """The mark in front of a composed call's messages."""
+
+EARLY_CANCELS_KEPT = 1_024
+"""Cancels remembered for calls not seen yet (Ray may deliver a cancel before its call); the oldest go first."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +335,9 @@ class NestedCalls:
         self._send = send
         self._lock = threading.Lock()
         self._futures: dict[int, Future[Any]] = {}
+        # Numbers cancelled before their call came (through Ray's gateway, a cancel may overtake
+        # its call): the call is answered cancelled when it comes. Numbers are never reused.
+        self._early: dict[int, None] = {}
 
     def receive(self, payload: memoryview) -> None:
         """A composed-call message from the worker (the bytes after :data:`NESTED`), on the reader thread."""
@@ -342,10 +349,21 @@ class NestedCalls:
         if isinstance(message, NestedCancel):
             with self._lock:
                 future = self._futures.get(message.number)
+                if future is None:  # not come yet (or answered already: then never looked up)
+                    self._early[message.number] = None
+                    if len(self._early) > EARLY_CANCELS_KEPT:
+                        del self._early[next(iter(self._early))]
             if future is not None:
                 future.cancel()
             return
         number = message.number
+        with self._lock:
+            cancelled = number in self._early
+            if cancelled:
+                del self._early[number]
+        if cancelled:
+            self._answer(number, Outcome(False, concurrent.futures.CancelledError()))
+            return
         try:
             if self._scope is None:
                 raise ServeTypeError("this replica was started without an instance to call")
