@@ -75,7 +75,11 @@ HTTP_READY_TIMEOUT_S = 10.0
 DEFAULT_REGISTRY_POLL_S = 0.25  # how often an instance reads the store's revision
 DEFAULT_HEARTBEAT_S = 2.0  # how often it refreshes its instance record
 DEFAULT_INSTANCE_EXPIRY_S = 10.0  # a record not refreshed this long is a dead instance's
-COMMIT_ATTEMPTS = 20  # a change validated again after losing a compare-and-set this many times
+COMMIT_ATTEMPTS = 200
+"""Times a change is validated again after losing the store's compare-and-set, then ``StoreError``.
+A loss means another writer committed, so the registry as a whole moves on; but one writer can lose
+to a faster one for as long as that one keeps writing (its retry re-reads the whole registry while
+the other's next change reads one key), hence a bound well above the changes a burst makes."""
 STOP_GRACE_S = 30.0  # beyond two drain times, how long a second shutdown() waits for the first
 
 
