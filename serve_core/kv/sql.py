@@ -25,7 +25,7 @@ from sqlalchemy import delete as sql_delete
 from sqlalchemy import update as sql_update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.schema import CreateTable
 
 from ..errors import StoreError
@@ -166,14 +166,15 @@ class SQLKVStore(UpdateBased):
 
     def _create_table(self) -> None:
         # IF NOT EXISTS, not a check then a CREATE: other processes may open the same store.
-        # PostgreSQL can still fail two concurrent creators with a unique violation on its
-        # catalogue; the loser finds the table there on its second try.
+        # PostgreSQL can still fail two concurrent creators on its catalogue, with a unique
+        # violation or "type ... already exists" (a ProgrammingError); the loser finds the table
+        # there on its second try (any other error is raised by that try again).
         for attempt in range(2):
             try:
                 with self.engine.begin() as conn:
                     conn.execute(CreateTable(self.table, if_not_exists=True))
                 return
-            except IntegrityError:
+            except (IntegrityError, ProgrammingError):
                 if attempt:
                     raise
 
