@@ -4,10 +4,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import select
 import socket
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -158,3 +164,41 @@ class Servers:
     def close(self) -> None:
         for server in self._started:
             server.close()
+
+
+@contextlib.contextmanager
+def granian_app(
+    folder: Path, app: str, ready: Callable[[tuple[str, int]], bool], env: dict[str, str] | None = None
+) -> Iterator[tuple[str, int]]:
+    """``serve-core run --server granian`` of the deployment file text ``app`` on a free port.
+
+    Yields its address once ``ready(address)`` holds (an ``OSError`` counts as not yet), then
+    terminates it (killed if it does not end).
+    """
+    from ..net import free_port
+
+    (folder / "app.py").write_text(app)
+    port = free_port()
+    command = [sys.executable, "-m", "serve_core.cli", "run", "app.py", "--server", "granian", "--port", str(port)]
+    proc = subprocess.Popen(
+        [*command, "--kv-store", str(folder / "s.db")], cwd=folder,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), **(env or {})),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    address = ("127.0.0.1", port)
+    try:
+        deadline = time.monotonic() + 6 * WAIT
+        while True:
+            with contextlib.suppress(OSError):
+                if ready(address):
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, "Granian did not start"
+            time.sleep(0.05)  # polling for the server to listen, under a deadline
+        yield address
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(3 * WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(WAIT)

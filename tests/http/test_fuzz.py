@@ -14,12 +14,8 @@ no example database, every read under a timeout; 127.0.0.1 only.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,8 +27,7 @@ from hypothesis import strategies as st
 from serve_core import Serve
 
 from ..conftest import WAIT, require
-from ..net import free_port
-from .helpers import Servers, timed_get
+from .helpers import Servers, granian_app, timed_get
 
 MAX_EXAMPLES = 100
 QUIET_S = 0.3  # an answer not started within this is no answer (the request may be incomplete)
@@ -206,33 +201,9 @@ def standalone(make_serve: Callable[..., Serve]) -> Iterator[tuple[str, int]]:
 def granian(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     """The fuzzer's app under Granian (``serve-core run --server granian``), for the whole module."""
     require(importlib.util.find_spec("granian") is not None, "granian is not installed")
-    folder = tmp_path_factory.mktemp("granian-fuzz")
-    (folder / "app.py").write_text(APP)
-    port = free_port()
-    command = [sys.executable, "-m", "serve_core.cli", "run", "app.py", "--server", "granian", "--port", str(port)]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [*command, "--kv-store", str(folder / "s.db")], cwd=folder, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 6 * WAIT
-        while True:
-            try:
-                if timed_get(("127.0.0.1", port))[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "Granian did not start"
-            time.sleep(0.05)  # polling for the server to listen, under a deadline
-        yield "127.0.0.1", port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(WAIT)
+    ready = lambda address: timed_get(address)[0] == 200  # noqa: E731
+    with granian_app(tmp_path_factory.mktemp("granian-fuzz"), APP, ready) as address:
+        yield address
 
 
 FUZZ = settings(

@@ -11,11 +11,9 @@ connections and reports latencies). One server for the module, with a body deadl
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import importlib.util
 import json
-import os
 import resource
 import select
 import socket
@@ -32,7 +30,7 @@ from werkzeug.test import Client
 from serve_core import Serve
 
 from ..conftest import WAIT, require
-from ..net import free_port
+from .helpers import granian_app
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET_S = 2.0  # the issue's bound for a normal request while the attack is open
@@ -116,31 +114,10 @@ print(json.dumps(counts), flush=True)
 def granian(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     """``serve-core run --server granian`` of :data:`APP`, for the whole module."""
     require(importlib.util.find_spec("granian") is not None, "granian is not installed")
-    folder = tmp_path_factory.mktemp("granian-hostile")
-    (folder / "app.py").write_text(APP)
-    port = free_port()
-    command = [sys.executable, "-m", "serve_core.cli", "run", "app.py", "--server", "granian", "--port", str(port)]
-    env = dict(os.environ, PYTHONPATH=str(REPO), SERVE_CORE_BODY_TIMEOUT=str(BODY_TIMEOUT_S))
-    proc = subprocess.Popen(
-        [*command, "--kv-store", str(folder / "s.db")], cwd=folder, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 6 * WAIT
-        while True:
-            with contextlib.suppress(OSError):
-                if _get(("127.0.0.1", port), "/-/healthz")[0] == 200:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, "Granian did not start"
-            time.sleep(0.05)  # polling for the server to listen, under a deadline
-        yield "127.0.0.1", port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(3 * WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(WAIT)
+    ready = lambda address: _get(address, "/-/healthz")[0] == 200  # noqa: E731
+    env = {"SERVE_CORE_BODY_TIMEOUT": str(BODY_TIMEOUT_S)}
+    with granian_app(tmp_path_factory.mktemp("granian-hostile"), APP, ready, env) as address:
+        yield address
 
 
 @pytest.fixture

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import os
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ..conftest import WAIT, require
-from ..net import free_port
 from ..procs import wait_until
-from .helpers import Wire
+from .helpers import Wire, granian_app
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,31 +30,9 @@ for name in ("held", "endless", "failing", "waiting", "flags"):
 @pytest.fixture(scope="module")
 def granian(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     require(importlib.util.find_spec("granian") is not None, "granian is not installed")
-    folder = tmp_path_factory.mktemp("granian-streams")
-    (folder / "app.py").write_text(APP)
-    port = free_port()
-    command = [sys.executable, "-m", "serve_core.cli", "run", "app.py", "--server", "granian", "--port", str(port)]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [*command, "--kv-store", str(folder / "s.db")], cwd=folder, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 6 * WAIT
-        while True:
-            with contextlib.suppress(OSError):
-                if _flags(("127.0.0.1", port)) is not None:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, "Granian did not start"
-            time.sleep(0.05)  # polling for the server to listen, under a deadline
-        yield "127.0.0.1", port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(3 * WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(WAIT)
+    ready = lambda address: _flags(address) is not None  # noqa: E731
+    with granian_app(tmp_path_factory.mktemp("granian-streams"), APP, ready) as address:
+        yield address
 
 
 def _flags(address: tuple[str, int], query: str = "") -> dict[str, bool] | None:
