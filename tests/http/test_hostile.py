@@ -270,7 +270,8 @@ def test_when_every_connection_is_busy_a_new_one_gets_503(app: Any, servers: Ser
     server = servers.start(app, max_connections=2)
     stalled = [_stalled_body(server) for _ in range(2)]
     try:
-        assert wait_until(lambda: server.open_connections == 2, WAIT)
+        # Both reading their bodies (not evictable): a connection still in its head phase would be evicted.
+        assert wait_until(lambda: server.connection_phases() == {"body": 2}, WAIT)
         wire = Wire(server.address)
         reply = wire.response()
         wire.close()
